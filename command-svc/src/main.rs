@@ -1,0 +1,62 @@
+//! command-svc: the gRPC command service. Parses flags, starts logging, opens
+//! the event store, serves until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::Parser;
+use scaleout::command::RetryPolicy;
+use scaleout::config::{ServerArgs, TelemetryArgs, redact};
+
+/// The scaleout command service.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to serve gRPC on.
+    #[arg(
+        long,
+        env = "SCALEOUT_COMMAND_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
+    listen: SocketAddr,
+    /// `redb:PATH` (embedded, a file) or a `postgres://` URL.
+    #[arg(
+        long,
+        env = "SCALEOUT_EVENT_STORE",
+        default_value = "redb:data/events.redb"
+    )]
+    event_store: String,
+    /// How many times a command sent without an exact expected version is
+    /// decided again after losing a race.
+    #[arg(long, env = "SCALEOUT_MAX_RETRIES", default_value_t = RetryPolicy::default().max_retries)]
+    max_retries: u32,
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    scaleout::telemetry::init(&args.telemetry).context("invalid --log-filter")?;
+    let stopping = scaleout::shutdown::on_signal();
+    let store = scaleout::store::open(&args.event_store)
+        .await
+        .with_context(|| format!("opening event store {}", redact(&args.event_store)))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        event_store = %redact(&args.event_store),
+        "command-svc serving gRPC (health and reflection included)"
+    );
+    let retry = RetryPolicy {
+        max_retries: args.max_retries,
+        ..RetryPolicy::default()
+    };
+    scaleout::app::run_command_service(listener, store, args.server, retry, stopping).await?;
+    tracing::info!("command-svc stopped");
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! Command handling: load an aggregate, decide, append, and retry only what is
+//! safe to retry.
+//!
+//! A command that names an exact expected version was decided by a user on a
+//! state they saw; if the stream moved on, the user must look again, so it is
+//! never retried. Any other command is the server's to decide: when another
+//! writer gets in between load and append, it is decided again on the fresh
+//! state, a bounded number of times with jittered backoff.
+//!
+//! Commands on one stream take turns inside one process (see [`locks`]), so
+//! concurrent callers of one instance queue instead of racing; the expected
+//! version check still guards against other instances.
+
+mod locks;
+mod retry;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use uuid::Uuid;
+
+pub use self::retry::RetryPolicy;
+use crate::domain::values::Id;
+use crate::domain::{Aggregate, DomainError, DomainEvent, UnknownEvent};
+use crate::store::{
+    AppendOutcome, AppendRequest, AppendResult, EventMetadata, EventStore, ExpectedVersion,
+    NewEvent, NewEvents, RequestId, StoreError,
+};
+
+/// A command for the aggregate `aggregate_id`, with what the caller expects.
+#[derive(Debug, Clone)]
+pub struct Command<C> {
+    pub aggregate_id: Id,
+    pub command: C,
+    /// `None` lets the server decide on the latest state (and retry).
+    pub expected: Option<ExpectedVersion>,
+    pub request_id: Option<RequestId>,
+    /// Shared by everything one user action causes; a new one when `None`.
+    pub correlation_id: Option<Uuid>,
+}
+
+/// Why a command did not apply.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored event this aggregate cannot read: the log and the code disagree.
+    #[error("stream {stream} holds an unreadable event: {source}")]
+    Unreadable {
+        stream: String,
+        #[source]
+        source: UnknownEvent,
+    },
+}
+
+/// Runs commands against an event store.
+#[derive(Debug)]
+pub struct CommandHandler {
+    store: Arc<dyn EventStore>,
+    retry: RetryPolicy,
+    locks: locks::StreamLocks,
+}
+
+impl CommandHandler {
+    pub fn new(store: Arc<dyn EventStore>, retry: RetryPolicy) -> Self {
+        Self {
+            store,
+            retry,
+            locks: locks::StreamLocks::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    /// Decides and appends `command`; a repeated request id returns the first result.
+    pub async fn execute<A: Aggregate>(
+        &self,
+        command: Command<A::Command>,
+    ) -> Result<AppendOutcome, CommandError> {
+        let stream_id = A::stream_id(command.aggregate_id.as_str());
+        if let Some(request_id) = command.request_id
+            && let Some(first) = self.store.find_request(request_id).await?
+        {
+            return replay(request_id, &stream_id, first);
+        }
+        let _turn = self.locks.lock(&stream_id).await;
+        let retryable = !matches!(command.expected, Some(ExpectedVersion::Exact(_)));
+        let expected = command.expected.unwrap_or(ExpectedVersion::Any);
+        let metadata = EventMetadata {
+            occurred_at: SystemTime::now(),
+            correlation_id: command.correlation_id.unwrap_or_else(Uuid::now_v7),
+            causation_id: command.request_id.map_or_else(Uuid::now_v7, |id| id.0),
+        };
+        let mut attempt = 0;
+        loop {
+            let (state, version) = self.load::<A>(&stream_id).await?;
+            if !expected.accepts(version) {
+                return Err(StoreError::WrongExpectedVersion {
+                    stream: stream_id,
+                    expected,
+                    actual: version,
+                }
+                .into());
+            }
+            let decided = state.decide(command.aggregate_id.as_str(), &command.command)?;
+            let Ok(events) = NewEvents::try_from(encode(&decided)) else {
+                // Nothing to do is a success that changes nothing.
+                return Ok(AppendOutcome::Appended(AppendResult {
+                    stream_id,
+                    version,
+                    event_ids: Vec::new(),
+                }));
+            };
+            let appended = self
+                .store
+                .append(AppendRequest {
+                    stream_id: stream_id.clone(),
+                    stream_type: A::STREAM_TYPE.to_owned(),
+                    // The decision holds for exactly the state it was made on.
+                    expected: ExpectedVersion::Exact(version),
+                    events,
+                    request_id: command.request_id,
+                    metadata: metadata.clone(),
+                })
+                .await;
+            match appended {
+                Err(StoreError::WrongExpectedVersion { actual, .. }) => {
+                    if !retryable || attempt >= self.retry.max_retries {
+                        return Err(StoreError::WrongExpectedVersion {
+                            stream: stream_id,
+                            expected: command.expected.unwrap_or(ExpectedVersion::Exact(version)),
+                            actual,
+                        }
+                        .into());
+                    }
+                    tracing::debug!(stream = %stream_id, attempt, "lost a race, deciding again");
+                    tokio::time::sleep(self.retry.backoff(attempt)).await;
+                    attempt += 1;
+                }
+                // Includes a replay: another call with this request id
+                // committed between our lookup and our append.
+                other => return Ok(other?),
+            }
+        }
+    }
+
+    /// Folds the stream into the aggregate's state; returns it with the stream's version.
+    async fn load<A: Aggregate>(&self, stream_id: &str) -> Result<(A, u64), CommandError> {
+        let mut state = A::default();
+        let mut version = 0;
+        for recorded in self.store.read_stream(stream_id, 1).await? {
+            let event =
+                A::Event::decode(&recorded.event_type, &recorded.payload).map_err(|source| {
+                    CommandError::Unreadable {
+                        stream: stream_id.to_owned(),
+                        source,
+                    }
+                })?;
+            state.apply(event);
+            version = recorded.version;
+        }
+        Ok((state, version))
+    }
+}
+
+fn replay(
+    request_id: RequestId,
+    stream_id: &str,
+    first: AppendResult,
+) -> Result<AppendOutcome, CommandError> {
+    if first.stream_id == stream_id {
+        Ok(AppendOutcome::Replayed(first))
+    } else {
+        Err(StoreError::RequestIdReused {
+            request_id,
+            first_stream: first.stream_id,
+        }
+        .into())
+    }
+}
+
+fn encode<E: DomainEvent>(events: &[E]) -> Vec<NewEvent> {
+    events
+        .iter()
+        .map(|event| NewEvent {
+            event_id: Uuid::now_v7(),
+            event_type: event.event_type(),
+            payload: event.encode(),
+        })
+        .collect()
+}

@@ -1,0 +1,114 @@
+//! Flags with environment fallbacks, parsed and validated once by clap.
+//!
+//! Binaries flatten these groups into their own `Parser`; the kernel receives
+//! the typed values and never reads the environment itself.
+
+use std::time::Duration;
+
+/// Limits and shutdown behaviour shared by every gRPC server.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// Longest a request may run before it fails with DEADLINE_EXCEEDED
+    /// (e.g. `10s`, `500ms`).
+    #[arg(long, env = "SCALEOUT_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Largest request accepted, in bytes; larger ones fail with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SCALEOUT_MAX_MESSAGE_BYTES", default_value_t = 1 << 20)]
+    pub max_message_bytes: usize,
+    /// Most requests served at once on one connection.
+    #[arg(long, env = "SCALEOUT_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
+    pub max_concurrent_requests: usize,
+    /// How long to report NOT_SERVING before closing the listener on shutdown,
+    /// so that load balancers stop routing here first.
+    #[arg(long, env = "SCALEOUT_SHUTDOWN_GRACE", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// How often dependencies are probed for health reporting.
+    #[arg(long, env = "SCALEOUT_HEALTH_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub health_interval: Duration,
+}
+
+impl Default for ServerArgs {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(10),
+            max_message_bytes: 1 << 20,
+            max_concurrent_requests: 1024,
+            shutdown_grace: Duration::ZERO,
+            health_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TelemetryArgs {
+    /// `text` for people, `json` for log pipelines.
+    #[arg(long, env = "SCALEOUT_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `scaleout=debug,info`.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_filter: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Parses `250ms`, `10s`, `2m` or a bare number of seconds.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{value:?} is not a duration like 250ms, 10s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(number)),
+        "" | "s" => Ok(Duration::from_secs(number)),
+        "m" => Ok(Duration::from_secs(number * 60)),
+        _ => Err(format!("{value:?}: unknown unit {unit:?} (use ms, s or m)")),
+    }
+}
+
+/// A connection string with its password replaced, safe to log.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn passwords_never_reach_the_log() {
+        assert_eq!(
+            redact("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(redact("postgres://db/x"), "postgres://db/x");
+        assert_eq!(redact("redb:data/events.redb"), "redb:data/events.redb");
+    }
+}

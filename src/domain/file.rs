@@ -1,0 +1,323 @@
+//! The file aggregate: create in a folder, rename, move, delete, comment.
+//!
+//! Comments live in the file's stream: a comment on a deleted file is refused
+//! by the same decision that sees the deletion, with no cross-stream read.
+
+use super::event::domain_event;
+use super::values::{Author, CommentText, FileName, Id};
+use super::{Aggregate, DomainError};
+use crate::pb;
+
+domain_event!(
+    /// Everything that happens to a file.
+    FileEvent {
+        Created(pb::FileCreated),
+        Renamed(pb::FileRenamed),
+        Moved(pb::FileMoved),
+        Deleted(pb::FileDeleted),
+        CommentAdded(pb::CommentAdded),
+    }
+);
+
+/// What a user can ask of a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileCommand {
+    Create { name: FileName, folder_id: Id },
+    Rename { new_name: FileName },
+    Move { to_folder_id: Id },
+    Delete,
+    AddComment { author: Author, text: CommentText },
+}
+
+/// A file's state, as far as decisions need it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum File {
+    #[default]
+    Missing,
+    Active {
+        name: String,
+        folder_id: String,
+    },
+    /// A deleted file keeps its id: it cannot be created again.
+    Deleted,
+}
+
+impl Aggregate for File {
+    const STREAM_TYPE: &'static str = "file";
+    type Command = FileCommand;
+    type Event = FileEvent;
+
+    fn decide(&self, id: &str, command: &FileCommand) -> Result<Vec<FileEvent>, DomainError> {
+        let file_id = id.to_owned();
+        let (name, folder_id) = match (self, command) {
+            (File::Missing, FileCommand::Create { name, folder_id }) => {
+                return Ok(vec![FileEvent::Created(pb::FileCreated {
+                    file_id,
+                    name: name.as_str().to_owned(),
+                    folder_id: folder_id.to_string(),
+                })]);
+            }
+            (_, FileCommand::Create { .. }) => {
+                return Err(DomainError::AlreadyExists {
+                    kind: "file",
+                    id: file_id,
+                });
+            }
+            (File::Missing, _) => {
+                return Err(DomainError::NotFound {
+                    kind: "file",
+                    id: file_id,
+                });
+            }
+            (File::Deleted, _) => {
+                return Err(DomainError::Precondition {
+                    rule: "FILE_DELETED",
+                    subject: format!("file/{id}"),
+                    description: format!("file {id} was deleted"),
+                });
+            }
+            (File::Active { name, folder_id }, _) => (name, folder_id),
+        };
+        let event = match command {
+            FileCommand::Create { .. } => unreachable!("handled above"),
+            FileCommand::Rename { new_name } if new_name.as_str() == name => {
+                return Err(DomainError::Precondition {
+                    rule: "NAME_UNCHANGED",
+                    subject: format!("file/{id}"),
+                    description: format!("file {id} is already named {name:?}"),
+                });
+            }
+            FileCommand::Rename { new_name } => FileEvent::Renamed(pb::FileRenamed {
+                file_id,
+                old_name: name.clone(),
+                new_name: new_name.as_str().to_owned(),
+            }),
+            FileCommand::Move { to_folder_id } if to_folder_id.as_str() == folder_id => {
+                return Err(DomainError::Precondition {
+                    rule: "ALREADY_IN_FOLDER",
+                    subject: format!("file/{id}"),
+                    description: format!("file {id} is already in folder {folder_id}"),
+                });
+            }
+            FileCommand::Move { to_folder_id } => FileEvent::Moved(pb::FileMoved {
+                file_id,
+                from_folder_id: folder_id.clone(),
+                to_folder_id: to_folder_id.to_string(),
+            }),
+            FileCommand::Delete => FileEvent::Deleted(pb::FileDeleted {
+                file_id,
+                folder_id: folder_id.clone(),
+            }),
+            FileCommand::AddComment { author, text } => FileEvent::CommentAdded(pb::CommentAdded {
+                file_id,
+                author: author.as_str().to_owned(),
+                text: text.as_str().to_owned(),
+            }),
+        };
+        Ok(vec![event])
+    }
+
+    fn apply(&mut self, event: FileEvent) {
+        match (self, event) {
+            (state, FileEvent::Created(created)) => {
+                *state = File::Active {
+                    name: created.name,
+                    folder_id: created.folder_id,
+                };
+            }
+            (File::Active { name, .. }, FileEvent::Renamed(renamed)) => *name = renamed.new_name,
+            (File::Active { folder_id, .. }, FileEvent::Moved(moved)) => {
+                *folder_id = moved.to_folder_id;
+            }
+            (state, FileEvent::Deleted(_)) => *state = File::Deleted,
+            // Comments do not change what decisions depend on.
+            (_, FileEvent::CommentAdded(_)) => {}
+            // An event can only follow the state that decided it; the log is the truth.
+            (_, FileEvent::Renamed(_) | FileEvent::Moved(_)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::testing::given;
+
+    fn name(value: &str) -> FileName {
+        FileName::parse(value).unwrap()
+    }
+
+    fn folder(value: &str) -> Id {
+        Id::parse(value).unwrap()
+    }
+
+    fn created() -> FileEvent {
+        FileEvent::Created(pb::FileCreated {
+            file_id: "f1".into(),
+            name: "a.txt".into(),
+            folder_id: "docs".into(),
+        })
+    }
+
+    fn deleted() -> FileEvent {
+        FileEvent::Deleted(pb::FileDeleted {
+            file_id: "f1".into(),
+            folder_id: "docs".into(),
+        })
+    }
+
+    #[test]
+    fn create_in_a_folder() {
+        given::<File>([])
+            .when(
+                "f1",
+                FileCommand::Create {
+                    name: name("a.txt"),
+                    folder_id: folder("docs"),
+                },
+            )
+            .then([created()]);
+    }
+
+    #[test]
+    fn create_twice_already_exists_even_after_delete() {
+        let create = FileCommand::Create {
+            name: name("a.txt"),
+            folder_id: folder("docs"),
+        };
+        let exists = DomainError::AlreadyExists {
+            kind: "file",
+            id: "f1".into(),
+        };
+        given::<File>([created()])
+            .when("f1", create.clone())
+            .then_err(exists.clone());
+        given::<File>([created(), deleted()])
+            .when("f1", create)
+            .then_err(exists);
+    }
+
+    #[test]
+    fn rename_records_old_and_new_name() {
+        given::<File>([created()])
+            .when(
+                "f1",
+                FileCommand::Rename {
+                    new_name: name("b.txt"),
+                },
+            )
+            .then([FileEvent::Renamed(pb::FileRenamed {
+                file_id: "f1".into(),
+                old_name: "a.txt".into(),
+                new_name: "b.txt".into(),
+            })]);
+    }
+
+    #[test]
+    fn rename_to_the_same_name_is_refused() {
+        given::<File>([created()])
+            .when(
+                "f1",
+                FileCommand::Rename {
+                    new_name: name("a.txt"),
+                },
+            )
+            .then_rule("NAME_UNCHANGED");
+    }
+
+    #[test]
+    fn move_into_the_folder_it_is_in_is_refused() {
+        given::<File>([created()])
+            .when(
+                "f1",
+                FileCommand::Move {
+                    to_folder_id: folder("docs"),
+                },
+            )
+            .then_rule("ALREADY_IN_FOLDER");
+    }
+
+    #[test]
+    fn move_then_move_back() {
+        let moved = FileEvent::Moved(pb::FileMoved {
+            file_id: "f1".into(),
+            from_folder_id: "docs".into(),
+            to_folder_id: "archive".into(),
+        });
+        given::<File>([created()])
+            .when(
+                "f1",
+                FileCommand::Move {
+                    to_folder_id: folder("archive"),
+                },
+            )
+            .then([moved.clone()]);
+        given::<File>([created(), moved])
+            .when(
+                "f1",
+                FileCommand::Move {
+                    to_folder_id: folder("docs"),
+                },
+            )
+            .then([FileEvent::Moved(pb::FileMoved {
+                file_id: "f1".into(),
+                from_folder_id: "archive".into(),
+                to_folder_id: "docs".into(),
+            })]);
+    }
+
+    #[test]
+    fn delete_remembers_the_folder() {
+        given::<File>([created()])
+            .when("f1", FileCommand::Delete)
+            .then([deleted()]);
+    }
+
+    #[test]
+    fn a_deleted_file_refuses_everything_but_reports_why() {
+        for command in [
+            FileCommand::Rename {
+                new_name: name("b.txt"),
+            },
+            FileCommand::Move {
+                to_folder_id: folder("x"),
+            },
+            FileCommand::Delete,
+            FileCommand::AddComment {
+                author: Author::parse("ann").unwrap(),
+                text: CommentText::parse("hi").unwrap(),
+            },
+        ] {
+            given::<File>([created(), deleted()])
+                .when("f1", command)
+                .then_rule("FILE_DELETED");
+        }
+    }
+
+    #[test]
+    fn commands_on_an_unknown_file_are_not_found() {
+        given::<File>([])
+            .when("nope", FileCommand::Delete)
+            .then_err(DomainError::NotFound {
+                kind: "file",
+                id: "nope".into(),
+            });
+    }
+
+    #[test]
+    fn comment_on_a_file() {
+        given::<File>([created()])
+            .when(
+                "f1",
+                FileCommand::AddComment {
+                    author: Author::parse("ann").unwrap(),
+                    text: CommentText::parse("looks good").unwrap(),
+                },
+            )
+            .then([FileEvent::CommentAdded(pb::CommentAdded {
+                file_id: "f1".into(),
+                author: "ann".into(),
+                text: "looks good".into(),
+            })]);
+    }
+}

@@ -1,0 +1,55 @@
+//! The reference domain: pure `decide` and `apply`, no I/O, no clocks.
+//!
+//! An [`Aggregate`] decides a command against its state and returns events
+//! (or a [`DomainError`]); [`Aggregate::apply`] folds an event into the state
+//! and never fails. Commands carry validated [`values`], so a decision never
+//! has to re-check its input's shape. Events are the generated Protobuf
+//! messages, so their type names are the stable Protobuf full names.
+
+mod counter;
+mod event;
+mod file;
+#[cfg(test)]
+mod testing;
+pub mod values;
+
+pub use self::counter::{Counter, CounterCommand, CounterEvent};
+pub use self::event::{DomainEvent, UnknownEvent};
+pub use self::file::{File, FileCommand, FileEvent};
+
+/// A consistency boundary: one stream of events, one state folded from them.
+pub trait Aggregate: Default + Send + Sync + 'static {
+    /// The stream type, also the stream id's prefix (`file-<id>`).
+    const STREAM_TYPE: &'static str;
+    type Command: Clone + Send + Sync + 'static;
+    type Event: DomainEvent;
+
+    /// Decides what `command` does to the aggregate `id` in this state.
+    fn decide(&self, id: &str, command: &Self::Command) -> Result<Vec<Self::Event>, DomainError>;
+
+    /// Folds one event into the state.
+    fn apply(&mut self, event: Self::Event);
+
+    /// The stream that holds the aggregate `id`.
+    fn stream_id(id: &str) -> String {
+        format!("{}-{id}", Self::STREAM_TYPE)
+    }
+}
+
+/// Why an aggregate refused a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    #[error("{kind} {id} does not exist")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{kind} {id} already exists")]
+    AlreadyExists { kind: &'static str, id: String },
+    /// The command is well-formed but the aggregate's state forbids it.
+    #[error("{description}")]
+    Precondition {
+        /// A short machine-readable name of the rule, e.g. `FILE_DELETED`.
+        rule: &'static str,
+        /// The aggregate the rule is about, e.g. `file/7d1c`.
+        subject: String,
+        description: String,
+    },
+}

@@ -1,0 +1,14 @@
+//! gRPC adapters: decode a request, call the kernel, map the error.
+//!
+//! Every server also carries health (`grpc.health.v1`, following its
+//! dependencies), reflection v1 and v1alpha, request limits and a graceful
+//! shutdown; see [`server`].
+
+mod command_service;
+mod health;
+pub mod server;
+mod status;
+
+pub use self::command_service::{CORRELATION_ID_HEADER, CommandApi};
+pub use self::health::Health;
+pub use self::status::{ERROR_DOMAIN, Violations};

@@ -1,0 +1,64 @@
+//! Serving a set of gRPC services with what every scaleout server carries.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::{Routes, RoutesBuilder};
+use tonic::transport::Server;
+
+use super::Health;
+use crate::config::ServerArgs;
+use crate::pb;
+
+/// Health and reflection (v1 and v1alpha: grpcurl from PyPI speaks only
+/// v1alpha) beside the given services' routes. Reflection also serves the
+/// `google.rpc` error details, so that grpcurl prints them decoded.
+pub async fn routes(
+    services: RoutesBuilder,
+    service_names: &[&str],
+    stopping: CancellationToken,
+) -> Result<(Routes, Health), tonic_reflection::server::Error> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health::new(reporter, service_names.iter().copied(), stopping).await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+    };
+    let mut routes = services;
+    routes
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?);
+    Ok((routes.routes(), health))
+}
+
+/// Serves until `stopping` is cancelled, then: reports NOT_SERVING, waits
+/// `shutdown_grace` so that load balancers stop sending, stops accepting and
+/// lets requests in flight finish (each bounded by the request timeout).
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    health: Health,
+    args: &ServerArgs,
+    stopping: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let grace = args.shutdown_grace;
+    let drained = async move {
+        stopping.cancelled().await;
+        health.report(false).await;
+        tracing::info!(?grace, "shutting down: not serving, draining");
+        tokio::time::sleep(grace).await;
+    };
+    Server::builder()
+        .timeout(args.request_timeout)
+        .concurrency_limit_per_connection(args.max_concurrent_requests)
+        .max_concurrent_streams(u32::try_from(args.max_concurrent_requests).ok())
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drained)
+        .await
+}

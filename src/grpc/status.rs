@@ -1,0 +1,230 @@
+//! The one place kernel errors become gRPC statuses, with `google.rpc` details.
+//!
+//! | error | code | detail |
+//! | --- | --- | --- |
+//! | invalid input | `INVALID_ARGUMENT` | `BadRequest` naming each field |
+//! | unknown aggregate | `NOT_FOUND` | `ResourceInfo` |
+//! | duplicate create | `ALREADY_EXISTS` | `ResourceInfo` |
+//! | state forbids it | `FAILED_PRECONDITION` | `PreconditionFailure` |
+//! | version conflict | `ABORTED` | `ErrorInfo` `WRONG_EXPECTED_VERSION` |
+//! | store down | `UNAVAILABLE` | `ErrorInfo` `STORE_UNAVAILABLE` |
+//! | anything else | `INTERNAL` | none: the cause is logged, not leaked |
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use crate::command::CommandError;
+use crate::domain::DomainError;
+use crate::store::StoreError;
+
+/// The `ErrorInfo.domain` of every error this platform reports.
+pub const ERROR_DOMAIN: &str = "scaleout";
+
+/// Collects every invalid field of a request, so one answer names them all.
+#[derive(Debug, Default)]
+pub struct Violations(Vec<FieldViolation>);
+
+impl Violations {
+    /// Keeps a parsed value, or records why `field` was refused.
+    pub fn check<T, E: std::fmt::Display>(
+        &mut self,
+        field: &str,
+        parsed: Result<T, E>,
+    ) -> Option<T> {
+        parsed
+            .map_err(|error| self.0.push(FieldViolation::new(field, error.to_string())))
+            .ok()
+    }
+
+    /// The `INVALID_ARGUMENT` status naming every recorded field.
+    pub fn into_status(self) -> Status {
+        let summary = self
+            .0
+            .iter()
+            .map(|v| format!("{}: {}", v.field, v.description))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Status::with_error_details(
+            Code::InvalidArgument,
+            format!("invalid request: {summary}"),
+            ErrorDetails::with_bad_request(self.0),
+        )
+    }
+}
+
+impl From<CommandError> for Status {
+    fn from(error: CommandError) -> Self {
+        match error {
+            CommandError::Domain(error) => error.into(),
+            CommandError::Store(error) => error.into(),
+            error @ CommandError::Unreadable { .. } => internal(&error),
+        }
+    }
+}
+
+impl From<DomainError> for Status {
+    fn from(error: DomainError) -> Self {
+        let message = error.to_string();
+        match error {
+            DomainError::NotFound { kind, id } => Status::with_error_details(
+                Code::NotFound,
+                message,
+                ErrorDetails::with_resource_info(kind, id, "", "not found"),
+            ),
+            DomainError::AlreadyExists { kind, id } => Status::with_error_details(
+                Code::AlreadyExists,
+                message,
+                ErrorDetails::with_resource_info(kind, id, "", "already exists"),
+            ),
+            DomainError::Precondition {
+                rule,
+                subject,
+                description,
+            } => Status::with_error_details(
+                Code::FailedPrecondition,
+                message,
+                ErrorDetails::with_precondition_failure_violation(rule, subject, description),
+            ),
+        }
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(error: StoreError) -> Self {
+        let message = error.to_string();
+        match error {
+            StoreError::WrongExpectedVersion {
+                stream,
+                expected,
+                actual,
+            } => Status::with_error_details(
+                Code::Aborted,
+                message,
+                ErrorDetails::with_error_info(
+                    "WRONG_EXPECTED_VERSION",
+                    ERROR_DOMAIN,
+                    HashMap::from([
+                        ("stream".to_owned(), stream),
+                        ("expected".to_owned(), expected.to_string()),
+                        ("actual".to_owned(), actual.to_string()),
+                    ]),
+                ),
+            ),
+            StoreError::RequestIdReused { .. } => Status::with_error_details(
+                Code::InvalidArgument,
+                message.clone(),
+                ErrorDetails::with_bad_request_violation("request_id", message),
+            ),
+            StoreError::Unavailable(_) => Status::with_error_details(
+                Code::Unavailable,
+                message,
+                ErrorDetails::with_error_info("STORE_UNAVAILABLE", ERROR_DOMAIN, HashMap::new()),
+            ),
+            error @ StoreError::Backend(_) => internal(&error),
+        }
+    }
+}
+
+/// A failure that is not the caller's: logged in full, reported without internals.
+fn internal(error: &dyn std::error::Error) -> Status {
+    tracing::error!(%error, "internal error");
+    Status::internal("internal error; the server log has the details")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ExpectedVersion;
+
+    #[test]
+    fn wrong_expected_version_is_aborted_with_error_info() {
+        let status = Status::from(StoreError::WrongExpectedVersion {
+            stream: "file-a".into(),
+            expected: ExpectedVersion::Exact(3),
+            actual: 4,
+        });
+        assert_eq!(status.code(), Code::Aborted);
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "WRONG_EXPECTED_VERSION");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(info.metadata["stream"], "file-a");
+        assert_eq!(info.metadata["expected"], "3");
+        assert_eq!(info.metadata["actual"], "4");
+    }
+
+    #[test]
+    fn violations_become_a_bad_request_naming_each_field() {
+        let mut violations = Violations::default();
+        assert_eq!(violations.check("ok", Ok::<_, String>(1)), Some(1));
+        assert_eq!(
+            violations.check::<(), _>("name", Err("must not be empty")),
+            None
+        );
+        assert_eq!(violations.check::<(), _>("file_id", Err("too long")), None);
+        let status = violations.into_status();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let fields: Vec<_> = status
+            .get_details_bad_request()
+            .expect("BadRequest")
+            .field_violations
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(fields, ["name", "file_id"]);
+    }
+
+    #[test]
+    fn domain_errors_map_to_their_codes() {
+        let not_found = Status::from(DomainError::NotFound {
+            kind: "file",
+            id: "a".into(),
+        });
+        assert_eq!(not_found.code(), Code::NotFound);
+        assert_eq!(
+            not_found.get_details_resource_info().unwrap().resource_name,
+            "a"
+        );
+        let exists = Status::from(DomainError::AlreadyExists {
+            kind: "file",
+            id: "a".into(),
+        });
+        assert_eq!(exists.code(), Code::AlreadyExists);
+        let refused = Status::from(DomainError::Precondition {
+            rule: "FILE_DELETED",
+            subject: "file/a".into(),
+            description: "file a was deleted".into(),
+        });
+        assert_eq!(refused.code(), Code::FailedPrecondition);
+        let violation = &refused
+            .get_details_precondition_failure()
+            .unwrap()
+            .violations[0];
+        assert_eq!(violation.r#type, "FILE_DELETED");
+    }
+
+    #[test]
+    fn store_failures_are_unavailable_or_internal_without_internals() {
+        assert_eq!(
+            Status::from(StoreError::Unavailable("down".into())).code(),
+            Code::Unavailable
+        );
+        let internal = Status::from(StoreError::Backend("disk on fire at /var/x".into()));
+        assert_eq!(internal.code(), Code::Internal);
+        assert!(!internal.message().contains("/var/x"));
+    }
+
+    #[test]
+    fn a_reused_request_id_is_the_callers_mistake() {
+        let status = Status::from(StoreError::RequestIdReused {
+            request_id: crate::store::RequestId(uuid::Uuid::nil()),
+            first_stream: "file-a".into(),
+        });
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(
+            status.get_details_bad_request().unwrap().field_violations[0].field,
+            "request_id"
+        );
+    }
+}

@@ -1,0 +1,97 @@
+//! The event store port: append with an expected version, read a stream back.
+//!
+//! Backends are narrow on purpose: they keep rows (already-encoded payloads
+//! plus metadata), check versions and commit; serialization and rehydration
+//! belong to the kernel. Every backend shares [`plan`]'s decision of what a
+//! batch of appends does, so their semantics cannot drift apart, and each one
+//! commits many concurrent appends in one durable transaction (group commit).
+//!
+//! Chosen at run time from config, so the trait is object safe and held as
+//! `Arc<dyn EventStore>`.
+
+mod group_commit;
+mod plan;
+pub mod postgres;
+pub mod redb;
+mod types;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use self::types::{
+    AppendOutcome, AppendRequest, AppendResult, EmptyAppend, EventMetadata, ExpectedVersion,
+    NewEvent, NewEvents, RecordedEvent, RequestId,
+};
+
+/// Everything an append or a read can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The stream was not at the version the append required; nothing was written.
+    #[error("wrong expected version on stream {stream}: expected {expected}, actual {actual}")]
+    WrongExpectedVersion {
+        stream: String,
+        expected: ExpectedVersion,
+        /// The stream's current version; 0 when it does not exist.
+        actual: u64,
+    },
+    /// The request id was first used for another stream: a client bug, not a retry.
+    #[error("request id {request_id} was already used for stream {first_stream}")]
+    RequestIdReused {
+        request_id: RequestId,
+        first_stream: String,
+    },
+    /// The backend cannot be reached; the outcome of an append is unknown, so
+    /// the caller may retry it with the same request id.
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    /// The backend answered with something the store cannot make sense of.
+    #[error("event store failure: {0}")]
+    Backend(String),
+}
+
+/// Where events are appended and read back.
+#[async_trait]
+pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Appends the events atomically if the stream is at the expected version.
+    ///
+    /// With a request id already recorded for this stream, writes nothing and
+    /// returns the first append's result as [`AppendOutcome::Replayed`].
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError>;
+
+    /// Reads a stream's events with a version of at least `from_version`, in order.
+    /// A missing stream reads as empty.
+    async fn read_stream(
+        &self,
+        stream_id: &str,
+        from_version: u64,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// The result recorded for a request id, if any.
+    async fn find_request(&self, request_id: RequestId)
+    -> Result<Option<AppendResult>, StoreError>;
+
+    /// The outbox rows not yet published, oldest first, at most `limit`.
+    async fn read_outbox(&self, limit: usize) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Checks that the backend answers, for health reporting.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store a `--event-store` value names: `redb:PATH` or a
+/// `postgres://` URL (see [`postgres::PostgresConfig`] for its options).
+pub async fn open(spec: &str) -> Result<Arc<dyn EventStore>, StoreError> {
+    if let Some(path) = spec.strip_prefix("redb:") {
+        Ok(Arc::new(redb::RedbStore::open(path)?))
+    } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+        let config = postgres::PostgresConfig::new(spec);
+        Err(StoreError::Backend(format!(
+            "{:?}",
+            postgres::PostgresStore::connect(config).await
+        )))
+    } else {
+        Err(StoreError::Backend(format!(
+            "unknown event store {spec:?}: expected redb:PATH or postgres://…"
+        )))
+    }
+}

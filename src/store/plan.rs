@@ -1,0 +1,199 @@
+//! What a batch of appends does, decided once for every backend.
+//!
+//! A backend loads the current version of each stream in the batch and the
+//! recorded results of its request ids, asks [`plan`], writes the planned
+//! events in one transaction and answers each caller. Appends are decided in
+//! arrival order against the state the earlier ones leave, so a batch is
+//! equivalent to running its appends one after another, and one rejected
+//! append never takes the others down with it.
+
+use std::collections::HashMap;
+
+use super::{AppendOutcome, AppendRequest, AppendResult, RequestId, StoreError};
+
+/// The state a batch is decided against, as loaded inside the transaction.
+#[derive(Debug, Default)]
+pub(crate) struct BatchState {
+    /// Current version per stream; a stream missing here is at version 0.
+    pub versions: HashMap<String, u64>,
+    /// Results already recorded for request ids of the batch.
+    pub requests: HashMap<RequestId, AppendResult>,
+}
+
+/// The decision for one append.
+#[derive(Debug)]
+pub(crate) enum Planned {
+    /// Write the append's events with versions `first_version..=result.version`.
+    Write {
+        first_version: u64,
+        result: AppendResult,
+    },
+    /// The request id is recorded already: write nothing, answer with this.
+    Replay(AppendResult),
+    /// Write nothing, answer with this error.
+    Reject(StoreError),
+}
+
+impl Planned {
+    /// The answer the caller gets once the batch has committed.
+    pub fn into_outcome(self) -> Result<AppendOutcome, StoreError> {
+        match self {
+            Self::Write { result, .. } => Ok(AppendOutcome::Appended(result)),
+            Self::Replay(result) => Ok(AppendOutcome::Replayed(result)),
+            Self::Reject(error) => Err(error),
+        }
+    }
+}
+
+/// Decides every append of a batch, in order.
+pub(crate) fn plan<'a>(
+    batch: impl IntoIterator<Item = &'a AppendRequest>,
+    mut state: BatchState,
+) -> Vec<Planned> {
+    batch
+        .into_iter()
+        .map(|request| plan_one(request, &mut state))
+        .collect()
+}
+
+fn plan_one(request: &AppendRequest, state: &mut BatchState) -> Planned {
+    if let Some(request_id) = request.request_id
+        && let Some(first) = state.requests.get(&request_id)
+    {
+        return if first.stream_id == request.stream_id {
+            Planned::Replay(first.clone())
+        } else {
+            Planned::Reject(StoreError::RequestIdReused {
+                request_id,
+                first_stream: first.stream_id.clone(),
+            })
+        };
+    }
+    let actual = state.versions.get(&request.stream_id).copied().unwrap_or(0);
+    if !request.expected.accepts(actual) {
+        return Planned::Reject(StoreError::WrongExpectedVersion {
+            stream: request.stream_id.clone(),
+            expected: request.expected,
+            actual,
+        });
+    }
+    let version = actual + request.events.len();
+    state.versions.insert(request.stream_id.clone(), version);
+    let result = AppendResult {
+        stream_id: request.stream_id.clone(),
+        version,
+        event_ids: request
+            .events
+            .as_slice()
+            .iter()
+            .map(|event| event.event_id)
+            .collect(),
+    };
+    if let Some(request_id) = request.request_id {
+        state.requests.insert(request_id, result.clone());
+    }
+    Planned::Write {
+        first_version: actual + 1,
+        result,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::store::{EventMetadata, ExpectedVersion, NewEvent};
+
+    fn append(stream: &str, expected: ExpectedVersion, events: usize) -> AppendRequest {
+        let events: Vec<NewEvent> = (0..events)
+            .map(|_| NewEvent {
+                event_id: Uuid::now_v7(),
+                event_type: "test.Event".into(),
+                payload: vec![],
+            })
+            .collect();
+        AppendRequest {
+            stream_id: stream.into(),
+            stream_type: "test".into(),
+            expected,
+            events: events.try_into().unwrap(),
+            request_id: None,
+            metadata: EventMetadata {
+                occurred_at: SystemTime::now(),
+                correlation_id: Uuid::now_v7(),
+                causation_id: Uuid::now_v7(),
+            },
+        }
+    }
+
+    fn versions(planned: &[Planned]) -> Vec<Option<(u64, u64)>> {
+        planned
+            .iter()
+            .map(|p| match p {
+                Planned::Write {
+                    first_version,
+                    result,
+                } => Some((*first_version, result.version)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn appends_in_one_batch_build_on_each_other() {
+        let batch = [
+            append("a", ExpectedVersion::NoStream, 2),
+            append("a", ExpectedVersion::Exact(2), 1),
+            append("a", ExpectedVersion::Any, 1),
+            append("b", ExpectedVersion::Any, 1),
+        ];
+        let planned = plan(&batch, BatchState::default());
+        assert_eq!(
+            versions(&planned),
+            [Some((1, 2)), Some((3, 3)), Some((4, 4)), Some((1, 1))]
+        );
+    }
+
+    #[test]
+    fn a_rejected_append_leaves_the_rest_of_the_batch_alone() {
+        let batch = [
+            append("a", ExpectedVersion::Exact(5), 1),
+            append("a", ExpectedVersion::StreamExists, 1),
+            append("a", ExpectedVersion::Any, 1),
+        ];
+        let mut state = BatchState::default();
+        state.versions.insert("a".into(), 3);
+        let planned = plan(&batch, state);
+        assert!(matches!(
+            &planned[0],
+            Planned::Reject(StoreError::WrongExpectedVersion {
+                expected: ExpectedVersion::Exact(5),
+                actual: 3,
+                ..
+            })
+        ));
+        assert_eq!(versions(&planned[1..]), [Some((4, 4)), Some((5, 5))]);
+    }
+
+    #[test]
+    fn a_request_id_seen_earlier_in_the_batch_replays() {
+        let request_id = RequestId(Uuid::new_v4());
+        let mut first = append("a", ExpectedVersion::NoStream, 1);
+        first.request_id = Some(request_id);
+        let again = first.clone();
+        let mut elsewhere = append("b", ExpectedVersion::Any, 1);
+        elsewhere.request_id = Some(request_id);
+        let planned = plan(&[first, again, elsewhere], BatchState::default());
+        let Planned::Write { result, .. } = &planned[0] else {
+            panic!("first append should write: {planned:?}")
+        };
+        assert!(matches!(&planned[1], Planned::Replay(replayed) if replayed == result));
+        assert!(matches!(
+            &planned[2],
+            Planned::Reject(StoreError::RequestIdReused { first_stream, .. }) if first_stream == "a"
+        ));
+    }
+}

@@ -1,0 +1,168 @@
+//! The values an append carries in and out.
+
+use std::fmt;
+use std::time::SystemTime;
+
+use uuid::Uuid;
+
+/// The version a stream must be at for an append to apply.
+///
+/// Versions count events: a stream's first event has version 1, and a stream
+/// that does not exist is at version 0 (so `Exact(0)` means `NoStream`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// No check.
+    Any,
+    /// The stream must have no events.
+    NoStream,
+    /// The stream must have at least one event.
+    StreamExists,
+    /// The stream's last event must have exactly this version.
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// Whether a stream currently at `actual` satisfies this expectation.
+    pub fn accepts(self, actual: u64) -> bool {
+        match self {
+            Self::Any => true,
+            Self::NoStream => actual == 0,
+            Self::StreamExists => actual > 0,
+            Self::Exact(version) => actual == version,
+        }
+    }
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Any => f.write_str("any"),
+            Self::NoStream => f.write_str("no_stream"),
+            Self::StreamExists => f.write_str("stream_exists"),
+            Self::Exact(version) => write!(f, "{version}"),
+        }
+    }
+}
+
+/// A client's idempotency key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub Uuid);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// An event about to be appended: its payload is already encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub event_id: Uuid,
+    /// The payload's Protobuf full name, e.g. `scaleout.v1.FileRenamed`.
+    pub event_type: String,
+    pub payload: Vec<u8>,
+}
+
+/// One or more events: an append of nothing is not representable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvents(Vec<NewEvent>);
+
+/// The error of building [`NewEvents`] from an empty list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an append needs at least one event")]
+pub struct EmptyAppend;
+
+impl TryFrom<Vec<NewEvent>> for NewEvents {
+    type Error = EmptyAppend;
+
+    fn try_from(events: Vec<NewEvent>) -> Result<Self, EmptyAppend> {
+        if events.is_empty() {
+            Err(EmptyAppend)
+        } else {
+            Ok(Self(events))
+        }
+    }
+}
+
+impl NewEvents {
+    pub fn as_slice(&self) -> &[NewEvent] {
+        &self.0
+    }
+
+    pub fn len(&self) -> u64 {
+        self.0.len() as u64
+    }
+
+    /// Always false; here because clippy asks for it beside `len`.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// What every event of one append shares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventMetadata {
+    pub occurred_at: SystemTime,
+    pub correlation_id: Uuid,
+    pub causation_id: Uuid,
+}
+
+/// One atomic append to one stream.
+#[derive(Debug, Clone)]
+pub struct AppendRequest {
+    pub stream_id: String,
+    /// The kind of aggregate the stream holds, e.g. `file`.
+    pub stream_type: String,
+    pub expected: ExpectedVersion,
+    pub events: NewEvents,
+    pub request_id: Option<RequestId>,
+    pub metadata: EventMetadata,
+}
+
+/// What an append wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendResult {
+    pub stream_id: String,
+    /// The stream's version after the append (its last event's version).
+    pub version: u64,
+    pub event_ids: Vec<Uuid>,
+}
+
+/// An append either wrote its events or found its request id already recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendOutcome {
+    Appended(AppendResult),
+    /// The request id was recorded by an earlier append: nothing was written
+    /// and this is that append's result.
+    Replayed(AppendResult),
+}
+
+impl AppendOutcome {
+    pub fn result(&self) -> &AppendResult {
+        match self {
+            Self::Appended(result) | Self::Replayed(result) => result,
+        }
+    }
+
+    pub fn into_result(self) -> AppendResult {
+        match self {
+            Self::Appended(result) | Self::Replayed(result) => result,
+        }
+    }
+}
+
+/// An event as the store recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedEvent {
+    /// The event's position in the whole store, increasing in commit order
+    /// within one backend transaction; orders the outbox.
+    pub position: u64,
+    pub stream_id: String,
+    pub stream_type: String,
+    pub version: u64,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub payload: Vec<u8>,
+    pub metadata: EventMetadata,
+    pub request_id: Option<RequestId>,
+}

@@ -47,10 +47,11 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    let address = listener.local_addr()?;
     tracing::info!(
-        address = %listener.local_addr()?,
+        %address,
         event_store = %redact(&args.event_store),
-        "command-svc serving gRPC (health and reflection included)"
+        "command-svc serving gRPC with health and reflection: try `grpcurl -plaintext {address} list`"
     );
     let retry = RetryPolicy {
         max_retries: args.max_retries,

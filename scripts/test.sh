@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every test of scaleout, starting the services the tests need when they
+# are not running (installing them with apt-get on a fresh Debian machine).
+#
+#   scripts/test.sh            lints, then every test
+#   scripts/test.sh --no-lint  tests only
+#
+# Environment: SCALEOUT_TEST_POSTGRES_URL overrides the PostgreSQL the tests use
+# (default postgres://scaleout:scaleout@127.0.0.1:5432/scaleout, created here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/services.sh
+
+lint=1
+[[ "${1:-}" == "--no-lint" ]] && lint=0
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "services"
+ensure_postgres
+ensure_python_tools
+export SCALEOUT_TEST_POSTGRES_URL="${SCALEOUT_TEST_POSTGRES_URL:-$POSTGRES_URL}"
+export PATH="$PWD/target/py/bin:$PATH"
+
+if (( lint )); then
+  step "cargo fmt --check"
+  cargo fmt --all -- --check
+  step "buf lint"
+  buf lint
+  step "cargo clippy"
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+fi
+
+step "cargo test"
+cargo test --workspace --locked

@@ -48,73 +48,33 @@ impl Aggregate for File {
     type Event = FileEvent;
 
     fn decide(&self, id: &str, command: &FileCommand) -> Result<Vec<FileEvent>, DomainError> {
-        let file_id = id.to_owned();
-        let (name, folder_id) = match (self, command) {
+        match (self, command) {
             (File::Missing, FileCommand::Create { name, folder_id }) => {
-                return Ok(vec![FileEvent::Created(pb::FileCreated {
-                    file_id,
+                Ok(vec![FileEvent::Created(pb::FileCreated {
+                    file_id: id.to_owned(),
                     name: name.as_str().to_owned(),
                     folder_id: folder_id.to_string(),
-                })]);
+                })])
             }
-            (_, FileCommand::Create { .. }) => {
-                return Err(DomainError::AlreadyExists {
+            (File::Missing, _) => Err(DomainError::NotFound {
+                kind: "file",
+                id: id.to_owned(),
+            }),
+            (File::Active { .. } | File::Deleted, FileCommand::Create { .. }) => {
+                Err(DomainError::AlreadyExists {
                     kind: "file",
-                    id: file_id,
-                });
+                    id: id.to_owned(),
+                })
             }
-            (File::Missing, _) => {
-                return Err(DomainError::NotFound {
-                    kind: "file",
-                    id: file_id,
-                });
+            (File::Deleted, _) => Err(refused(
+                id,
+                "FILE_DELETED",
+                format!("file {id} was deleted"),
+            )),
+            (File::Active { name, folder_id }, command) => {
+                decide_active(id, name, folder_id, command).map(|event| vec![event])
             }
-            (File::Deleted, _) => {
-                return Err(DomainError::Precondition {
-                    rule: "FILE_DELETED",
-                    subject: format!("file/{id}"),
-                    description: format!("file {id} was deleted"),
-                });
-            }
-            (File::Active { name, folder_id }, _) => (name, folder_id),
-        };
-        let event = match command {
-            FileCommand::Create { .. } => unreachable!("handled above"),
-            FileCommand::Rename { new_name } if new_name.as_str() == name => {
-                return Err(DomainError::Precondition {
-                    rule: "NAME_UNCHANGED",
-                    subject: format!("file/{id}"),
-                    description: format!("file {id} is already named {name:?}"),
-                });
-            }
-            FileCommand::Rename { new_name } => FileEvent::Renamed(pb::FileRenamed {
-                file_id,
-                old_name: name.clone(),
-                new_name: new_name.as_str().to_owned(),
-            }),
-            FileCommand::Move { to_folder_id } if to_folder_id.as_str() == folder_id => {
-                return Err(DomainError::Precondition {
-                    rule: "ALREADY_IN_FOLDER",
-                    subject: format!("file/{id}"),
-                    description: format!("file {id} is already in folder {folder_id}"),
-                });
-            }
-            FileCommand::Move { to_folder_id } => FileEvent::Moved(pb::FileMoved {
-                file_id,
-                from_folder_id: folder_id.clone(),
-                to_folder_id: to_folder_id.to_string(),
-            }),
-            FileCommand::Delete => FileEvent::Deleted(pb::FileDeleted {
-                file_id,
-                folder_id: folder_id.clone(),
-            }),
-            FileCommand::AddComment { author, text } => FileEvent::CommentAdded(pb::CommentAdded {
-                file_id,
-                author: author.as_str().to_owned(),
-                text: text.as_str().to_owned(),
-            }),
-        };
-        Ok(vec![event])
+        }
     }
 
     fn apply(&mut self, event: FileEvent) {
@@ -135,6 +95,59 @@ impl Aggregate for File {
             // An event can only follow the state that decided it; the log is the truth.
             (_, FileEvent::Renamed(_) | FileEvent::Moved(_)) => {}
         }
+    }
+}
+
+/// Decides a command other than create for a file that exists.
+fn decide_active(
+    id: &str,
+    name: &str,
+    folder_id: &str,
+    command: &FileCommand,
+) -> Result<FileEvent, DomainError> {
+    let file_id = id.to_owned();
+    Ok(match command {
+        FileCommand::Create { .. } => {
+            return Err(DomainError::AlreadyExists {
+                kind: "file",
+                id: file_id,
+            });
+        }
+        FileCommand::Rename { new_name } if new_name.as_str() == name => {
+            let why = format!("file {id} is already named {name:?}");
+            return Err(refused(id, "NAME_UNCHANGED", why));
+        }
+        FileCommand::Rename { new_name } => FileEvent::Renamed(pb::FileRenamed {
+            file_id,
+            old_name: name.to_owned(),
+            new_name: new_name.as_str().to_owned(),
+        }),
+        FileCommand::Move { to_folder_id } if to_folder_id.as_str() == folder_id => {
+            let why = format!("file {id} is already in folder {folder_id}");
+            return Err(refused(id, "ALREADY_IN_FOLDER", why));
+        }
+        FileCommand::Move { to_folder_id } => FileEvent::Moved(pb::FileMoved {
+            file_id,
+            from_folder_id: folder_id.to_owned(),
+            to_folder_id: to_folder_id.to_string(),
+        }),
+        FileCommand::Delete => FileEvent::Deleted(pb::FileDeleted {
+            file_id,
+            folder_id: folder_id.to_owned(),
+        }),
+        FileCommand::AddComment { author, text } => FileEvent::CommentAdded(pb::CommentAdded {
+            file_id,
+            author: author.as_str().to_owned(),
+            text: text.as_str().to_owned(),
+        }),
+    })
+}
+
+fn refused(id: &str, rule: &'static str, description: String) -> DomainError {
+    DomainError::Precondition {
+        rule,
+        subject: format!("file/{id}"),
+        description,
     }
 }
 

@@ -85,10 +85,7 @@ pub async fn open(spec: &str) -> Result<Arc<dyn EventStore>, StoreError> {
         Ok(Arc::new(redb::RedbStore::open(path)?))
     } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
         let config = postgres::PostgresConfig::new(spec);
-        Err(StoreError::Backend(format!(
-            "{:?}",
-            postgres::PostgresStore::connect(config).await
-        )))
+        Ok(Arc::new(postgres::PostgresStore::connect(config).await?))
     } else {
         Err(StoreError::Backend(format!(
             "unknown event store {spec:?}: expected redb:PATH or postgres://…"

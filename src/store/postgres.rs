@@ -1,18 +1,706 @@
-//! Placeholder: the PostgreSQL backend is being written.
-use super::StoreError;
-#[derive(Debug, Clone)]
+//! The PostgreSQL event store: several processes can share one database.
+//!
+//! `writers` tasks, each with its own connection, take batches off the group
+//! commit queue and commit each in one transaction. A batch locks the rows of
+//! the streams it touches (in stream id order, so writers never deadlock on
+//! them), loads their versions and the request ids it carries, asks [`plan`]
+//! and writes. A stream or request id that another writer creates after those
+//! reads is caught by a primary key; the batch then rolls back and is redone,
+//! and this time it reads the winner's rows.
+//!
+//! Reads share one connection, on which tokio-postgres pipelines concurrent
+//! queries.
+
+use std::collections::BTreeMap;
+use std::error::Error as _;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use tokio::sync::Mutex;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row, Statement};
+use uuid::Uuid;
+
+use super::group_commit::{self, Batches, Pending, Submitter};
+use super::plan::{BatchState, Planned, plan};
+use super::{
+    AppendOutcome, AppendRequest, AppendResult, EventMetadata, EventStore, NewEvent, RecordedEvent,
+    RequestId, StoreError,
+};
+
+/// How long opening a connection (and preparing its statements) or a ping
+/// may take before the server counts as unavailable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts at a batch that keeps losing races with other writers.
+const MAX_ATTEMPTS: u64 = 5;
+/// Bounds of the pause between reconnection attempts.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// Serializes migrations of processes starting at once ("scaleout" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7363_616c_656f_7574;
+
+/// The columns [`recorded`] reads, in `events` and in `outbox JOIN events`.
+const EVENT_COLUMNS: &str = "position, stream_id, version, stream_type, event_id, event_type, \
+     payload, occurred_at, correlation_id, causation_id, request_id";
+
+/// Where and how to connect.
+///
+/// The URL takes every libpq-style option tokio-postgres knows (`host`,
+/// `user`, `password`, `dbname`, `options`, ...); connections are plain TCP
+/// or Unix sockets, without TLS. Tables live in their own schema, set as each
+/// connection's `search_path`.
+#[derive(Clone)]
 pub struct PostgresConfig {
-    pub url: String,
+    url: String,
+    schema: String,
+    writers: usize,
 }
+
 impl PostgresConfig {
+    /// Schema `scaleout`, 4 writer connections.
     pub fn new(url: &str) -> Self {
-        Self { url: url.into() }
+        Self {
+            url: url.to_owned(),
+            schema: "scaleout".to_owned(),
+            writers: 4,
+        }
+    }
+
+    /// The schema holding the tables; only `a-z`, `0-9` and `_` are allowed.
+    pub fn with_schema(mut self, schema: String) -> Self {
+        self.schema = schema;
+        self
+    }
+
+    /// How many batches commit at once, each on its own connection (at least 1).
+    pub fn with_writers(mut self, writers: usize) -> Self {
+        self.writers = writers.max(1);
+        self
     }
 }
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut debug = f.debug_struct("PostgresConfig");
+        // The URL may hold a password; the parsed config's Debug redacts it.
+        match self.url.parse::<tokio_postgres::Config>() {
+            Ok(parsed) => debug.field("url", &parsed),
+            Err(_) => debug.field("url", &"<invalid>"),
+        };
+        debug
+            .field("schema", &self.schema)
+            .field("writers", &self.writers)
+            .finish()
+    }
+}
+
+/// The PostgreSQL-backed [`EventStore`].
 #[derive(Debug)]
-pub struct PostgresStore;
+pub struct PostgresStore {
+    // Dropping the submitter ends every writer task, which closes its connection.
+    submitter: Submitter,
+    connector: Arc<Connector>,
+    reader: Mutex<Arc<Reader>>,
+}
+
 impl PostgresStore {
-    pub async fn connect(_config: PostgresConfig) -> Result<Self, StoreError> {
-        Err(StoreError::Backend("not yet".into()))
+    /// Connects, creates the schema and its tables if missing, and starts the
+    /// writers. Fails with [`StoreError::Unavailable`] when the server cannot
+    /// be reached.
+    pub async fn connect(config: PostgresConfig) -> Result<Self, StoreError> {
+        let connector = Arc::new(Connector::new(&config)?);
+        migrate(&connector, &config.schema).await?;
+        let reader = Reader::open(&connector).await?;
+        let (submitter, batches) = group_commit::queue();
+        let batches = Arc::new(Mutex::new(batches));
+        for _ in 0..config.writers {
+            let writer = Writer::open(&connector).await?;
+            tokio::spawn(write_loop(
+                Arc::clone(&connector),
+                Arc::clone(&batches),
+                writer,
+            ));
+        }
+        Ok(Self {
+            submitter,
+            connector,
+            reader: Mutex::new(Arc::new(reader)),
+        })
+    }
+
+    /// The read connection, replaced first if it has closed.
+    async fn reader(&self) -> Result<Arc<Reader>, Failure> {
+        let mut reader = self.reader.lock().await;
+        if reader.client.is_closed() {
+            *reader = Arc::new(Reader::open(&self.connector).await?);
+        }
+        Ok(Arc::clone(&reader))
+    }
+}
+
+#[async_trait]
+impl EventStore for PostgresStore {
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        self.submitter.submit(request).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream_id: &str,
+        from_version: u64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let reader = self.reader().await?;
+        // Past bigint's range no version exists, so reading from its top reads nothing.
+        let from_version = i64::try_from(from_version).unwrap_or(i64::MAX);
+        let rows = reader
+            .client
+            .query(&reader.read_stream, &[&stream_id, &from_version])
+            .await
+            .map_err(Failure::from)?;
+        Ok(rows.iter().map(recorded).collect::<Result<_, _>>()?)
+    }
+
+    async fn find_request(
+        &self,
+        request_id: RequestId,
+    ) -> Result<Option<AppendResult>, StoreError> {
+        let reader = self.reader().await?;
+        let row = reader
+            .client
+            .query_opt(&reader.find_request, &[&request_id.0])
+            .await
+            .map_err(Failure::from)?;
+        Ok(row.as_ref().map(append_result).transpose()?)
+    }
+
+    async fn read_outbox(&self, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        let reader = self.reader().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = reader
+            .client
+            .query(&reader.read_outbox, &[&limit])
+            .await
+            .map_err(Failure::from)?;
+        Ok(rows.iter().map(recorded).collect::<Result<_, _>>()?)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let reader = self.reader().await?;
+        tokio::time::timeout(CONNECT_TIMEOUT, reader.client.batch_execute("SELECT 1"))
+            .await
+            .map_err(|_| StoreError::Unavailable("PostgreSQL did not answer a ping".into()))?
+            .map_err(Failure::from)?;
+        Ok(())
+    }
+}
+
+/// Opens connections whose `search_path` is the store's schema.
+#[derive(Debug)]
+struct Connector(tokio_postgres::Config);
+
+impl Connector {
+    fn new(config: &PostgresConfig) -> Result<Self, StoreError> {
+        let schema = &config.schema;
+        let valid = !schema.is_empty()
+            && schema.len() <= 63
+            && schema
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !valid {
+            return Err(StoreError::Backend(format!(
+                "invalid PostgreSQL schema {schema:?}: use 1 to 63 of a-z, 0-9 and _"
+            )));
+        }
+        let mut pg: tokio_postgres::Config = config.url.parse().map_err(|e| {
+            StoreError::Backend(format!("invalid PostgreSQL URL: {}", describe(&e)))
+        })?;
+        // Appended last, so it wins over a search_path the URL's options may set.
+        let search_path = format!("-c search_path={schema}");
+        let options = match pg.get_options() {
+            Some(options) => format!("{options} {search_path}"),
+            None => search_path,
+        };
+        pg.options(options);
+        Ok(Self(pg))
+    }
+
+    /// A new connection, its I/O driven by a task of its own.
+    async fn connect(&self) -> Result<Client, Failure> {
+        let (client, connection) = self
+            .0
+            .connect(NoTls)
+            .await
+            .map_err(|e| Failure::Disconnected(describe(&e)))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::warn!(error = %describe(&error), "PostgreSQL connection lost");
+            }
+        });
+        Ok(client)
+    }
+}
+
+/// Runs `open` within [`CONNECT_TIMEOUT`].
+async fn within_timeout<T>(open: impl Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
+    tokio::time::timeout(CONNECT_TIMEOUT, open)
+        .await
+        .map_err(|_| {
+            Failure::Disconnected(format!(
+                "no connection to PostgreSQL within {CONNECT_TIMEOUT:?}"
+            ))
+        })?
+}
+
+/// Creates the schema and tables if missing, once even when several processes
+/// start together: the advisory lock makes the others wait for the first.
+async fn migrate(connector: &Connector, schema: &str) -> Result<(), StoreError> {
+    let mut client = within_timeout(connector.connect()).await?;
+    let txn = client.transaction().await.map_err(Failure::from)?;
+    txn.batch_execute(&format!(
+        r#"
+        SELECT pg_advisory_xact_lock({MIGRATION_LOCK});
+        CREATE SCHEMA IF NOT EXISTS "{schema}";
+        CREATE TABLE IF NOT EXISTS "{schema}".streams (
+            stream_id   text PRIMARY KEY,
+            stream_type text NOT NULL,
+            version     bigint NOT NULL CHECK (version > 0)
+        );
+        CREATE TABLE IF NOT EXISTS "{schema}".events (
+            position       bigserial UNIQUE,
+            stream_id      text,
+            version        bigint CHECK (version > 0),
+            stream_type    text NOT NULL,
+            event_id       uuid UNIQUE NOT NULL,
+            event_type     text NOT NULL,
+            payload        bytea NOT NULL,
+            occurred_at    timestamptz NOT NULL,
+            correlation_id uuid NOT NULL,
+            causation_id   uuid NOT NULL,
+            request_id     uuid NULL,
+            PRIMARY KEY (stream_id, version)
+        );
+        CREATE TABLE IF NOT EXISTS "{schema}".outbox (
+            position bigint PRIMARY KEY REFERENCES "{schema}".events (position)
+        );
+        CREATE TABLE IF NOT EXISTS "{schema}".requests (
+            request_id uuid PRIMARY KEY,
+            stream_id  text NOT NULL,
+            version    bigint NOT NULL,
+            event_ids  uuid[] NOT NULL
+        );
+        "#
+    ))
+    .await
+    .map_err(Failure::from)?;
+    txn.commit().await.map_err(Failure::from)?;
+    Ok(())
+}
+
+/// The shared read connection and its statements.
+#[derive(Debug)]
+struct Reader {
+    client: Client,
+    read_stream: Statement,
+    find_request: Statement,
+    read_outbox: Statement,
+}
+
+impl Reader {
+    async fn open(connector: &Connector) -> Result<Self, Failure> {
+        within_timeout(async {
+            let client = connector.connect().await?;
+            let read_stream = client
+                .prepare(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM events \
+                     WHERE stream_id = $1 AND version >= $2 ORDER BY version"
+                ))
+                .await?;
+            let find_request = client
+                .prepare("SELECT stream_id, version, event_ids FROM requests WHERE request_id = $1")
+                .await?;
+            let read_outbox = client
+                .prepare(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM outbox JOIN events USING (position) \
+                     ORDER BY position LIMIT $1"
+                ))
+                .await?;
+            Ok(Self {
+                client,
+                read_stream,
+                find_request,
+                read_outbox,
+            })
+        })
+        .await
+    }
+}
+
+/// A writer task's connection and its statements.
+#[derive(Debug)]
+struct Writer {
+    client: Client,
+    statements: WriteStatements,
+}
+
+#[derive(Debug)]
+struct WriteStatements {
+    lock_streams: Statement,
+    find_requests: Statement,
+    /// Inserts the events, their outbox rows and the requests they answer.
+    insert_events: Statement,
+    upsert_streams: Statement,
+}
+
+impl Writer {
+    async fn open(connector: &Connector) -> Result<Self, Failure> {
+        within_timeout(async {
+            let client = connector.connect().await?;
+            let statements = WriteStatements {
+                lock_streams: client
+                    .prepare(
+                        "SELECT stream_id, version FROM streams WHERE stream_id = ANY($1) \
+                         ORDER BY stream_id FOR UPDATE",
+                    )
+                    .await?,
+                find_requests: client
+                    .prepare(
+                        "SELECT stream_id, version, event_ids, request_id FROM requests \
+                         WHERE request_id = ANY($1)",
+                    )
+                    .await?,
+                // Positions come from the sequence in `n` order, so they follow
+                // the batch's order.
+                insert_events: client
+                    .prepare(
+                        "WITH written AS (
+                            INSERT INTO events (stream_id, version, stream_type, event_id,
+                                event_type, payload, occurred_at, correlation_id, causation_id,
+                                request_id)
+                            SELECT stream_id, version, stream_type, event_id, event_type,
+                                payload, occurred_at, correlation_id, causation_id, request_id
+                            FROM unnest($1::text[], $2::bigint[], $3::text[], $4::uuid[],
+                                $5::text[], $6::bytea[], $7::timestamptz[], $8::uuid[],
+                                $9::uuid[], $10::uuid[])
+                                WITH ORDINALITY AS e(stream_id, version, stream_type, event_id,
+                                    event_type, payload, occurred_at, correlation_id,
+                                    causation_id, request_id, n)
+                            ORDER BY n
+                            RETURNING position, stream_id, version, event_id, request_id
+                        ), outboxed AS (
+                            INSERT INTO outbox (position) SELECT position FROM written
+                        )
+                        INSERT INTO requests (request_id, stream_id, version, event_ids)
+                        SELECT request_id, stream_id, max(version),
+                            array_agg(event_id ORDER BY version)
+                        FROM written WHERE request_id IS NOT NULL
+                        GROUP BY request_id, stream_id",
+                    )
+                    .await?,
+                upsert_streams: client
+                    .prepare(
+                        "INSERT INTO streams (stream_id, stream_type, version)
+                         SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
+                         ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
+                    )
+                    .await?,
+            };
+            Ok(Self { client, statements })
+        })
+        .await
+    }
+
+    /// Commits a batch, redoing it while it loses races with other writers.
+    async fn commit(&mut self, batch: &[Pending]) -> Result<Vec<Planned>, Failure> {
+        let mut attempt = 1;
+        loop {
+            match self.try_commit(batch).await {
+                Err(Failure::Conflict(message)) if attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(%message, attempt, "batch lost a race, redoing it");
+                    // Jittered, so that two writers that collided do not collide again.
+                    let pause = fastrand::u64(1..=5 * attempt);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    attempt += 1;
+                }
+                Err(Failure::Conflict(message)) => {
+                    return Err(Failure::Backend(format!(
+                        "still conflicting after {MAX_ATTEMPTS} attempts: {message}"
+                    )));
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// One transaction: lock and load, plan, write, commit. An error drops
+    /// the transaction, which rolls it back.
+    async fn try_commit(&mut self, batch: &[Pending]) -> Result<Vec<Planned>, Failure> {
+        let requests = || batch.iter().map(|pending| &pending.request);
+        let statements = &self.statements;
+        let stream_ids: Vec<&str> = requests().map(|r| r.stream_id.as_str()).collect();
+        let request_ids: Vec<Uuid> = requests()
+            .filter_map(|r| r.request_id)
+            .map(|id| id.0)
+            .collect();
+
+        let txn = self.client.transaction().await?;
+        // Pipelined, and run in this order: the requests are read once the
+        // stream locks are held, so they include what their last holder wrote.
+        let (lock_params, find_params): ([Param; 1], [Param; 1]) = ([&stream_ids], [&request_ids]);
+        let (streams, found) = tokio::join!(
+            biased;
+            txn.query(&statements.lock_streams, &lock_params),
+            txn.query(&statements.find_requests, &find_params),
+        );
+        let mut state = BatchState::default();
+        for row in streams? {
+            state
+                .versions
+                .insert(row.try_get("stream_id")?, to_u64(row.try_get("version")?)?);
+        }
+        for row in found? {
+            let request_id = RequestId(row.try_get("request_id")?);
+            state.requests.insert(request_id, append_result(&row)?);
+        }
+        let planned = plan(requests(), state);
+
+        let mut events = EventColumns::default();
+        let mut streams = BTreeMap::new();
+        for (request, planned) in requests().zip(&planned) {
+            let Planned::Write {
+                first_version,
+                result,
+            } = planned
+            else {
+                continue;
+            };
+            for (version, event) in (*first_version..).zip(request.events.as_slice()) {
+                events.push(request, to_i64(version)?, event);
+            }
+            streams.insert(
+                request.stream_id.as_str(),
+                (request.stream_type.as_str(), to_i64(result.version)?),
+            );
+        }
+        if !streams.is_empty() {
+            let (ids, (types, versions)): (Vec<&str>, (Vec<&str>, Vec<i64>)) =
+                streams.into_iter().unzip();
+            // Pipelined, and run in this order: a stream another writer has
+            // just created collides on the events' primary key, before the
+            // upsert could overwrite its version.
+            let event_params = events.params();
+            let stream_params: [Param; 3] = [&ids, &types, &versions];
+            let (inserted, upserted) = tokio::join!(
+                biased;
+                txn.execute(&statements.insert_events, &event_params),
+                txn.execute(&statements.upsert_streams, &stream_params),
+            );
+            inserted?;
+            upserted?;
+        }
+        txn.commit().await?;
+        Ok(planned)
+    }
+}
+
+/// A statement parameter.
+type Param<'a> = &'a (dyn ToSql + Sync);
+
+/// The events a batch writes, column by column, for `unnest`.
+#[derive(Default)]
+struct EventColumns<'a> {
+    stream_id: Vec<&'a str>,
+    version: Vec<i64>,
+    stream_type: Vec<&'a str>,
+    event_id: Vec<Uuid>,
+    event_type: Vec<&'a str>,
+    payload: Vec<&'a [u8]>,
+    occurred_at: Vec<SystemTime>,
+    correlation_id: Vec<Uuid>,
+    causation_id: Vec<Uuid>,
+    request_id: Vec<Option<Uuid>>,
+}
+
+impl<'a> EventColumns<'a> {
+    fn push(&mut self, request: &'a AppendRequest, version: i64, event: &'a NewEvent) {
+        self.stream_id.push(&request.stream_id);
+        self.version.push(version);
+        self.stream_type.push(&request.stream_type);
+        self.event_id.push(event.event_id);
+        self.event_type.push(&event.event_type);
+        self.payload.push(&event.payload);
+        self.occurred_at.push(request.metadata.occurred_at);
+        self.correlation_id.push(request.metadata.correlation_id);
+        self.causation_id.push(request.metadata.causation_id);
+        self.request_id.push(request.request_id.map(|id| id.0));
+    }
+
+    fn params(&self) -> [Param<'_>; 10] {
+        [
+            &self.stream_id,
+            &self.version,
+            &self.stream_type,
+            &self.event_id,
+            &self.event_type,
+            &self.payload,
+            &self.occurred_at,
+            &self.correlation_id,
+            &self.causation_id,
+            &self.request_id,
+        ]
+    }
+}
+
+/// A writer task: commits batches until the store is dropped. A lost
+/// connection fails the batch at hand and is reopened for the next one, with
+/// a growing pause after each failed attempt.
+async fn write_loop(connector: Arc<Connector>, batches: Arc<Mutex<Batches>>, writer: Writer) {
+    let mut writer = Some(writer);
+    let mut failed_connects = 0;
+    loop {
+        let Some(batch) = batches.lock().await.next().await else {
+            return;
+        };
+        let mut current = match writer.take().filter(|w| !w.client.is_closed()) {
+            Some(current) => current,
+            None => match Writer::open(&connector).await {
+                Ok(reopened) => {
+                    failed_connects = 0;
+                    reopened
+                }
+                Err(failure) => {
+                    tracing::warn!(error = %failure, "cannot reconnect to PostgreSQL");
+                    answer_all(batch, &failure);
+                    tokio::time::sleep(reconnect_pause(failed_connects)).await;
+                    failed_connects += 1;
+                    continue;
+                }
+            },
+        };
+        match current.commit(&batch).await {
+            Ok(planned) => {
+                for (pending, planned) in batch.into_iter().zip(planned) {
+                    pending.answer(planned.into_outcome());
+                }
+                writer = Some(current);
+            }
+            Err(failure) => {
+                tracing::error!(error = %failure, appends = batch.len(), "PostgreSQL commit failed");
+                answer_all(batch, &failure);
+                if !matches!(failure, Failure::Disconnected(_)) {
+                    writer = Some(current);
+                }
+            }
+        }
+    }
+}
+
+fn answer_all(batch: Vec<Pending>, failure: &Failure) {
+    for pending in batch {
+        pending.answer(Err(failure.clone().into()));
+    }
+}
+
+/// Exponential from [`RECONNECT_MIN`] up to [`RECONNECT_MAX`], jittered so
+/// that writers do not reconnect in lockstep.
+fn reconnect_pause(failed_connects: u32) -> Duration {
+    let ceiling = RECONNECT_MIN
+        .saturating_mul(1 << failed_connects.min(10))
+        .min(RECONNECT_MAX);
+    ceiling / 2 + ceiling.mul_f64(fastrand::f64() / 2.0)
+}
+
+fn recorded(row: &Row) -> Result<RecordedEvent, Failure> {
+    Ok(RecordedEvent {
+        position: to_u64(row.try_get("position")?)?,
+        stream_id: row.try_get("stream_id")?,
+        stream_type: row.try_get("stream_type")?,
+        version: to_u64(row.try_get("version")?)?,
+        event_id: row.try_get("event_id")?,
+        event_type: row.try_get("event_type")?,
+        payload: row.try_get("payload")?,
+        metadata: EventMetadata {
+            occurred_at: row.try_get("occurred_at")?,
+            correlation_id: row.try_get("correlation_id")?,
+            causation_id: row.try_get("causation_id")?,
+        },
+        request_id: row.try_get::<_, Option<Uuid>>("request_id")?.map(RequestId),
+    })
+}
+
+fn append_result(row: &Row) -> Result<AppendResult, Failure> {
+    Ok(AppendResult {
+        stream_id: row.try_get("stream_id")?,
+        version: to_u64(row.try_get("version")?)?,
+        event_ids: row.try_get("event_ids")?,
+    })
+}
+
+fn to_u64(n: i64) -> Result<u64, Failure> {
+    u64::try_from(n).map_err(|_| Failure::Backend(format!("negative version or position {n}")))
+}
+
+fn to_i64(n: u64) -> Result<i64, Failure> {
+    i64::try_from(n).map_err(|_| Failure::Backend(format!("version {n} exceeds bigint")))
+}
+
+/// A failed database call, sorted by what to do about it.
+#[derive(Debug, Clone, thiserror::Error)]
+enum Failure {
+    /// Lost a race with another transaction: redoing it reads the winner's rows.
+    #[error("{0}")]
+    Conflict(String),
+    /// The connection is gone or the server is going away; a commit in flight
+    /// may or may not have happened.
+    #[error("{0}")]
+    Disconnected(String),
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// What a transaction that lost a race fails with: a unique key another
+/// writer took first, or a serialization failure or deadlock.
+const RACES: [&SqlState; 3] = [
+    &SqlState::UNIQUE_VIOLATION,
+    &SqlState::T_R_SERIALIZATION_FAILURE,
+    &SqlState::T_R_DEADLOCK_DETECTED,
+];
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(error: tokio_postgres::Error) -> Self {
+        let message = describe(&error);
+        match error.code() {
+            Some(code) if RACES.contains(&code) => Self::Conflict(message),
+            // Class 08 is connection exceptions, 57P the server shutting down.
+            Some(code) if code.code().starts_with("08") || code.code().starts_with("57P") => {
+                Self::Disconnected(message)
+            }
+            Some(_) => Self::Backend(message),
+            None if error.is_closed()
+                || error.source().is_some_and(|e| e.is::<std::io::Error>()) =>
+            {
+                Self::Disconnected(message)
+            }
+            None => Self::Backend(message),
+        }
+    }
+}
+
+impl From<Failure> for StoreError {
+    fn from(failure: Failure) -> Self {
+        match failure {
+            Failure::Disconnected(message) => Self::Unavailable(message),
+            Failure::Conflict(message) | Failure::Backend(message) => Self::Backend(message),
+        }
+    }
+}
+
+/// The error with its cause: tokio-postgres' own message only names its kind.
+fn describe(error: &tokio_postgres::Error) -> String {
+    match error.source() {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
     }
 }

@@ -4,6 +4,14 @@
 //! A writer takes whatever has queued while the previous commit was flushing,
 //! so batches grow with load on their own and a lone append waits for no
 //! timer.
+//!
+//! With several writers (PostgreSQL), appends are partitioned by stream: one
+//! stream always goes to the same writer, so writers of one process never
+//! queue behind each other's row locks, and a hot stream's appends gather
+//! into that writer's batches instead of being spread thin.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -31,22 +39,36 @@ impl Pending {
 
 /// The handle callers append through.
 #[derive(Debug, Clone)]
-pub(crate) struct Submitter(mpsc::Sender<Pending>);
+pub(crate) struct Submitter {
+    partitions: Arc<[mpsc::Sender<Pending>]>,
+    hasher: RandomState,
+}
 
 /// The writer's end: yields batches of pending appends.
 #[derive(Debug)]
 pub(crate) struct Batches(mpsc::Receiver<Pending>);
 
-pub(crate) fn queue() -> (Submitter, Batches) {
-    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-    (Submitter(tx), Batches(rx))
+/// A queue split into `writers` partitions (at least one), one per writer.
+pub(crate) fn queue(writers: usize) -> (Submitter, Vec<Batches>) {
+    let (senders, batches) = (0..writers.max(1))
+        .map(|_| {
+            let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+            (tx, Batches(rx))
+        })
+        .unzip::<_, _, Vec<_>, _>();
+    let submitter = Submitter {
+        partitions: senders.into(),
+        hasher: RandomState::new(),
+    };
+    (submitter, batches)
 }
 
 impl Submitter {
     /// Queues an append and waits until its batch has committed.
     pub async fn submit(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.0
+        let partition = self.hasher.hash_one(&request.stream_id) as usize % self.partitions.len();
+        self.partitions[partition]
             .send(Pending { request, reply })
             .await
             .map_err(|_| stopped())?;

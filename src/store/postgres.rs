@@ -1,7 +1,8 @@
 //! The PostgreSQL event store: several processes can share one database.
 //!
-//! `writers` tasks, each with its own connection, take batches off the group
-//! commit queue and commit each in one transaction. A batch locks the rows of
+//! `writers` tasks, each with its own connection and its own partition of
+//! the group commit queue (streams are spread over them), commit each batch
+//! in one transaction. A batch locks the rows of
 //! the streams it touches (in stream id order, so writers never deadlock on
 //! them), loads their versions and the request ids it carries, asks [`plan`]
 //! and writes. A stream or request id that another writer creates after those
@@ -114,15 +115,10 @@ impl PostgresStore {
         let connector = Arc::new(Connector::new(&config)?);
         migrate(&connector, &config.schema).await?;
         let reader = Reader::open(&connector).await?;
-        let (submitter, batches) = group_commit::queue();
-        let batches = Arc::new(Mutex::new(batches));
-        for _ in 0..config.writers {
+        let (submitter, partitions) = group_commit::queue(config.writers);
+        for batches in partitions {
             let writer = Writer::open(&connector).await?;
-            tokio::spawn(write_loop(
-                Arc::clone(&connector),
-                Arc::clone(&batches),
-                writer,
-            ));
+            tokio::spawn(write_loop(Arc::clone(&connector), batches, writer));
         }
         Ok(Self {
             submitter,
@@ -556,11 +552,11 @@ impl<'a> EventColumns<'a> {
 /// A writer task: commits batches until the store is dropped. A lost
 /// connection fails the batch at hand and is reopened for the next one, with
 /// a growing pause after each failed attempt.
-async fn write_loop(connector: Arc<Connector>, batches: Arc<Mutex<Batches>>, writer: Writer) {
+async fn write_loop(connector: Arc<Connector>, mut batches: Batches, writer: Writer) {
     let mut writer = Some(writer);
     let mut failed_connects = 0;
     loop {
-        let Some(batch) = batches.lock().await.next().await else {
+        let Some(batch) = batches.next().await else {
             return;
         };
         let mut current = match writer.take().filter(|w| !w.client.is_closed()) {

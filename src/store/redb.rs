@@ -65,7 +65,8 @@ impl RedbStore {
         let db = Database::create(path).map_err(backend)?;
         create_tables(&db).map_err(backend)?;
         let db = Arc::new(db);
-        let (submitter, batches) = group_commit::queue();
+        let (submitter, mut partitions) = group_commit::queue(1);
+        let batches = partitions.pop().expect("one partition");
         let writer_db = Arc::clone(&db);
         let thread = std::thread::Builder::new()
             .name("redb-event-writer".into())

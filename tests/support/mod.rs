@@ -73,3 +73,25 @@ pub fn redb_store() -> (Arc<dyn EventStore>, tempfile::TempDir) {
     let store = scaleout::store::redb::RedbStore::open(dir.path().join("events.redb")).unwrap();
     (Arc::new(store), dir)
 }
+
+/// The PostgreSQL the tests use (`scripts/test.sh` makes it).
+pub fn postgres_url() -> String {
+    std::env::var("SCALEOUT_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://scaleout:scaleout@127.0.0.1:5432/scaleout".into())
+}
+
+/// A schema name no other test or run uses.
+pub fn unique_schema(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}
+
+pub async fn drop_schema(schema: &str) {
+    let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await
+        .unwrap();
+}

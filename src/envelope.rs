@@ -11,6 +11,12 @@ use crate::store::{EventMetadata, RecordedEvent, RequestId};
 #[error("invalid event envelope: {0}")]
 pub struct EnvelopeError(String);
 
+impl EnvelopeError {
+    pub(crate) fn new(reason: String) -> Self {
+        Self(reason)
+    }
+}
+
 impl RecordedEvent {
     /// The envelope this event travels in.
     pub fn to_envelope(&self) -> pb::EventEnvelope {

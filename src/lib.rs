@@ -16,6 +16,7 @@
 //! | [`config`], [`telemetry`], [`shutdown`] | flags, logs, the shutdown token | the rest |
 
 pub mod app;
+pub mod bus;
 pub mod command;
 pub mod config;
 pub mod domain;

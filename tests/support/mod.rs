@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod bus;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 

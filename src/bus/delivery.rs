@@ -1,0 +1,65 @@
+//! A delivered message and the three ways to settle it.
+
+use async_trait::async_trait;
+
+use super::{BusError, BusMessage};
+
+/// How a backend settles one delivery.
+#[async_trait]
+pub trait Settle: Send + std::fmt::Debug {
+    /// Done with it: remove it from the queue.
+    async fn ack(self: Box<Self>) -> Result<(), BusError>;
+    /// Put it back to be delivered again later (to this or another instance).
+    async fn requeue(self: Box<Self>) -> Result<(), BusError>;
+    /// Park it in the dead-letter queue with the reason, then remove it.
+    async fn dead_letter(self: Box<Self>, reason: &str, attempts: u32) -> Result<(), BusError>;
+}
+
+/// A message handed to one subscriber, to be settled exactly once.
+///
+/// Dropping it unsettled (a cancelled task) hands it back the way a broker
+/// does when a consumer goes away: RabbitMQ once the channel closes, the
+/// in-process bus at once.
+#[derive(Debug)]
+pub struct Delivery {
+    pub message: BusMessage,
+    /// 1 on the first delivery, counting every earlier hand-back.
+    pub attempt: u32,
+    max_attempts: u32,
+    settle: Box<dyn Settle>,
+}
+
+impl Delivery {
+    pub fn new(
+        message: BusMessage,
+        attempt: u32,
+        max_attempts: u32,
+        settle: Box<dyn Settle>,
+    ) -> Self {
+        Self {
+            message,
+            attempt,
+            max_attempts,
+            settle,
+        }
+    }
+
+    pub async fn ack(self) -> Result<(), BusError> {
+        self.settle.ack().await
+    }
+
+    /// Hands the message back for a later attempt, or parks it with `reason`
+    /// once it has had its attempts.
+    pub async fn retry(self, reason: &str) -> Result<(), BusError> {
+        if self.attempt >= self.max_attempts {
+            self.settle.dead_letter(reason, self.attempt).await
+        } else {
+            self.settle.requeue().await
+        }
+    }
+
+    /// Parks the message now: it can never succeed (e.g. it does not decode).
+    pub async fn dead_letter(self, reason: &str) -> Result<(), BusError> {
+        self.settle.dead_letter(reason, self.attempt).await
+    }
+}

@@ -1,0 +1,100 @@
+//! The event bus port: publish with confirmation, subscribe as a service
+//! type, settle each delivery (ack, retry later, dead-letter with a reason).
+//!
+//! Instances that subscribe with the same service type compete for messages;
+//! every service type gets every event its bindings match. A message whose
+//! handling keeps failing is dead-lettered after [`Subscription::max_attempts`]
+//! deliveries, with the reason, and can be listed and replayed: nothing is
+//! acked silently and nothing loops forever.
+//!
+//! Chosen at run time from config, so the trait is object safe and held as
+//! `Arc<dyn EventBus>`; [`memory`] is the embedded default, [`rabbitmq`] the
+//! production engine. Both pass one conformance suite.
+
+mod delivery;
+pub mod memory;
+mod message;
+pub mod rabbitmq;
+mod topic;
+
+use async_trait::async_trait;
+
+pub use self::delivery::{Delivery, Settle};
+pub use self::message::{BusMessage, CONTENT_TYPE};
+
+/// Everything a bus operation can fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BusError {
+    /// The broker cannot be reached; try again later.
+    #[error("event bus unavailable: {0}")]
+    Unavailable(String),
+    /// No queue is bound for the message: it must wait, not be dropped.
+    #[error("no queue is bound for routing key {0}")]
+    Unroutable(String),
+    /// The broker refused the message (a negative confirm).
+    #[error("the broker refused message {0}")]
+    Nacked(String),
+    #[error("event bus failure: {0}")]
+    Backend(String),
+}
+
+/// How a service type consumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// Instances with the same service type share one queue and compete.
+    pub service_type: String,
+    /// Topic patterns over routing keys `stream_type.event_type`, e.g.
+    /// `file.#`; `#` takes every event.
+    pub bindings: Vec<String>,
+    /// Deliveries held unsettled at once by one subscriber.
+    pub prefetch: u16,
+    /// Deliveries of one message before a retry dead-letters it.
+    pub max_attempts: u32,
+}
+
+/// A message parked in a service type's dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub message: BusMessage,
+    /// Why it was parked: the handler's last error, or the broker's reason.
+    pub reason: String,
+    /// How many times it was delivered before it was parked.
+    pub attempts: u32,
+}
+
+/// Where events are published and consumed.
+#[async_trait]
+pub trait EventBus: Send + Sync + std::fmt::Debug + 'static {
+    /// Publishes messages and waits for the bus to confirm each one; the
+    /// answers line up with `messages`. A message that is not confirmed may
+    /// or may not have been delivered: publish it again (consumers skip
+    /// duplicates by version).
+    async fn publish(&self, messages: &[BusMessage]) -> Vec<Result<(), BusError>>;
+
+    /// Joins the competing consumers of `subscription.service_type`,
+    /// declaring its queue and bindings first (idempotently).
+    async fn subscribe(&self, subscription: &Subscription)
+    -> Result<Box<dyn Subscriber>, BusError>;
+
+    /// Up to `limit` messages parked for a service type, oldest first,
+    /// left where they are.
+    async fn dead_letters(
+        &self,
+        service_type: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BusError>;
+
+    /// Moves every parked message of a service type back to its queue, with
+    /// a fresh attempt count; returns how many.
+    async fn replay_dead_letters(&self, service_type: &str) -> Result<usize, BusError>;
+
+    /// Checks that the bus answers, for health reporting.
+    async fn ping(&self) -> Result<(), BusError>;
+}
+
+/// One consumer of a service type's queue.
+#[async_trait]
+pub trait Subscriber: Send {
+    /// The next delivery; `None` once the subscription has ended for good.
+    async fn next(&mut self) -> Option<Delivery>;
+}

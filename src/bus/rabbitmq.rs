@@ -1,0 +1,687 @@
+//! The RabbitMQ bus, through lapin.
+//!
+//! Topology, declared idempotently by whoever needs it first:
+//!
+//! | name | kind | role |
+//! | --- | --- | --- |
+//! | `{prefix}.events` | durable topic exchange | every event, keyed `stream_type.event_type` |
+//! | `{prefix}.{service}` | durable quorum queue | one per service type; `x-delivery-limit`, dead-letters to the next row |
+//! | `{prefix}.dead-letter` | durable direct exchange | keyed by service type |
+//! | `{prefix}.{service}.dead-letter` | durable classic queue | parked messages, listed and replayed in order |
+//!
+//! Messages are persistent and published `mandatory` on a confirm channel: a
+//! publish counts only once the broker acks it, and an unroutable one comes
+//! back as [`BusError::Unroutable`] to be retried by the caller.
+//!
+//! Recovery is explicit rather than lapin's automatic recovery, so that what
+//! happens after a broker restart is ours to test: a publish or settle on a
+//! dead connection fails (the caller retries: the outbox keeps the row, the
+//! broker redelivers the unacked message), and the next call reconnects. A
+//! subscriber whose channel dies re-declares and re-consumes with backoff.
+//!
+//! A handler that keeps failing is parked by the consumer with its reason
+//! (published to the dead-letter exchange, then acked); the quorum queue's
+//! delivery limit is the backstop for a message that crashes its consumer
+//! before it can settle.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::Mutex;
+
+use super::{
+    BusError, BusMessage, CONTENT_TYPE, DeadLetter, Delivery, EventBus, Settle, Subscriber,
+    Subscription,
+};
+
+/// Longest a connect or a declaration may take before the broker counts as away.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+const ROUTING_KEY_HEADER: &str = "x-scaleout-routing-key";
+const TRACEPARENT_HEADER: &str = "traceparent";
+const REASON_HEADER: &str = "x-scaleout-reason";
+const ATTEMPTS_HEADER: &str = "x-scaleout-attempts";
+/// Set by quorum queues: how many times the message was handed back before.
+const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+/// Set by the broker when it dead-letters a message itself.
+const DEATH_HEADER: &str = "x-death";
+
+/// Where the broker is and what to call things.
+#[derive(Clone)]
+pub struct RabbitConfig {
+    url: String,
+    prefix: String,
+}
+
+impl std::fmt::Debug for RabbitConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitConfig")
+            .field("url", &crate::config::redact(&self.url))
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl RabbitConfig {
+    /// Names prefixed `scaleout`.
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            prefix: "scaleout".to_owned(),
+        }
+    }
+
+    /// Prefixes every exchange and queue name, so deployments (or tests)
+    /// can share a broker.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dead-letter", self.prefix)
+    }
+
+    pub fn queue(&self, service_type: &str) -> String {
+        format!("{}.{service_type}", self.prefix)
+    }
+
+    pub fn dead_letter_queue(&self, service_type: &str) -> String {
+        format!("{}.{service_type}.dead-letter", self.prefix)
+    }
+}
+
+/// The RabbitMQ [`EventBus`].
+#[derive(Debug, Clone)]
+pub struct RabbitBus {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: RabbitConfig,
+    connection: Mutex<Option<Arc<Connection>>>,
+    /// The confirm channel publishes share; replaced when it dies.
+    publisher: Mutex<Option<Channel>>,
+}
+
+impl RabbitBus {
+    /// Connects once to check the broker; later failures reconnect on use.
+    pub async fn connect(config: RabbitConfig) -> Result<Self, BusError> {
+        let bus = Self {
+            inner: Arc::new(Inner {
+                config,
+                connection: Mutex::new(None),
+                publisher: Mutex::new(None),
+            }),
+        };
+        bus.inner.connection().await?;
+        Ok(bus)
+    }
+
+    pub fn config(&self) -> &RabbitConfig {
+        &self.inner.config
+    }
+}
+
+impl Inner {
+    /// The live connection, opening a new one if there is none.
+    async fn connection(&self) -> Result<Arc<Connection>, BusError> {
+        let mut current = self.connection.lock().await;
+        if let Some(connection) = current.as_ref().filter(|c| c.status().connected()) {
+            return Ok(Arc::clone(connection));
+        }
+        let name = format!("{}@{}", self.config.prefix, std::process::id());
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let connection = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Connection::connect(&self.config.url, properties),
+        )
+        .await
+        .map_err(|_| BusError::Unavailable(format!("no connection within {CONNECT_TIMEOUT:?}")))?
+        .map_err(unavailable)?;
+        let connection = Arc::new(connection);
+        *current = Some(Arc::clone(&connection));
+        Ok(connection)
+    }
+
+    async fn channel(&self) -> Result<Channel, BusError> {
+        let connection = self.connection().await?;
+        bounded(connection.create_channel()).await
+    }
+
+    /// The shared confirm channel, with the events exchange declared.
+    async fn publisher(&self) -> Result<Channel, BusError> {
+        let mut current = self.publisher.lock().await;
+        if let Some(channel) = current.as_ref().filter(|c| c.status().connected()) {
+            return Ok(channel.clone());
+        }
+        let channel = self.channel().await?;
+        bounded(channel.confirm_select(ConfirmSelectOptions::default())).await?;
+        self.declare_exchanges(&channel).await?;
+        *current = Some(channel.clone());
+        Ok(channel)
+    }
+
+    async fn declare_exchanges(&self, channel: &Channel) -> Result<(), BusError> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let events = self.config.events_exchange();
+        let dead = self.config.dead_letter_exchange();
+        bounded(channel.exchange_declare(
+            events.into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        ))
+        .await?;
+        bounded(channel.exchange_declare(
+            dead.into(),
+            ExchangeKind::Direct,
+            durable,
+            FieldTable::default(),
+        ))
+        .await
+    }
+
+    /// Declares a service type's queues and bindings on `channel`.
+    async fn declare_service(
+        &self,
+        channel: &Channel,
+        subscription: &Subscription,
+    ) -> Result<(), BusError> {
+        self.declare_exchanges(channel).await?;
+        let service = &subscription.service_type;
+        self.declare_dead_letter_queue(channel, service).await?;
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        let limit = i64::from(subscription.max_attempts);
+        arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(self.config.dead_letter_exchange().into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(service.as_str().into()),
+        );
+        let queue = self.config.queue(service);
+        bounded(channel.queue_declare(queue.as_str().into(), durable_queue(), arguments)).await?;
+        for binding in &subscription.bindings {
+            bounded(channel.queue_bind(
+                queue.as_str().into(),
+                self.config.events_exchange().into(),
+                binding.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ))
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn declare_dead_letter_queue(
+        &self,
+        channel: &Channel,
+        service: &str,
+    ) -> Result<String, BusError> {
+        let queue = self.config.dead_letter_queue(service);
+        bounded(channel.queue_declare(
+            queue.as_str().into(),
+            durable_queue(),
+            FieldTable::default(),
+        ))
+        .await?;
+        bounded(channel.queue_bind(
+            queue.as_str().into(),
+            self.config.dead_letter_exchange().into(),
+            service.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ))
+        .await?;
+        Ok(queue)
+    }
+
+    /// Publishes on the confirm channel and waits for every confirm.
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        publishes: Vec<(String, BasicProperties, &[u8])>,
+    ) -> Vec<Result<(), BusError>> {
+        let channel = match self.publisher().await {
+            Ok(channel) => channel,
+            Err(error) => return publishes.iter().map(|_| Err(error.clone())).collect(),
+        };
+        let mandatory = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let mut pending = Vec::with_capacity(publishes.len());
+        for (routing_key, properties, body) in publishes {
+            let sent = channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.as_str().into(),
+                    mandatory,
+                    body,
+                    properties,
+                )
+                .await;
+            pending.push((routing_key, sent));
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for (routing_key, sent) in pending {
+            let result = match sent {
+                Err(error) => Err(unavailable(error)),
+                Ok(confirm) => match confirm.await {
+                    Err(error) => Err(unavailable(error)),
+                    Ok(confirmation) if confirmation.is_nack() => {
+                        Err(BusError::Nacked(routing_key))
+                    }
+                    Ok(confirmation) => match confirmation.take_message() {
+                        Some(_) => Err(BusError::Unroutable(routing_key)),
+                        None => Ok(()),
+                    },
+                },
+            };
+            results.push(result);
+        }
+        if results
+            .iter()
+            .any(|r| matches!(r, Err(BusError::Unavailable(_))))
+        {
+            // Start afresh next time rather than reuse a channel in doubt.
+            *self.publisher.lock().await = None;
+        }
+        results
+    }
+}
+
+#[async_trait]
+impl EventBus for RabbitBus {
+    async fn publish(&self, messages: &[BusMessage]) -> Vec<Result<(), BusError>> {
+        let publishes = messages
+            .iter()
+            .map(|m| (m.routing_key.clone(), properties(m), m.body.as_slice()))
+            .collect();
+        let exchange = self.inner.config.events_exchange();
+        self.inner.publish_confirmed(&exchange, publishes).await
+    }
+
+    async fn subscribe(
+        &self,
+        subscription: &Subscription,
+    ) -> Result<Box<dyn Subscriber>, BusError> {
+        let mut subscriber = RabbitSubscriber {
+            bus: self.clone(),
+            subscription: subscription.clone(),
+            consumer: None,
+            failures: 0,
+        };
+        // Declaring now makes the queue (and so routing) exist on return.
+        subscriber.consumer = Some(subscriber.consume().await?);
+        Ok(Box::new(subscriber))
+    }
+
+    async fn dead_letters(
+        &self,
+        service_type: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BusError> {
+        let channel = self.inner.channel().await?;
+        let queue = self
+            .inner
+            .declare_dead_letter_queue(&channel, service_type)
+            .await?;
+        let mut parked = Vec::new();
+        let mut last_tag = None;
+        while parked.len() < limit {
+            let Some(got) =
+                bounded(channel.basic_get(queue.as_str().into(), BasicGetOptions::default()))
+                    .await?
+            else {
+                break;
+            };
+            last_tag = Some(got.delivery.delivery_tag);
+            parked.push(dead_letter(&got.delivery));
+        }
+        if let Some(tag) = last_tag {
+            // Hand them all back, in place: listing is not consuming.
+            let all = BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            };
+            bounded(channel.basic_nack(tag, all)).await?;
+        }
+        let _ = channel.close(200, "listed".into()).await;
+        Ok(parked)
+    }
+
+    async fn replay_dead_letters(&self, service_type: &str) -> Result<usize, BusError> {
+        let channel = self.inner.channel().await?;
+        let dead_queue = self
+            .inner
+            .declare_dead_letter_queue(&channel, service_type)
+            .await?;
+        let queue = self.inner.config.queue(service_type);
+        let mut replayed = 0;
+        while let Some(got) =
+            bounded(channel.basic_get(dead_queue.as_str().into(), BasicGetOptions::default()))
+                .await?
+        {
+            let message = message(&got.delivery);
+            // Straight to the service's queue (default exchange), attempts afresh.
+            let republished = self
+                .inner
+                .publish_confirmed(
+                    "",
+                    vec![(queue.clone(), properties(&message), message.body.as_slice())],
+                )
+                .await;
+            if let Some(Err(error)) = republished.into_iter().next() {
+                return Err(error);
+            }
+            bounded(got.delivery.acker.ack(BasicAckOptions::default())).await?;
+            replayed += 1;
+        }
+        let _ = channel.close(200, "replayed".into()).await;
+        Ok(replayed)
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        self.inner.connection().await.map(drop)
+    }
+}
+
+/// One consumer of a service type's queue, re-established after failures.
+struct RabbitSubscriber {
+    bus: RabbitBus,
+    subscription: Subscription,
+    consumer: Option<(Channel, lapin::Consumer)>,
+    failures: u32,
+}
+
+impl RabbitSubscriber {
+    async fn consume(&self) -> Result<(Channel, lapin::Consumer), BusError> {
+        let inner = &self.bus.inner;
+        let channel = inner.channel().await?;
+        inner.declare_service(&channel, &self.subscription).await?;
+        bounded(channel.basic_qos(self.subscription.prefetch, BasicQosOptions::default())).await?;
+        let queue = inner.config.queue(&self.subscription.service_type);
+        let consumer = bounded(channel.basic_consume(
+            queue.into(),
+            ShortString::from(""),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ))
+        .await?;
+        Ok((channel, consumer))
+    }
+}
+
+#[async_trait]
+impl Subscriber for RabbitSubscriber {
+    async fn next(&mut self) -> Option<Delivery> {
+        loop {
+            let Some((_, consumer)) = self.consumer.as_mut() else {
+                match self.consume().await {
+                    Ok(consumer) => self.consumer = Some(consumer),
+                    Err(error) => {
+                        let pause = backoff(self.failures);
+                        tracing::warn!(%error, ?pause, service = %self.subscription.service_type, "cannot consume; retrying");
+                        self.failures += 1;
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+                continue;
+            };
+            match consumer.next().await {
+                Some(Ok(delivery)) => {
+                    self.failures = 0;
+                    let attempt = header_count(&delivery.properties, DELIVERY_COUNT_HEADER)
+                        .map_or(1, |n| n + 1);
+                    let settle = RabbitSettle {
+                        inner: Arc::clone(&self.bus.inner),
+                        service_type: self.subscription.service_type.clone(),
+                        delivery,
+                    };
+                    let message = message(&settle.delivery);
+                    return Some(Delivery::new(
+                        message,
+                        attempt,
+                        self.subscription.max_attempts,
+                        Box::new(settle),
+                    ));
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(%error, service = %self.subscription.service_type, "consumer failed; reconnecting");
+                    self.consumer = None;
+                }
+                None => {
+                    tracing::warn!(service = %self.subscription.service_type, "consumer cancelled; reconnecting");
+                    self.consumer = None;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RabbitSettle {
+    inner: Arc<Inner>,
+    service_type: String,
+    delivery: lapin::message::Delivery,
+}
+
+#[async_trait]
+impl Settle for RabbitSettle {
+    async fn ack(self: Box<Self>) -> Result<(), BusError> {
+        settled(self.delivery.acker.ack(BasicAckOptions::default()).await)
+    }
+
+    async fn requeue(self: Box<Self>) -> Result<(), BusError> {
+        // `reject` (not `nack`) is what counts toward the delivery limit.
+        let requeue = BasicRejectOptions { requeue: true };
+        settled(self.delivery.acker.reject(requeue).await)
+    }
+
+    async fn dead_letter(self: Box<Self>, reason: &str, attempts: u32) -> Result<(), BusError> {
+        let message = message(&self.delivery);
+        let mut properties = properties(&message);
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+        headers.insert(
+            ATTEMPTS_HEADER.into(),
+            AMQPValue::LongLongInt(i64::from(attempts)),
+        );
+        properties = properties.with_headers(headers);
+        let exchange = self.inner.config.dead_letter_exchange();
+        let parked = self
+            .inner
+            .publish_confirmed(
+                &exchange,
+                vec![(
+                    self.service_type.clone(),
+                    properties,
+                    message.body.as_slice(),
+                )],
+            )
+            .await;
+        match parked.into_iter().next() {
+            Some(Ok(())) => settled(self.delivery.acker.ack(BasicAckOptions::default()).await),
+            Some(Err(error)) => {
+                // Not parked: hand it back rather than lose it.
+                let _ = self
+                    .delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: true })
+                    .await;
+                Err(error)
+            }
+            None => Err(BusError::Backend(
+                "no confirm for the dead-letter publish".into(),
+            )),
+        }
+    }
+}
+
+/// An ack or reject that did not reach a live channel leaves the message
+/// with the broker, which redelivers it: the caller must know.
+fn settled(outcome: lapin::Result<bool>) -> Result<(), BusError> {
+    match outcome {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(BusError::Unavailable(
+            "the delivery's channel is gone".into(),
+        )),
+        Err(error) => Err(unavailable(error)),
+    }
+}
+
+fn durable_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// The AMQP properties that carry a message's metadata.
+fn properties(message: &BusMessage) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ROUTING_KEY_HEADER.into(),
+        AMQPValue::LongString(message.routing_key.as_str().into()),
+    );
+    headers.insert(
+        TRACEPARENT_HEADER.into(),
+        AMQPValue::LongString(message.traceparent.as_str().into()),
+    );
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(CONTENT_TYPE.into())
+        .with_message_id(message.message_id.as_str().into())
+        .with_type(message.event_type.as_str().into())
+        .with_correlation_id(message.correlation_id.as_str().into())
+        .with_headers(headers)
+}
+
+/// Reads a delivered message back from its properties.
+fn message(delivery: &lapin::message::Delivery) -> BusMessage {
+    let properties = &delivery.properties;
+    let text = |value: &Option<ShortString>| {
+        value
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default()
+    };
+    BusMessage {
+        message_id: text(properties.message_id()),
+        event_type: text(properties.kind()),
+        routing_key: header_text(properties, ROUTING_KEY_HEADER)
+            .unwrap_or_else(|| delivery.routing_key.as_str().to_owned()),
+        correlation_id: text(properties.correlation_id()),
+        traceparent: header_text(properties, TRACEPARENT_HEADER).unwrap_or_default(),
+        body: delivery.data.clone(),
+    }
+}
+
+/// A parked message with why and after how many attempts.
+fn dead_letter(delivery: &lapin::message::Delivery) -> DeadLetter {
+    let properties = &delivery.properties;
+    let broker_death = || {
+        let deaths = properties.headers().as_ref()?.inner().get(DEATH_HEADER)?;
+        let AMQPValue::FieldArray(deaths) = deaths else {
+            return None;
+        };
+        let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
+            return None;
+        };
+        first
+            .inner()
+            .get("reason")
+            .and_then(text_value)
+            .map(|reason| format!("dead-lettered by the broker: {reason}"))
+    };
+    DeadLetter {
+        message: message(delivery),
+        reason: header_text(properties, REASON_HEADER)
+            .or_else(broker_death)
+            .unwrap_or_else(|| "unknown".to_owned()),
+        attempts: header_count(properties, ATTEMPTS_HEADER)
+            .or_else(|| header_count(properties, DELIVERY_COUNT_HEADER))
+            .unwrap_or(0),
+    }
+}
+
+fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    properties.headers().as_ref()?.inner().get(name)
+}
+
+fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
+    header(properties, name).and_then(text_value)
+}
+
+fn text_value(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn header_count(properties: &BasicProperties, name: &str) -> Option<u32> {
+    let count = match header(properties, name)? {
+        AMQPValue::ShortShortInt(n) => i64::from(*n),
+        AMQPValue::ShortShortUInt(n) => i64::from(*n),
+        AMQPValue::ShortInt(n) => i64::from(*n),
+        AMQPValue::ShortUInt(n) => i64::from(*n),
+        AMQPValue::LongInt(n) => i64::from(*n),
+        AMQPValue::LongUInt(n) => i64::from(*n),
+        AMQPValue::LongLongInt(n) => *n,
+        _ => return None,
+    };
+    u32::try_from(count).ok()
+}
+
+/// Bounds a broker round trip: lapin waits forever on a half-dead connection.
+async fn bounded<T>(operation: impl Future<Output = lapin::Result<T>>) -> Result<T, BusError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, operation)
+        .await
+        .map_err(|_| {
+            BusError::Unavailable(format!(
+                "no answer from RabbitMQ within {CONNECT_TIMEOUT:?}"
+            ))
+        })?
+        .map_err(unavailable)
+}
+
+fn unavailable(error: lapin::Error) -> BusError {
+    BusError::Unavailable(error.to_string())
+}
+
+fn backoff(failures: u32) -> Duration {
+    RECONNECT_MIN
+        .saturating_mul(1 << failures.min(10))
+        .min(RECONNECT_MAX)
+        .mul_f64(0.5 + fastrand::f64() / 2.0)
+}

@@ -1,0 +1,81 @@
+//! Buses for the conformance suite, each fresh and cleaned up after the case.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use scaleout::bus::EventBus;
+use scaleout::bus::memory::MemoryBus;
+use scaleout::bus::rabbitmq::{RabbitBus, RabbitConfig};
+
+/// Every service type the suites subscribe with, so cleanup finds their queues.
+pub const SERVICE_TYPES: &[&str] = &[
+    "projector",
+    "audit",
+    "files",
+    "counters",
+    "retrying",
+    "parking",
+    "bounded",
+    "handover",
+];
+
+pub fn rabbitmq_url() -> String {
+    std::env::var("SCALEOUT_TEST_RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub async fn memory<F, Fut>(case: F)
+where
+    F: FnOnce(Arc<dyn EventBus>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    case(Arc::new(MemoryBus::new())).await;
+}
+
+/// A RabbitMQ bus whose names carry a prefix of its own; its exchanges and
+/// queues are deleted afterwards, also when the case fails.
+pub async fn rabbitmq<F, Fut>(case: F)
+where
+    F: FnOnce(Arc<dyn EventBus>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let config = rabbit_config();
+    let bus = RabbitBus::connect(config.clone())
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672");
+    let outcome = AssertUnwindSafe(case(Arc::new(bus))).catch_unwind().await;
+    delete_topology(&config).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+pub fn rabbit_config() -> RabbitConfig {
+    RabbitConfig::new(&rabbitmq_url())
+        .with_prefix(format!("test-{}", uuid::Uuid::now_v7().simple()))
+}
+
+pub async fn delete_topology(config: &RabbitConfig) {
+    let connection =
+        lapin::Connection::connect(&rabbitmq_url(), lapin::ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ for cleanup");
+    let channel = connection.create_channel().await.unwrap();
+    for service in SERVICE_TYPES {
+        for queue in [config.queue(service), config.dead_letter_queue(service)] {
+            channel
+                .queue_delete(queue.into(), QueueDeleteOptions::default())
+                .await
+                .unwrap();
+        }
+    }
+    for exchange in [config.events_exchange(), config.dead_letter_exchange()] {
+        channel
+            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}

@@ -193,11 +193,16 @@ async fn grpc_commands(name: &str, store: Arc<dyn EventStore>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stopping = CancellationToken::new();
+    let service = scaleout::app::CommandService {
+        store,
+        bus: None,
+        server: ServerArgs::default(),
+        retry: RetryPolicy::default(),
+        relay: Default::default(),
+    };
     let served = tokio::spawn(scaleout::app::run_command_service(
         listener,
-        store,
-        ServerArgs::default(),
-        RetryPolicy::default(),
+        service,
         stopping.clone(),
     ));
     let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();

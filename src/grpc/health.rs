@@ -1,60 +1,71 @@
 //! Health that follows dependencies and goes NOT_SERVING first on shutdown.
 
+use std::collections::BTreeSet;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-/// The health of the services one server hosts (and of the server as a
-/// whole, the empty service name).
+/// The health one server reports, per service name (the empty name is the
+/// server as a whole).
 #[derive(Debug, Clone)]
 pub struct Health {
     reporter: HealthReporter,
-    services: Vec<String>,
+    /// Every name reported so far, so shutdown can turn them all off.
+    known: Arc<Mutex<BTreeSet<String>>>,
     stopping: CancellationToken,
 }
 
 impl Health {
-    /// Starts NOT_SERVING until a dependency check says otherwise.
-    pub async fn new(
-        reporter: HealthReporter,
-        services: impl IntoIterator<Item = impl Into<String>>,
-        stopping: CancellationToken,
-    ) -> Self {
-        let mut services: Vec<String> = services.into_iter().map(Into::into).collect();
-        services.push(String::new());
-        let health = Self {
+    pub fn new(reporter: HealthReporter, stopping: CancellationToken) -> Self {
+        Self {
             reporter,
-            services,
+            known: Arc::default(),
             stopping,
-        };
-        health.set(ServingStatus::NotServing).await;
-        health
+        }
     }
 
-    /// Marks every service serving or not; once shutdown has begun, only
+    /// Marks `service` serving or not; once shutdown has begun only
     /// NOT_SERVING sticks, so a late dependency check cannot undo it.
-    pub async fn report(&self, serving: bool) {
+    pub async fn report(&self, service: &str, serving: bool) {
+        self.known
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(service.to_owned());
         let status = if serving && !self.stopping.is_cancelled() {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
-        self.set(status).await;
+        self.reporter.set_service_status(service, status).await;
     }
 
-    async fn set(&self, status: ServingStatus) {
-        for service in &self.services {
-            self.reporter.set_service_status(service, status).await;
+    /// Marks every service reported so far NOT_SERVING.
+    pub async fn stop(&self) {
+        let known: Vec<String> = self
+            .known
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        for service in known {
+            self.report(&service, false).await;
         }
     }
 
     /// Probes a dependency every `interval` (each probe bounded by it) and
-    /// reports the result, until shutdown, which reports NOT_SERVING.
-    pub async fn follow<F, Fut, E>(self, dependency: &str, interval: Duration, mut probe: F)
-    where
+    /// reports the result for `services`, until shutdown.
+    pub async fn follow<F, Fut, E>(
+        self,
+        services: Vec<String>,
+        dependency: &str,
+        interval: Duration,
+        mut probe: F,
+    ) where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<(), E>>,
         E: std::fmt::Display,
@@ -71,17 +82,18 @@ impl Health {
                 match &outcome {
                     Ok(()) => tracing::info!(dependency, "dependency is up: serving"),
                     Err(error) => {
-                        tracing::warn!(dependency, %error, "dependency is down: not serving")
+                        tracing::warn!(dependency, %error, "dependency is down: not serving");
                     }
                 }
             }
             last = Some(serving);
-            self.report(serving).await;
+            for service in &services {
+                self.report(service, serving).await;
+            }
             tokio::select! {
                 () = self.stopping.cancelled() => break,
                 () = tokio::time::sleep(interval) => {}
             }
         }
-        self.report(false).await;
     }
 }

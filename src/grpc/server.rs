@@ -21,7 +21,11 @@ pub async fn routes(
     stopping: CancellationToken,
 ) -> Result<(Routes, Health), tonic_reflection::server::Error> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    let health = Health::new(reporter, service_names.iter().copied(), stopping).await;
+    let health = Health::new(reporter, stopping);
+    // Nothing serves until its dependencies say so.
+    for service in service_names.iter().chain(&[""]) {
+        health.report(service, false).await;
+    }
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -49,7 +53,7 @@ pub async fn serve(
     let grace = args.shutdown_grace;
     let drained = async move {
         stopping.cancelled().await;
-        health.report(false).await;
+        health.stop().await;
         tracing::info!(?grace, "shutting down: not serving, draining");
         tokio::time::sleep(grace).await;
     };

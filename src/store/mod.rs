@@ -18,6 +18,7 @@ mod types;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tokio::sync::Notify;
 
 pub use self::types::{
     AppendOutcome, AppendRequest, AppendResult, EmptyAppend, EventMetadata, ExpectedVersion,
@@ -73,6 +74,18 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// The outbox rows not yet published, oldest first, at most `limit`.
     async fn read_outbox(&self, limit: usize) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Makes this process the outbox's one relay, or confirms that it still
+    /// is; `false` while another process is. Two relays publishing the same
+    /// rows would only duplicate messages, but one relay keeps them in order.
+    async fn lease_outbox(&self) -> Result<bool, StoreError>;
+
+    /// Removes published rows (by position) from the outbox.
+    async fn delete_outbox(&self, positions: &[u64]) -> Result<(), StoreError>;
+
+    /// Notified after every commit that wrote events, so that a relay in this
+    /// process publishes at once instead of polling.
+    fn appended(&self) -> &Notify;
 
     /// Checks that the backend answers, for health reporting.
     async fn ping(&self) -> Result<(), StoreError>;

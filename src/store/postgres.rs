@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement};
@@ -42,6 +42,10 @@ const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// Serializes migrations of processes starting at once ("scaleout" in ASCII).
 const MIGRATION_LOCK: i64 = 0x7363_616c_656f_7574;
+/// With the schema's hash, names the advisory lock its outbox relay holds
+/// ("so" in ASCII: one lock per schema, so schemas in one database don't
+/// compete).
+const OUTBOX_LOCK: i32 = 0x736f;
 
 /// The columns [`recorded`] reads, in `events` and in `outbox JOIN events`.
 const EVENT_COLUMNS: &str = "position, stream_id, version, stream_type, event_id, event_type, \
@@ -105,6 +109,10 @@ pub struct PostgresStore {
     submitter: Submitter,
     connector: Arc<Connector>,
     reader: Mutex<Arc<Reader>>,
+    schema: String,
+    /// The connection whose session holds the outbox lease, while held.
+    lease: Mutex<Option<Client>>,
+    appended: Arc<Notify>,
 }
 
 impl PostgresStore {
@@ -116,14 +124,23 @@ impl PostgresStore {
         migrate(&connector, &config.schema).await?;
         let reader = Reader::open(&connector).await?;
         let (submitter, partitions) = group_commit::queue(config.writers);
+        let appended = Arc::new(Notify::new());
         for batches in partitions {
             let writer = Writer::open(&connector).await?;
-            tokio::spawn(write_loop(Arc::clone(&connector), batches, writer));
+            tokio::spawn(write_loop(
+                Arc::clone(&connector),
+                batches,
+                writer,
+                Arc::clone(&appended),
+            ));
         }
         Ok(Self {
             submitter,
             connector,
             reader: Mutex::new(Arc::new(reader)),
+            schema: config.schema,
+            lease: Mutex::new(None),
+            appended,
         })
     }
 
@@ -181,6 +198,45 @@ impl EventStore for PostgresStore {
             .await
             .map_err(Failure::from)?;
         Ok(rows.iter().map(recorded).collect::<Result<_, _>>()?)
+    }
+
+    async fn lease_outbox(&self) -> Result<bool, StoreError> {
+        let mut lease = self.lease.lock().await;
+        if lease.as_ref().is_some_and(|client| !client.is_closed()) {
+            return Ok(true);
+        }
+        // A session-level advisory lock: held until this connection ends, so
+        // a relay that dies hands the outbox over with its connection.
+        let client = within_timeout(self.connector.connect()).await?;
+        let row = client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                &[&OUTBOX_LOCK, &self.schema],
+            )
+            .await
+            .map_err(Failure::from)?;
+        let held: bool = row.get(0);
+        *lease = held.then_some(client);
+        Ok(held)
+    }
+
+    async fn delete_outbox(&self, positions: &[u64]) -> Result<(), StoreError> {
+        let positions = positions
+            .iter()
+            .map(|&p| i64::try_from(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| StoreError::Backend("outbox position out of range".into()))?;
+        let reader = self.reader().await?;
+        reader
+            .client
+            .execute("DELETE FROM outbox WHERE position = ANY($1)", &[&positions])
+            .await
+            .map_err(Failure::from)?;
+        Ok(())
+    }
+
+    fn appended(&self) -> &Notify {
+        &self.appended
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -552,7 +608,12 @@ impl<'a> EventColumns<'a> {
 /// A writer task: commits batches until the store is dropped. A lost
 /// connection fails the batch at hand and is reopened for the next one, with
 /// a growing pause after each failed attempt.
-async fn write_loop(connector: Arc<Connector>, mut batches: Batches, writer: Writer) {
+async fn write_loop(
+    connector: Arc<Connector>,
+    mut batches: Batches,
+    writer: Writer,
+    appended: Arc<Notify>,
+) {
     let mut writer = Some(writer);
     let mut failed_connects = 0;
     loop {
@@ -577,6 +638,9 @@ async fn write_loop(connector: Arc<Connector>, mut batches: Batches, writer: Wri
         };
         match current.commit(&batch).await {
             Ok(planned) => {
+                if planned.iter().any(|p| matches!(p, Planned::Write { .. })) {
+                    appended.notify_waiters();
+                }
                 for (pending, planned) in batch.into_iter().zip(planned) {
                     pending.answer(planned.into_outcome());
                 }

@@ -10,7 +10,8 @@ use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use prost::Message;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::group_commit::{self, Batches, Pending, Submitter};
@@ -41,6 +42,7 @@ pub struct RedbStore {
     submitter: Submitter,
     writer: Writer,
     db: Arc<Database>,
+    appended: Arc<Notify>,
 }
 
 #[derive(Debug)]
@@ -68,14 +70,17 @@ impl RedbStore {
         let (submitter, mut partitions) = group_commit::queue(1);
         let batches = partitions.pop().expect("one partition");
         let writer_db = Arc::clone(&db);
+        let appended = Arc::new(Notify::new());
+        let notify = Arc::clone(&appended);
         let thread = std::thread::Builder::new()
             .name("redb-event-writer".into())
-            .spawn(move || write_loop(&writer_db, batches))
+            .spawn(move || write_loop(&writer_db, batches, &notify))
             .map_err(|e| StoreError::Backend(format!("starting the writer thread: {e}")))?;
         Ok(Self {
             submitter,
             writer: Writer(Some(thread)),
             db,
+            appended,
         })
     }
 
@@ -159,6 +164,35 @@ impl EventStore for RedbStore {
         .await
     }
 
+    async fn lease_outbox(&self) -> Result<bool, StoreError> {
+        // The file is locked to this process: its relay is the only one.
+        Ok(true)
+    }
+
+    async fn delete_outbox(&self, positions: &[u64]) -> Result<(), StoreError> {
+        let positions = positions.to_vec();
+        self.read(move |db| {
+            let mut txn = db.begin_write().map_err(backend)?;
+            // A delete lost in a crash only publishes a row again, which
+            // consumers skip; it need not cost an fsync of its own (the next
+            // append's durable commit persists it).
+            txn.set_durability(Durability::None)
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
+            {
+                let mut outbox = txn.open_table(OUTBOX).map_err(backend)?;
+                for position in positions {
+                    outbox.remove(position).map_err(backend)?;
+                }
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    fn appended(&self) -> &Notify {
+        &self.appended
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         if self.writer.0.as_ref().is_some_and(|t| !t.is_finished()) {
             Ok(())
@@ -181,10 +215,13 @@ fn create_tables(db: &Database) -> Result<(), redb::Error> {
     Ok(())
 }
 
-fn write_loop(db: &Database, mut batches: Batches) {
+fn write_loop(db: &Database, mut batches: Batches, appended: &Notify) {
     while let Some(batch) = batches.next_blocking() {
         match commit(db, &batch) {
             Ok(planned) => {
+                if planned.iter().any(|p| matches!(p, Planned::Write { .. })) {
+                    appended.notify_waiters();
+                }
                 for (pending, planned) in batch.into_iter().zip(planned) {
                     pending.answer(planned.into_outcome());
                 }

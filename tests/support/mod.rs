@@ -29,13 +29,32 @@ impl CommandService {
 
     pub async fn start_with(store: Arc<dyn EventStore>, args: ServerArgs) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let stopping = CancellationToken::new();
+        let service = scaleout::app::CommandService {
+            store,
+            bus: None,
+            server: args,
+            retry: RetryPolicy::default(),
+            relay: Default::default(),
+        };
+        Self::start_service(listener, service, stopping).await
+    }
+
+    /// Serves a fully described command-svc on an ephemeral port.
+    pub async fn start_full(service: scaleout::app::CommandService) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_service(listener, service, CancellationToken::new()).await
+    }
+
+    async fn start_service(
+        listener: tokio::net::TcpListener,
+        service: scaleout::app::CommandService,
+        stopping: CancellationToken,
+    ) -> Self {
+        let addr = listener.local_addr().unwrap();
         let served = tokio::spawn(scaleout::app::run_command_service(
             listener,
-            store,
-            args,
-            RetryPolicy::default(),
+            service,
             stopping.clone(),
         ));
         Self {

@@ -1,0 +1,189 @@
+//! The outbox relay: publishes what the event store committed, in order,
+//! and forgets a row only once the bus has confirmed it.
+//!
+//! Events and their outbox rows commit in one transaction, so an event is
+//! never lost between the store and the bus: a row leaves the outbox only
+//! after its publish was confirmed (a crash in between publishes it again,
+//! which consumers skip by version). While the bus is away the relay backs
+//! off and the command side keeps accepting commands; the rows wait.
+//! Several processes can share one store: the store's outbox lease lets one
+//! relay publish at a time, and the others stand by.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{BusMessage, EventBus};
+use crate::store::EventStore;
+
+/// How the relay paces itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// Most rows published per round trip to the bus.
+    pub batch: usize,
+    /// How often an idle or standby relay looks for rows that other
+    /// processes wrote (this process's own appends wake it at once).
+    pub poll: Duration,
+    /// Bounds of the pause after a failure, doubling in between.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch: 500,
+            poll: Duration::from_millis(250),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the relay is doing, for health and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayState {
+    Starting,
+    /// Rows are flowing.
+    Publishing,
+    /// The outbox is empty.
+    Idle,
+    /// Another process holds the outbox lease.
+    Standby,
+    /// The bus refused or could not take the last batch; retrying.
+    BusDown(String),
+    /// The store could not be read or updated; retrying.
+    StoreDown(String),
+    Stopped,
+}
+
+impl RelayState {
+    /// Whether events can flow to the bus from here.
+    pub fn is_healthy(&self) -> bool {
+        matches!(self, Self::Publishing | Self::Idle | Self::Standby)
+    }
+}
+
+/// The relay between one store's outbox and one bus.
+#[derive(Debug)]
+pub struct Relay {
+    store: Arc<dyn EventStore>,
+    bus: Arc<dyn EventBus>,
+    config: RelayConfig,
+    state: watch::Sender<RelayState>,
+}
+
+enum Round {
+    Published,
+    Empty,
+    Standby,
+}
+
+impl Relay {
+    pub fn new(store: Arc<dyn EventStore>, bus: Arc<dyn EventBus>, config: RelayConfig) -> Self {
+        Self {
+            store,
+            bus,
+            config,
+            state: watch::Sender::new(RelayState::Starting),
+        }
+    }
+
+    /// Follows the relay's state.
+    pub fn state(&self) -> watch::Receiver<RelayState> {
+        self.state.subscribe()
+    }
+
+    /// Relays until `stopping` is cancelled.
+    pub async fn run(self, stopping: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            // Registered before the outbox is read, so no append slips between.
+            let appended = self.store.appended().notified();
+            let (state, pause) = match self.round().await {
+                Ok(Round::Published) => {
+                    failures = 0;
+                    self.set(RelayState::Publishing);
+                    if stopping.is_cancelled() {
+                        break;
+                    }
+                    continue;
+                }
+                Ok(Round::Empty) => (RelayState::Idle, self.config.poll),
+                Ok(Round::Standby) => (RelayState::Standby, self.config.poll),
+                Err(state) => {
+                    failures += 1;
+                    (state, self.backoff(failures))
+                }
+            };
+            let idle = state == RelayState::Idle;
+            if !idle && failures == 1 {
+                tracing::warn!(?state, "outbox relay is blocked; retrying with backoff");
+            }
+            self.set(state);
+            tokio::select! {
+                () = stopping.cancelled() => break,
+                () = appended, if idle => {}
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+        self.set(RelayState::Stopped);
+    }
+
+    /// Publishes one batch of the outbox.
+    async fn round(&self) -> Result<Round, RelayState> {
+        let store_down = |e: crate::store::StoreError| RelayState::StoreDown(e.to_string());
+        if !self.store.lease_outbox().await.map_err(store_down)? {
+            return Ok(Round::Standby);
+        }
+        let rows = self
+            .store
+            .read_outbox(self.config.batch)
+            .await
+            .map_err(store_down)?;
+        if rows.is_empty() {
+            return Ok(Round::Empty);
+        }
+        let messages: Vec<BusMessage> = rows.iter().map(BusMessage::from_event).collect();
+        let results = self.bus.publish(&messages).await;
+        let mut confirmed = Vec::with_capacity(rows.len());
+        let mut refused = None;
+        for (row, result) in rows.iter().zip(results) {
+            match result {
+                Ok(()) => confirmed.push(row.position),
+                Err(error) => refused = refused.or(Some(error)),
+            }
+        }
+        if !confirmed.is_empty() {
+            self.store
+                .delete_outbox(&confirmed)
+                .await
+                .map_err(store_down)?;
+        }
+        match refused {
+            Some(error) => Err(RelayState::BusDown(error.to_string())),
+            None => Ok(Round::Published),
+        }
+    }
+
+    fn set(&self, state: RelayState) {
+        self.state.send_if_modified(|current| {
+            let changed = *current != state;
+            if changed {
+                tracing::debug!(from = ?current, to = ?state, "outbox relay");
+                *current = state;
+            }
+            changed
+        });
+    }
+
+    fn backoff(&self, failures: u32) -> Duration {
+        self.config
+            .backoff_min
+            .saturating_mul(1 << failures.min(16))
+            .min(self.config.backoff_max)
+            .mul_f64(0.5 + fastrand::f64() / 2.0)
+    }
+}

@@ -5,46 +5,19 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use scaleout::config::ServerArgs;
 use scaleout::pb;
 use scaleout::store::postgres::{PostgresConfig, PostgresStore};
-use support::CommandService;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use support::{CommandService, Proxy};
+use tokio::net::TcpListener;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const POSTGRES: &str = "127.0.0.1:5432";
-
-/// Forwards connections on `addr` to PostgreSQL until dropped; dropping it
-/// closes the listener and every forwarded connection.
-struct Proxy {
-    _forwarding: JoinSet<()>,
-}
-
-impl Proxy {
-    async fn start(addr: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind(addr).await.unwrap();
-        let mut tasks = JoinSet::new();
-        tasks.spawn(async move {
-            let mut connections = JoinSet::new();
-            loop {
-                let (mut client, _) = listener.accept().await.unwrap();
-                connections.spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(POSTGRES).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-            }
-        });
-        Proxy { _forwarding: tasks }
-    }
-}
 
 async fn wait_for_status(
     health: &mut HealthClient<tonic::transport::Channel>,
@@ -78,7 +51,7 @@ async fn health_follows_the_event_store_down_and_up() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let proxy = Proxy::start(addr).await;
+    let proxy = Proxy::start(addr, POSTGRES).await;
     let url = support::postgres_url().replace(POSTGRES, &addr.to_string());
     let schema = support::unique_schema("health");
     let store = PostgresStore::connect(PostgresConfig::new(&url).with_schema(schema.clone()))
@@ -105,7 +78,7 @@ async fn health_follows_the_event_store_down_and_up() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
 
-    let _proxy = Proxy::start(addr).await;
+    let _proxy = Proxy::start(addr, POSTGRES).await;
     wait_for_status(&mut health, ServingStatus::Serving).await;
     service
         .client()

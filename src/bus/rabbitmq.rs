@@ -89,6 +89,12 @@ impl RabbitConfig {
         self
     }
 
+    /// Also names this process's connection (`{prefix}@{pid}`), so an
+    /// operator can tell them apart in the management UI.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn events_exchange(&self) -> String {
         format!("{}.events", self.prefix)
     }

@@ -116,3 +116,99 @@ pub async fn drop_schema(schema: &str) {
         .await
         .unwrap();
 }
+
+/// Removes what a test made on the shared servers when it ends, passed or
+/// failed: its PostgreSQL schema and its RabbitMQ exchanges and queues.
+#[derive(Default)]
+pub struct Cleanup {
+    pub schema: Option<String>,
+    pub rabbit: Option<scaleout::bus::rabbitmq::RabbitConfig>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (schema, rabbit) = (self.schema.take(), self.rabbit.take());
+        // Drop may run inside the test's runtime, which cannot block: clean
+        // up from a thread with a runtime of its own.
+        let cleaning = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if let Some(schema) = schema {
+                    drop_schema(&schema).await;
+                }
+                if let Some(rabbit) = rabbit {
+                    bus::delete_topology(&rabbit).await;
+                }
+            });
+        });
+        let _ = cleaning.join();
+    }
+}
+
+/// Forwards connections on `addr` to `upstream` until dropped; dropping it
+/// closes the listener and every forwarded connection: a server going away,
+/// for this test only.
+pub struct Proxy {
+    _forwarding: tokio::task::JoinSet<()>,
+}
+
+impl Proxy {
+    pub async fn start(addr: SocketAddr, upstream: &'static str) -> Proxy {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let mut forwarding = tokio::task::JoinSet::new();
+        forwarding.spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let (mut client, _) = listener.accept().await.unwrap();
+                connections.spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Proxy {
+            _forwarding: forwarding,
+        }
+    }
+
+    /// A free port to proxy on.
+    pub async fn free_addr() -> SocketAddr {
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+}
+
+/// Waits (up to 30 s) until `service`'s health on `channel` is `wanted`.
+pub async fn wait_for_health(
+    channel: Channel,
+    service: &str,
+    wanted: tonic_health::pb::health_check_response::ServingStatus,
+) {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mut health = HealthClient::new(channel);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .ok()
+            .map(|r| r.into_inner().status());
+        if status == Some(wanted) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{service:?} is {status:?}, waiting for {wanted:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "proto/scaleout/v1/common.proto",
     "proto/scaleout/v1/events.proto",
     "proto/scaleout/v1/command_service.proto",
+    "proto/scaleout/v1/admin_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -10,7 +10,7 @@ use tonic::service::RoutesBuilder;
 use crate::bus::EventBus;
 use crate::command::{CommandHandler, RetryPolicy};
 use crate::config::ServerArgs;
-use crate::grpc::{CommandApi, Health, server};
+use crate::grpc::{AdminApi, CommandApi, Health, server};
 use crate::pb::command_service_server::SERVICE_NAME as COMMAND_SERVICE;
 use crate::relay::{Relay, RelayConfig};
 use crate::store::EventStore;
@@ -42,7 +42,8 @@ pub struct CommandService {
 }
 
 /// command-svc: the command service over the store, with health following
-/// the store, and the outbox relay, until `stopping` is cancelled.
+/// the store, and with a bus the outbox relay and the admin service (dead
+/// letters), until `stopping` is cancelled.
 pub async fn run_command_service(
     listener: TcpListener,
     service: CommandService,
@@ -58,6 +59,11 @@ pub async fn run_command_service(
     let handler = Arc::new(CommandHandler::new(Arc::clone(&store), retry));
     let mut services = RoutesBuilder::default();
     services.add_service(CommandApi::new(handler).into_service(server_args.max_message_bytes));
+    if let Some(bus) = &bus {
+        services.add_service(
+            AdminApi::new(Arc::clone(bus)).into_service(server_args.max_message_bytes),
+        );
+    }
     let (routes, health) = server::routes(services, &[COMMAND_SERVICE], stopping.clone()).await?;
 
     let mut tasks = tokio::task::JoinSet::new();

@@ -4,11 +4,13 @@
 //! dependencies), reflection v1 and v1alpha, request limits and a graceful
 //! shutdown; see [`server`].
 
+mod admin_service;
 mod command_service;
 mod health;
 pub mod server;
 mod status;
 
+pub use self::admin_service::AdminApi;
 pub use self::command_service::{CORRELATION_ID_HEADER, CommandApi};
 pub use self::health::Health;
 pub use self::status::{ERROR_DOMAIN, Violations};

@@ -8,6 +8,7 @@
 //! | state forbids it | `FAILED_PRECONDITION` | `PreconditionFailure` |
 //! | version conflict | `ABORTED` | `ErrorInfo` `WRONG_EXPECTED_VERSION` |
 //! | store down | `UNAVAILABLE` | `ErrorInfo` `STORE_UNAVAILABLE` |
+//! | bus down | `UNAVAILABLE` | `ErrorInfo` `BUS_UNAVAILABLE` |
 //! | anything else | `INTERNAL` | none: the cause is logged, not leaked |
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
+use crate::bus::BusError;
 use crate::command::CommandError;
 use crate::domain::DomainError;
 use crate::store::StoreError;
@@ -127,6 +129,19 @@ impl From<StoreError> for Status {
     }
 }
 
+impl From<BusError> for Status {
+    fn from(error: BusError) -> Self {
+        match error {
+            BusError::Unavailable(_) => Status::with_error_details(
+                Code::Unavailable,
+                error.to_string(),
+                ErrorDetails::with_error_info("BUS_UNAVAILABLE", ERROR_DOMAIN, HashMap::new()),
+            ),
+            error => internal(&error),
+        }
+    }
+}
+
 /// A failure that is not the caller's: logged in full, reported without internals.
 fn internal(error: &dyn std::error::Error) -> Status {
     tracing::error!(%error, "internal error");
@@ -213,6 +228,20 @@ mod tests {
         let internal = Status::from(StoreError::Backend("disk on fire at /var/x".into()));
         assert_eq!(internal.code(), Code::Internal);
         assert!(!internal.message().contains("/var/x"));
+    }
+
+    #[test]
+    fn bus_failures_are_unavailable_or_internal() {
+        let down = Status::from(BusError::Unavailable("connection refused".into()));
+        assert_eq!(down.code(), Code::Unavailable);
+        assert_eq!(
+            down.get_details_error_info().unwrap().reason,
+            "BUS_UNAVAILABLE"
+        );
+        assert_eq!(
+            Status::from(BusError::Nacked("k".into())).code(),
+            Code::Internal
+        );
     }
 
     #[test]

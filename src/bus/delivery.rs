@@ -44,6 +44,11 @@ impl Delivery {
         }
     }
 
+    /// Whether a [`Delivery::retry`] would park it rather than hand it back.
+    pub fn is_last_attempt(&self) -> bool {
+        self.attempt >= self.max_attempts
+    }
+
     pub async fn ack(self) -> Result<(), BusError> {
         self.settle.ack().await
     }
@@ -51,7 +56,7 @@ impl Delivery {
     /// Hands the message back for a later attempt, or parks it with `reason`
     /// once it has had its attempts.
     pub async fn retry(self, reason: &str) -> Result<(), BusError> {
-        if self.attempt >= self.max_attempts {
+        if self.is_last_attempt() {
             self.settle.dead_letter(reason, self.attempt).await
         } else {
             self.settle.requeue().await

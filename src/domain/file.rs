@@ -121,6 +121,7 @@ fn decide_active(
             file_id,
             old_name: name.to_owned(),
             new_name: new_name.as_str().to_owned(),
+            folder_id: folder_id.to_owned(),
         }),
         FileCommand::Move { to_folder_id } if to_folder_id.as_str() == folder_id => {
             let why = format!("file {id} is already in folder {folder_id}");
@@ -130,6 +131,7 @@ fn decide_active(
             file_id,
             from_folder_id: folder_id.to_owned(),
             to_folder_id: to_folder_id.to_string(),
+            name: name.to_owned(),
         }),
         FileCommand::Delete => FileEvent::Deleted(pb::FileDeleted {
             file_id,
@@ -223,6 +225,7 @@ mod tests {
                 file_id: "f1".into(),
                 old_name: "a.txt".into(),
                 new_name: "b.txt".into(),
+                folder_id: "docs".into(),
             })]);
     }
 
@@ -256,6 +259,7 @@ mod tests {
             file_id: "f1".into(),
             from_folder_id: "docs".into(),
             to_folder_id: "archive".into(),
+            name: "a.txt".into(),
         });
         given::<File>([created()])
             .when(
@@ -276,6 +280,7 @@ mod tests {
                 file_id: "f1".into(),
                 from_folder_id: "archive".into(),
                 to_folder_id: "docs".into(),
+                name: "a.txt".into(),
             })]);
     }
 

@@ -1,0 +1,83 @@
+//! The read-model store port: JSON documents with compare-and-swap.
+//!
+//! Read models are written by many competing projector instances, so every
+//! write states what it expects: [`DocumentStore::insert`] only if the key is
+//! free, [`DocumentStore::replace`] and [`DocumentStore::remove`] only with
+//! the CAS value that was read. A lost race comes back as
+//! [`DocumentError::Exists`] or [`DocumentError::CasMismatch`] and the writer
+//! reads again; there is no unconditional write in the port at all.
+//!
+//! Chosen at run time from config, so the trait is object safe and held as
+//! `Arc<dyn DocumentStore>`: [`redb`] is the embedded default, [`couchbase`]
+//! the production engine; both pass one conformance suite.
+
+pub mod redb;
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+/// A document's version as its store counts it; never 0 (the port has no
+/// "any version" write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cas(std::num::NonZeroU64);
+
+impl Cas {
+    /// `None` for 0, which no store hands out.
+    pub fn new(value: u64) -> Option<Self> {
+        std::num::NonZeroU64::new(value).map(Self)
+    }
+
+    pub fn get(self) -> u64 {
+        self.0.get()
+    }
+}
+
+impl fmt::Display for Cas {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A stored document: its JSON body and the CAS to write it back with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Document {
+    pub body: Vec<u8>,
+    pub cas: Cas,
+}
+
+/// What a document operation can fail with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DocumentError {
+    #[error("document {0} does not exist")]
+    NotFound(String),
+    #[error("document {0} already exists")]
+    Exists(String),
+    /// Someone wrote the document since it was read: read it again.
+    #[error("document {0} changed since it was read")]
+    CasMismatch(String),
+    /// The store cannot be reached or did not answer in time.
+    #[error("document store unavailable: {0}")]
+    Unavailable(String),
+    #[error("document store failure: {0}")]
+    Backend(String),
+}
+
+/// Where read models live.
+#[async_trait]
+pub trait DocumentStore: Send + Sync + fmt::Debug + 'static {
+    /// The document at `key`, or `None`.
+    async fn get(&self, key: &str) -> Result<Option<Document>, DocumentError>;
+
+    /// Writes a new document; [`DocumentError::Exists`] if the key is taken.
+    async fn insert(&self, key: &str, body: &[u8]) -> Result<Cas, DocumentError>;
+
+    /// Overwrites a document if it is still at `cas`.
+    async fn replace(&self, key: &str, body: &[u8], cas: Cas) -> Result<Cas, DocumentError>;
+
+    /// Removes a document if it is still at `cas`.
+    async fn remove(&self, key: &str, cas: Cas) -> Result<(), DocumentError>;
+
+    /// Checks that the store answers, for health reporting.
+    async fn ping(&self) -> Result<(), DocumentError>;
+}

@@ -1,0 +1,64 @@
+//! What a projection sees: a delivered envelope, decoded and typed.
+
+use std::time::SystemTime;
+
+use uuid::Uuid;
+
+use crate::bus::BusMessage;
+use crate::domain::{CounterEvent, DomainEvent, FileEvent};
+
+/// The payload of any event of the reference domain.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    File(FileEvent),
+    Counter(CounterEvent),
+}
+
+/// A decoded event with where it sits in its stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectedEvent {
+    pub event_id: Uuid,
+    pub stream_id: String,
+    pub version: u64,
+    pub occurred_at: SystemTime,
+    pub payload: Payload,
+}
+
+/// Why a message can never be projected: it is parked at once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Poison(pub String);
+
+impl ProjectedEvent {
+    /// Decodes a delivered message; anything that does not decode is poison.
+    pub fn decode(message: &BusMessage) -> Result<Self, Poison> {
+        let envelope = message.envelope().map_err(|e| Poison(e.to_string()))?;
+        let event_id = Uuid::parse_str(&envelope.event_id)
+            .map_err(|e| Poison(format!("invalid event id {:?}: {e}", envelope.event_id)))?;
+        let occurred_at = envelope
+            .occurred_at
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .ok_or_else(|| Poison("missing or invalid occurred_at".into()))?;
+        if envelope.version == 0 {
+            return Err(Poison("version 0: versions start at 1".into()));
+        }
+        let (event_type, payload) = (&envelope.event_type, &envelope.payload);
+        let payload = match envelope.stream_type.as_str() {
+            "file" => FileEvent::decode(event_type, payload).map(Payload::File),
+            "counter" => CounterEvent::decode(event_type, payload).map(Payload::Counter),
+            other => {
+                return Err(Poison(format!(
+                    "unknown stream type {other:?} ({event_type})"
+                )));
+            }
+        }
+        .map_err(|e| Poison(format!("unknown event: {e}")))?;
+        Ok(Self {
+            event_id,
+            stream_id: envelope.stream_id,
+            version: envelope.version,
+            occurred_at,
+            payload,
+        })
+    }
+}

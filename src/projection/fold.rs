@@ -1,0 +1,203 @@
+//! Folding events into a stored document, with the per-stream bookkeeping
+//! that makes duplicates and gaps visible.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Order, ProjectedEvent, Projection, Route};
+
+/// What a document looks like at rest: the view's own fields, plus the last
+/// version applied of every stream that fed it.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Stored<V> {
+    #[serde(flatten)]
+    view: V,
+    #[serde(rename = "_applied", default)]
+    applied: BTreeMap<String, u64>,
+}
+
+/// What became of one event for one document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    /// Applied before: skip it.
+    Duplicate,
+    /// An earlier event of its stream is missing: wait for it.
+    Gap,
+}
+
+/// The result of folding events into a document.
+#[derive(Debug)]
+pub struct Folded {
+    /// The new body, or `None` when nothing was applied.
+    pub body: Option<Vec<u8>>,
+    /// One outcome per event, in the order given.
+    pub outcomes: Vec<Outcome>,
+}
+
+/// A projection with its view type erased, so one runtime runs them all.
+pub trait AnyProjection: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn routes(&self, event: &ProjectedEvent) -> Vec<Route>;
+    /// Folds `events` (any order, each with how it lines up) into the
+    /// document `body` (`None`: missing).
+    fn fold(
+        &self,
+        key: &str,
+        body: Option<&[u8]>,
+        events: &[(&ProjectedEvent, Order)],
+    ) -> Result<Folded, serde_json::Error>;
+}
+
+impl<P: Projection> AnyProjection for P {
+    fn name(&self) -> &'static str {
+        P::NAME
+    }
+
+    fn routes(&self, event: &ProjectedEvent) -> Vec<Route> {
+        Projection::routes(self, event)
+    }
+
+    fn fold(
+        &self,
+        key: &str,
+        body: Option<&[u8]>,
+        events: &[(&ProjectedEvent, Order)],
+    ) -> Result<Folded, serde_json::Error> {
+        let mut stored: Stored<P::View> = body
+            .map(serde_json::from_slice)
+            .transpose()?
+            .unwrap_or_default();
+        let mut order: Vec<usize> = (0..events.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (a, b) = (events[a].0, events[b].0);
+            (&a.stream_id, a.version).cmp(&(&b.stream_id, b.version))
+        });
+        let mut outcomes = vec![Outcome::Gap; events.len()];
+        let mut changed = false;
+        for index in order {
+            let (event, line_up) = events[index];
+            let last = stored.applied.get(&event.stream_id).copied().unwrap_or(0);
+            outcomes[index] = if event.version <= last {
+                Outcome::Duplicate
+            } else if event.version == last + 1 || line_up == Order::Latest {
+                self.apply(key, &mut stored.view, event);
+                stored
+                    .applied
+                    .insert(event.stream_id.clone(), event.version);
+                changed = true;
+                Outcome::Applied
+            } else {
+                Outcome::Gap
+            };
+        }
+        let body = changed.then(|| serde_json::to_vec(&stored)).transpose()?;
+        Ok(Folded { body, outcomes })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::domain::CounterEvent;
+    use crate::pb;
+    use crate::projection::Payload;
+    use crate::projection::views::CounterProjection;
+
+    fn increment(stream: &str, version: u64, amount: u64) -> ProjectedEvent {
+        ProjectedEvent {
+            event_id: uuid::Uuid::now_v7(),
+            stream_id: stream.into(),
+            version,
+            occurred_at: SystemTime::now(),
+            payload: Payload::Counter(CounterEvent::Incremented(pb::CounterIncremented {
+                counter_id: "c".into(),
+                amount,
+            })),
+        }
+    }
+
+    fn seq<'a>(events: &[&'a ProjectedEvent]) -> Vec<(&'a ProjectedEvent, Order)> {
+        events.iter().map(|e| (*e, Order::Sequence)).collect()
+    }
+
+    fn count(body: &[u8]) -> u64 {
+        serde_json::from_slice::<serde_json::Value>(body).unwrap()["count"]
+            .as_u64()
+            .unwrap()
+    }
+
+    #[test]
+    fn events_apply_in_version_order_whatever_order_they_arrive_in() {
+        let (v1, v2, v3) = (
+            increment("counter-c", 1, 1),
+            increment("counter-c", 2, 10),
+            increment("counter-c", 3, 100),
+        );
+        let folded = CounterProjection
+            .fold("counter::c", None, &seq(&[&v3, &v1, &v2]))
+            .unwrap();
+        assert_eq!(folded.outcomes, [Outcome::Applied; 3]);
+        assert_eq!(count(&folded.body.unwrap()), 111);
+    }
+
+    #[test]
+    fn duplicates_are_skipped_and_gaps_wait() {
+        let first = CounterProjection
+            .fold("counter::c", None, &seq(&[&increment("counter-c", 1, 5)]))
+            .unwrap();
+        let body = first.body.unwrap();
+        let again = increment("counter-c", 1, 5);
+        let ahead = increment("counter-c", 3, 7);
+        let folded = CounterProjection
+            .fold("counter::c", Some(&body), &seq(&[&again, &ahead]))
+            .unwrap();
+        assert_eq!(folded.outcomes, [Outcome::Duplicate, Outcome::Gap]);
+        assert!(folded.body.is_none(), "nothing applied, nothing to write");
+    }
+
+    #[test]
+    fn latest_order_lets_the_newest_version_win_without_gaps() {
+        let late = increment("counter-c", 2, 10);
+        let newest = increment("counter-c", 5, 1);
+        let folded = CounterProjection
+            .fold(
+                "counter::c",
+                None,
+                &[(&newest, Order::Latest), (&late, Order::Latest)],
+            )
+            .unwrap();
+        // Sorted by version: 2 applies (newer than nothing), then 5.
+        assert_eq!(folded.outcomes, [Outcome::Applied, Outcome::Applied]);
+        let body = folded.body.unwrap();
+        let older = increment("counter-c", 4, 100);
+        let again = CounterProjection
+            .fold("counter::c", Some(&body), &[(&older, Order::Latest)])
+            .unwrap();
+        assert_eq!(
+            again.outcomes,
+            [Outcome::Duplicate],
+            "older than what was applied"
+        );
+    }
+
+    #[test]
+    fn streams_are_tracked_separately() {
+        let folded = CounterProjection
+            .fold(
+                "counter::c",
+                None,
+                &seq(&[&increment("counter-a", 1, 1), &increment("counter-b", 1, 2)]),
+            )
+            .unwrap();
+        let body = folded.body.unwrap();
+        let stored: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            stored["_applied"],
+            serde_json::json!({"counter-a": 1, "counter-b": 1})
+        );
+    }
+}

@@ -1,0 +1,76 @@
+//! Projections: read models as a fold of the event log, written with CAS by
+//! many competing instances.
+//!
+//! A [`Projection`] names the documents an event touches ([`Route`]s) and
+//! folds the event into each. The [`runtime`] does the rest, the same way for every read
+//! model: every document records the last version it applied of each source
+//! stream, so a duplicate is acked and skipped and a gap waits for the events
+//! before it; a document is read with its CAS and written back with it (a
+//! missing one is inserted, never written with CAS 0), and a lost race is
+//! read and folded again. Deliveries that touch the same document are folded
+//! into one write.
+
+mod event;
+mod fold;
+pub mod metrics;
+pub mod runtime;
+pub mod views;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use self::event::{Payload, Poison, ProjectedEvent};
+pub use self::fold::{AnyProjection, Folded, Outcome};
+
+/// A document an event changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub key: String,
+    pub order: Order,
+}
+
+/// How a document takes the versions of one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// The document sees every event of the stream: they apply one after
+    /// another, a duplicate is skipped and a gap waits for what is missing.
+    Sequence,
+    /// The event carries everything the document keeps about its stream
+    /// (e.g. a file's name and folder in a folder listing): the newest
+    /// version wins and an older one arriving late is skipped, so the
+    /// document need not see every event of the stream.
+    Latest,
+}
+
+impl Route {
+    pub fn sequence(key: String) -> Self {
+        Self {
+            key,
+            order: Order::Sequence,
+        }
+    }
+
+    pub fn latest(key: String) -> Self {
+        Self {
+            key,
+            order: Order::Latest,
+        }
+    }
+}
+
+/// One read model.
+pub trait Projection: Send + Sync + 'static {
+    /// The document's shape, stored as JSON.
+    type View: Serialize + DeserializeOwned + Default + Send;
+
+    /// Names the projection in logs and metrics.
+    const NAME: &'static str;
+
+    /// The documents `event` changes (none if it does not concern this read
+    /// model), and how its stream's versions line up in each.
+    fn routes(&self, event: &ProjectedEvent) -> Vec<Route>;
+
+    /// Folds `event` into the document at `key`. Called once per event and
+    /// document, in stream order; never fails (the log is the truth).
+    fn apply(&self, key: &str, view: &mut Self::View, event: &ProjectedEvent);
+}

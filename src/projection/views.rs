@@ -1,0 +1,239 @@
+//! The reference read models: a file view, a folder listing, a comment
+//! thread and a counter, as JSON documents (queryable with N1QL on
+//! Couchbase), keyed `kind::id`.
+
+use std::collections::BTreeMap;
+use std::time::UNIX_EPOCH;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Payload, ProjectedEvent, Projection, Route};
+use crate::domain::{CounterEvent, FileEvent};
+
+pub fn file_key(file_id: &str) -> String {
+    format!("file::{file_id}")
+}
+
+pub fn folder_key(folder_id: &str) -> String {
+    format!("folder::{folder_id}")
+}
+
+pub fn comments_key(file_id: &str) -> String {
+    format!("comments::{file_id}")
+}
+
+pub fn counter_key(counter_id: &str) -> String {
+    format!("counter::{counter_id}")
+}
+
+/// Every projection of the reference domain.
+pub fn reference() -> Vec<Box<dyn super::AnyProjection>> {
+    vec![
+        Box::new(FileViewProjection),
+        Box::new(FolderProjection),
+        Box::new(CommentsProjection),
+        Box::new(CounterProjection),
+    ]
+}
+
+fn file_event(event: &ProjectedEvent) -> Option<(&str, &FileEvent)> {
+    let Payload::File(file_event) = &event.payload else {
+        return None;
+    };
+    let file_id = match file_event {
+        FileEvent::Created(e) => &e.file_id,
+        FileEvent::Renamed(e) => &e.file_id,
+        FileEvent::Moved(e) => &e.file_id,
+        FileEvent::Deleted(e) => &e.file_id,
+        FileEvent::CommentAdded(e) => &e.file_id,
+    };
+    Some((file_id, file_event))
+}
+
+/// One file as users see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileView {
+    pub file_id: String,
+    pub name: String,
+    pub folder_id: String,
+    /// The file stream's version this view reflects.
+    pub version: u64,
+    pub comment_count: u64,
+    pub deleted: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FileViewProjection;
+
+impl Projection for FileViewProjection {
+    type View = FileView;
+    const NAME: &'static str = "file_view";
+
+    fn routes(&self, event: &ProjectedEvent) -> Vec<Route> {
+        file_event(event)
+            .map(|(file_id, _)| Route::sequence(file_key(file_id)))
+            .into_iter()
+            .collect()
+    }
+
+    fn apply(&self, _key: &str, view: &mut FileView, event: &ProjectedEvent) {
+        let Some((_, file_event)) = file_event(event) else {
+            return;
+        };
+        view.version = event.version;
+        match file_event {
+            FileEvent::Created(created) => {
+                view.file_id.clone_from(&created.file_id);
+                view.name.clone_from(&created.name);
+                view.folder_id.clone_from(&created.folder_id);
+            }
+            FileEvent::Renamed(renamed) => view.name.clone_from(&renamed.new_name),
+            FileEvent::Moved(moved) => view.folder_id.clone_from(&moved.to_folder_id),
+            FileEvent::Deleted(_) => view.deleted = true,
+            FileEvent::CommentAdded(_) => view.comment_count += 1,
+        }
+    }
+}
+
+/// The files in one folder: the hot document when many files land in one folder.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FolderListing {
+    pub folder_id: String,
+    /// File id → name, in file id order.
+    pub files: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FolderProjection;
+
+impl Projection for FolderProjection {
+    type View = FolderListing;
+    const NAME: &'static str = "folder_listing";
+
+    /// Each routed event carries the file's name and folder, so the newest
+    /// version wins; the document's per-stream versions keep a late, older
+    /// event from re-adding a file that has moved on.
+    fn routes(&self, event: &ProjectedEvent) -> Vec<Route> {
+        let Some((_, file_event)) = file_event(event) else {
+            return Vec::new();
+        };
+        let folders = match file_event {
+            FileEvent::Created(e) => vec![&e.folder_id],
+            FileEvent::Renamed(e) => vec![&e.folder_id],
+            FileEvent::Moved(e) => vec![&e.from_folder_id, &e.to_folder_id],
+            FileEvent::Deleted(e) => vec![&e.folder_id],
+            FileEvent::CommentAdded(_) => vec![],
+        };
+        folders
+            .into_iter()
+            .map(|f| Route::latest(folder_key(f)))
+            .collect()
+    }
+
+    fn apply(&self, key: &str, view: &mut FolderListing, event: &ProjectedEvent) {
+        let Some((file_id, file_event)) = file_event(event) else {
+            return;
+        };
+        let folder_id = key.strip_prefix("folder::").unwrap_or(key);
+        view.folder_id = folder_id.to_owned();
+        let listed = match file_event {
+            FileEvent::Created(e) => Some(&e.name),
+            FileEvent::Renamed(e) => Some(&e.new_name),
+            FileEvent::Moved(e) => (e.to_folder_id == folder_id).then_some(&e.name),
+            FileEvent::Deleted(_) => None,
+            FileEvent::CommentAdded(_) => return,
+        };
+        match listed {
+            Some(name) => view.files.insert(file_id.to_owned(), name.clone()),
+            None => view.files.remove(file_id),
+        };
+    }
+}
+
+/// The comments on one file, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommentThread {
+    pub file_id: String,
+    /// The file stream's version this thread reflects.
+    pub version: u64,
+    pub comments: Vec<Comment>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Comment {
+    /// The id of the event that added it.
+    pub comment_id: String,
+    pub author: String,
+    pub text: String,
+    pub posted_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CommentsProjection;
+
+impl Projection for CommentsProjection {
+    type View = CommentThread;
+    const NAME: &'static str = "comment_thread";
+
+    /// Every event of the file's stream, so the thread's versions have no gaps.
+    fn routes(&self, event: &ProjectedEvent) -> Vec<Route> {
+        file_event(event)
+            .map(|(file_id, _)| Route::sequence(comments_key(file_id)))
+            .into_iter()
+            .collect()
+    }
+
+    fn apply(&self, _key: &str, view: &mut CommentThread, event: &ProjectedEvent) {
+        let Some((file_id, file_event)) = file_event(event) else {
+            return;
+        };
+        view.file_id = file_id.to_owned();
+        view.version = event.version;
+        if let FileEvent::CommentAdded(added) = file_event {
+            let posted_at_ms = event
+                .occurred_at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            view.comments.push(Comment {
+                comment_id: event.event_id.to_string(),
+                author: added.author.clone(),
+                text: added.text.clone(),
+                posted_at_ms,
+            });
+        }
+    }
+}
+
+/// A counter's total.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterView {
+    pub counter_id: String,
+    pub count: u64,
+    /// The counter stream's version this total reflects.
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CounterProjection;
+
+impl Projection for CounterProjection {
+    type View = CounterView;
+    const NAME: &'static str = "counter";
+
+    fn routes(&self, event: &ProjectedEvent) -> Vec<Route> {
+        match &event.payload {
+            Payload::Counter(CounterEvent::Incremented(e)) => {
+                vec![Route::sequence(counter_key(&e.counter_id))]
+            }
+            Payload::File(_) => Vec::new(),
+        }
+    }
+
+    fn apply(&self, _key: &str, view: &mut CounterView, event: &ProjectedEvent) {
+        if let Payload::Counter(CounterEvent::Incremented(e)) = &event.payload {
+            view.counter_id.clone_from(&e.counter_id);
+            view.count += e.amount;
+            view.version = event.version;
+        }
+    }
+}

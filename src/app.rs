@@ -7,13 +7,20 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::RoutesBuilder;
 
-use crate::bus::EventBus;
+use crate::bus::{EventBus, Subscription};
 use crate::command::{CommandHandler, RetryPolicy};
 use crate::config::ServerArgs;
+use crate::documents::DocumentStore;
 use crate::grpc::{AdminApi, CommandApi, Health, server};
 use crate::pb::command_service_server::SERVICE_NAME as COMMAND_SERVICE;
+use crate::projection::metrics::ProjectorMetrics;
+use crate::projection::runtime::{Projector, ProjectorConfig};
 use crate::relay::{Relay, RelayConfig};
 use crate::store::EventStore;
+
+/// The health service name of a projector process: SERVING while both the
+/// bus and the document store answer.
+pub const PROJECTOR_HEALTH: &str = "scaleout.Projector";
 
 /// The health service name that reports whether the outbox relay can
 /// publish. The command service stays SERVING while the bus is away: it
@@ -100,5 +107,104 @@ async fn report_relay(
         if state.changed().await.is_err() {
             break;
         }
+    }
+}
+
+/// What a projector process runs on.
+#[derive(Debug, Clone)]
+pub struct ProjectorService {
+    pub bus: Arc<dyn EventBus>,
+    pub documents: Arc<dyn DocumentStore>,
+    pub subscription: Subscription,
+    /// Workers in this process, each with its own subscriber.
+    pub workers: usize,
+    pub config: ProjectorConfig,
+    pub server: ServerArgs,
+}
+
+/// A projector: workers projecting the reference read models, plus gRPC
+/// health (following the bus and the store) and `/metrics` on `listener`,
+/// until `stopping` is cancelled.
+pub async fn run_projector(
+    listener: TcpListener,
+    service: ProjectorService,
+    stopping: CancellationToken,
+) -> Result<(), ServeError> {
+    let ProjectorService {
+        bus,
+        documents,
+        subscription,
+        workers,
+        config,
+        server: server_args,
+    } = service;
+    let metrics = Arc::new(ProjectorMetrics::default());
+    let projector = Projector::new(
+        Arc::clone(&documents),
+        crate::projection::views::reference(),
+        Arc::clone(&metrics),
+        config,
+    );
+    let scraped = Arc::clone(&metrics);
+    let services = RoutesBuilder::from(axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = Arc::clone(&scraped);
+            async move { metrics.render() }
+        }),
+    ));
+    let (routes, health) = server::routes(services, &[PROJECTOR_HEALTH], stopping.clone()).await?;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let (probed_bus, probed_documents) = (Arc::clone(&bus), Arc::clone(&documents));
+    tasks.spawn(health.clone().follow(
+        vec![PROJECTOR_HEALTH.to_owned(), String::new()],
+        "event bus and document store",
+        server_args.health_interval,
+        move || {
+            let (bus, documents) = (Arc::clone(&probed_bus), Arc::clone(&probed_documents));
+            async move {
+                bus.ping().await.map_err(|e| e.to_string())?;
+                documents.ping().await.map_err(|e| e.to_string())
+            }
+        },
+    ));
+    for _ in 0..workers.max(1) {
+        let (bus, projector, subscription, stopping) = (
+            Arc::clone(&bus),
+            projector.clone(),
+            subscription.clone(),
+            stopping.child_token(),
+        );
+        tasks.spawn(async move {
+            if let Some(subscriber) = subscribe(bus.as_ref(), &subscription, &stopping).await {
+                projector.run(subscriber, stopping).await;
+            }
+        });
+    }
+
+    let served = server::serve(listener, routes, health, &server_args, stopping.clone()).await;
+    stopping.cancel();
+    while tasks.join_next().await.is_some() {}
+    Ok(served?)
+}
+
+/// Subscribes, retrying with backoff while the bus is away; `None` once stopping.
+async fn subscribe(
+    bus: &dyn EventBus,
+    subscription: &Subscription,
+    stopping: &CancellationToken,
+) -> Option<Box<dyn crate::bus::Subscriber>> {
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        match bus.subscribe(subscription).await {
+            Ok(subscriber) => return Some(subscriber),
+            Err(error) => tracing::warn!(%error, ?pause, "cannot subscribe yet; retrying"),
+        }
+        tokio::select! {
+            () = stopping.cancelled() => return None,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(std::time::Duration::from_secs(5));
     }
 }

@@ -39,6 +39,34 @@ impl Default for ServerArgs {
     }
 }
 
+/// Where read models live.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DocumentStoreArgs {
+    /// `redb:PATH` (embedded, a file) or a `couchbase://HOST[:PORT]` connection string.
+    #[arg(
+        long,
+        env = "SCALEOUT_DOCUMENT_STORE",
+        default_value = "redb:data/views.redb"
+    )]
+    pub document_store: String,
+}
+
+impl DocumentStoreArgs {
+    /// Opens the store these flags name.
+    pub async fn open(
+        &self,
+    ) -> Result<std::sync::Arc<dyn crate::documents::DocumentStore>, crate::documents::DocumentError>
+    {
+        crate::documents::open(&self.document_store).await
+    }
+}
+
+impl std::fmt::Display for DocumentStoreArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact(&self.document_store))
+    }
+}
+
 /// Logging.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TelemetryArgs {

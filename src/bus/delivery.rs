@@ -6,7 +6,7 @@ use super::{BusError, BusMessage};
 
 /// How a backend settles one delivery.
 #[async_trait]
-pub trait Settle: Send + std::fmt::Debug {
+pub trait Settle: Send + Sync + std::fmt::Debug {
     /// Done with it: remove it from the queue.
     async fn ack(self: Box<Self>) -> Result<(), BusError>;
     /// Put it back to be delivered again later (to this or another instance).

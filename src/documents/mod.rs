@@ -14,6 +14,7 @@
 pub mod redb;
 
 use std::fmt;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -80,4 +81,15 @@ pub trait DocumentStore: Send + Sync + fmt::Debug + 'static {
 
     /// Checks that the store answers, for health reporting.
     async fn ping(&self) -> Result<(), DocumentError>;
+}
+
+/// Opens the store a `--document-store` value names: `redb:PATH`.
+pub async fn open(spec: &str) -> Result<Arc<dyn DocumentStore>, DocumentError> {
+    if let Some(path) = spec.strip_prefix("redb:") {
+        Ok(Arc::new(redb::RedbDocuments::open(path)?))
+    } else {
+        Err(DocumentError::Backend(format!(
+            "unknown document store {spec:?}: expected redb:PATH"
+        )))
+    }
 }

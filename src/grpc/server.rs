@@ -58,6 +58,8 @@ pub async fn serve(
         tokio::time::sleep(grace).await;
     };
     Server::builder()
+        // HTTP/1.1 too, for plain GETs such as a projector's /metrics.
+        .accept_http1(true)
         .timeout(args.request_timeout)
         .concurrency_limit_per_connection(args.max_concurrent_requests)
         .max_concurrent_streams(u32::try_from(args.max_concurrent_requests).ok())

@@ -22,6 +22,9 @@ pub struct ProjectedEvent {
     pub version: u64,
     pub occurred_at: SystemTime,
     pub payload: Payload,
+    /// The encoded envelope it came in, kept so that a document can hold
+    /// the event until the events before it arrive.
+    pub envelope: Vec<u8>,
 }
 
 /// Why a message can never be projected: it is parked at once.
@@ -32,7 +35,13 @@ pub struct Poison(pub String);
 impl ProjectedEvent {
     /// Decodes a delivered message; anything that does not decode is poison.
     pub fn decode(message: &BusMessage) -> Result<Self, Poison> {
-        let envelope = message.envelope().map_err(|e| Poison(e.to_string()))?;
+        Self::from_envelope(&message.body)
+    }
+
+    /// Decodes an encoded [`crate::pb::EventEnvelope`].
+    pub fn from_envelope(bytes: &[u8]) -> Result<Self, Poison> {
+        let envelope = <crate::pb::EventEnvelope as prost::Message>::decode(bytes)
+            .map_err(|e| Poison(format!("undecodable body: {e}")))?;
         let event_id = Uuid::parse_str(&envelope.event_id)
             .map_err(|e| Poison(format!("invalid event id {:?}: {e}", envelope.event_id)))?;
         let occurred_at = envelope
@@ -59,6 +68,7 @@ impl ProjectedEvent {
             version: envelope.version,
             occurred_at,
             payload,
+            envelope: bytes.to_vec(),
         })
     }
 }

@@ -1,29 +1,50 @@
 //! Folding events into a stored document, with the per-stream bookkeeping
 //! that makes duplicates and gaps visible.
+//!
+//! An event that arrives before an earlier one of its stream is kept in the
+//! document (`_pending`) and applied the moment its predecessor is. So a
+//! delivery is settled as soon as its document is written, whatever order
+//! competing instances see events in, and waiting for a gap never ties up a
+//! consumer's prefetch or spends its delivery attempts.
 
 use std::collections::BTreeMap;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
 use super::{Order, ProjectedEvent, Projection, Route};
 
+/// Events kept per stream before the document refuses more and lets the
+/// delivery wait instead (its predecessor is missing for a long while).
+const MAX_PENDING: usize = 1000;
+
 /// What a document looks like at rest: the view's own fields, plus the last
-/// version applied of every stream that fed it.
+/// version applied of every stream that fed it and the events that arrived
+/// ahead of their turn (base64 envelopes by version).
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Stored<V> {
     #[serde(flatten)]
     view: V,
     #[serde(rename = "_applied", default)]
     applied: BTreeMap<String, u64>,
+    #[serde(
+        rename = "_pending",
+        default,
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pending: BTreeMap<String, BTreeMap<u64, String>>,
 }
 
 /// What became of one event for one document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Applied,
-    /// Applied before: skip it.
+    /// Applied (or kept) before: skip it.
     Duplicate,
-    /// An earlier event of its stream is missing: wait for it.
+    /// Ahead of its turn: kept in the document, applied with its predecessor.
+    Deferred,
+    /// Ahead of its turn and the document keeps no more: wait, then retry.
     Gap,
 }
 
@@ -48,6 +69,47 @@ pub trait AnyProjection: Send + Sync {
         body: Option<&[u8]>,
         events: &[(&ProjectedEvent, Order)],
     ) -> Result<Folded, serde_json::Error>;
+
+    /// Applies `events` as they come, with no version checks: what a naive
+    /// projector does. Only for showing what [`AnyProjection::fold`] prevents.
+    fn fold_unchecked(
+        &self,
+        key: &str,
+        body: Option<&[u8]>,
+        events: &[(&ProjectedEvent, Order)],
+    ) -> Result<Folded, serde_json::Error>;
+}
+
+/// Applies the kept events of `stream` that are now next in line.
+fn apply_pending<P: Projection>(
+    projection: &P,
+    key: &str,
+    stored: &mut Stored<P::View>,
+    stream: &str,
+) {
+    let Some(pending) = stored.pending.get_mut(stream) else {
+        return;
+    };
+    let mut last = stored.applied.get(stream).copied().unwrap_or(0);
+    while let Some(kept) = pending.remove(&(last + 1)) {
+        // A kept event decoded once already; one that no longer does is
+        // skipped rather than wedging its stream.
+        let bytes = BASE64.decode(kept).ok();
+        match bytes.and_then(|b| ProjectedEvent::from_envelope(&b).ok()) {
+            Some(event) => projection.apply(key, &mut stored.view, &event),
+            None => tracing::error!(
+                key,
+                stream,
+                version = last + 1,
+                "skipping an undecodable kept event"
+            ),
+        }
+        last += 1;
+    }
+    stored.applied.insert(stream.to_owned(), last);
+    if pending.is_empty() {
+        stored.pending.remove(stream);
+    }
 }
 
 impl<P: Projection> AnyProjection for P {
@@ -78,22 +140,49 @@ impl<P: Projection> AnyProjection for P {
         let mut changed = false;
         for index in order {
             let (event, line_up) = events[index];
-            let last = stored.applied.get(&event.stream_id).copied().unwrap_or(0);
-            outcomes[index] = if event.version <= last {
+            let stream = &event.stream_id;
+            let last = stored.applied.get(stream).copied().unwrap_or(0);
+            let pending = stored.pending.get(stream);
+            let kept = pending.is_some_and(|p| p.contains_key(&event.version));
+            outcomes[index] = if event.version <= last || kept {
                 Outcome::Duplicate
             } else if event.version == last + 1 || line_up == Order::Latest {
                 self.apply(key, &mut stored.view, event);
-                stored
-                    .applied
-                    .insert(event.stream_id.clone(), event.version);
+                stored.applied.insert(stream.clone(), event.version);
+                apply_pending(self, key, &mut stored, stream);
                 changed = true;
                 Outcome::Applied
+            } else if pending.map_or(0, BTreeMap::len) < MAX_PENDING {
+                let envelope = BASE64.encode(&event.envelope);
+                let pending = stored.pending.entry(stream.clone()).or_default();
+                pending.insert(event.version, envelope);
+                changed = true;
+                Outcome::Deferred
             } else {
                 Outcome::Gap
             };
         }
         let body = changed.then(|| serde_json::to_vec(&stored)).transpose()?;
         Ok(Folded { body, outcomes })
+    }
+
+    fn fold_unchecked(
+        &self,
+        key: &str,
+        body: Option<&[u8]>,
+        events: &[(&ProjectedEvent, Order)],
+    ) -> Result<Folded, serde_json::Error> {
+        let mut stored: Stored<P::View> = body
+            .map(serde_json::from_slice)
+            .transpose()?
+            .unwrap_or_default();
+        for (event, _) in events {
+            self.apply(key, &mut stored.view, event);
+        }
+        Ok(Folded {
+            body: Some(serde_json::to_vec(&stored)?),
+            outcomes: vec![Outcome::Applied; events.len()],
+        })
     }
 }
 
@@ -102,22 +191,34 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::domain::CounterEvent;
+    use crate::bus::BusMessage;
+    use crate::domain::{CounterEvent, DomainEvent};
     use crate::pb;
-    use crate::projection::Payload;
     use crate::projection::views::CounterProjection;
+    use crate::store::{EventMetadata, RecordedEvent};
 
+    /// An increment as a projector receives it: through a real envelope.
     fn increment(stream: &str, version: u64, amount: u64) -> ProjectedEvent {
-        ProjectedEvent {
-            event_id: uuid::Uuid::now_v7(),
+        let event = CounterEvent::Incremented(pb::CounterIncremented {
+            counter_id: "c".into(),
+            amount,
+        });
+        let recorded = RecordedEvent {
+            position: version,
             stream_id: stream.into(),
+            stream_type: "counter".into(),
             version,
-            occurred_at: SystemTime::now(),
-            payload: Payload::Counter(CounterEvent::Incremented(pb::CounterIncremented {
-                counter_id: "c".into(),
-                amount,
-            })),
-        }
+            event_id: uuid::Uuid::now_v7(),
+            event_type: event.event_type(),
+            payload: event.encode(),
+            metadata: EventMetadata {
+                occurred_at: SystemTime::now(),
+                correlation_id: uuid::Uuid::now_v7(),
+                causation_id: uuid::Uuid::now_v7(),
+            },
+            request_id: None,
+        };
+        ProjectedEvent::decode(&BusMessage::from_event(&recorded)).unwrap()
     }
 
     fn seq<'a>(events: &[&'a ProjectedEvent]) -> Vec<(&'a ProjectedEvent, Order)> {
@@ -155,8 +256,25 @@ mod tests {
         let folded = CounterProjection
             .fold("counter::c", Some(&body), &seq(&[&again, &ahead]))
             .unwrap();
-        assert_eq!(folded.outcomes, [Outcome::Duplicate, Outcome::Gap]);
-        assert!(folded.body.is_none(), "nothing applied, nothing to write");
+        assert_eq!(folded.outcomes, [Outcome::Duplicate, Outcome::Deferred]);
+        let body = folded.body.expect("the early event is kept");
+        let filled = CounterProjection
+            .fold(
+                "counter::c",
+                Some(&body),
+                &seq(&[&increment("counter-c", 2, 20)]),
+            )
+            .unwrap();
+        assert_eq!(filled.outcomes, [Outcome::Applied]);
+        let body = filled.body.unwrap();
+        assert_eq!(
+            count(&body),
+            5 + 20 + 7,
+            "the kept event applied with its predecessor"
+        );
+        let stored: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(stored["_applied"]["counter-c"], 3);
+        assert!(stored.get("_pending").is_none(), "nothing left pending");
     }
 
     #[test]

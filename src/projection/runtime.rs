@@ -41,6 +41,20 @@ pub struct ProjectorConfig {
     /// How long a delivery waits for an earlier event of its stream before
     /// it is handed back to the bus.
     pub gap_patience: Duration,
+    pub writes: Writes,
+}
+
+/// How documents are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Writes {
+    /// Read with CAS, fold with version checks, write back with the CAS.
+    #[default]
+    Checked,
+    /// Deliberately wrong, for tests only: apply without version checks and
+    /// overwrite whatever is there (a GET then SET). It loses updates under
+    /// concurrency and counts redeliveries twice, which is how a test shows
+    /// that its harness can tell.
+    NaiveGetSet,
 }
 
 impl Default for ProjectorConfig {
@@ -49,6 +63,7 @@ impl Default for ProjectorConfig {
             batch: 100,
             cas_retries: 64,
             gap_patience: Duration::from_secs(2),
+            writes: Writes::Checked,
         }
     }
 }
@@ -190,8 +205,8 @@ impl Projector {
                     Ok(outcomes) => match (&*verdict, outcomes[position]) {
                         (Verdict::Failed(_), _) | (_, Outcome::Duplicate) => {}
                         (_, Outcome::Gap) => *verdict = Verdict::Gap,
-                        (Verdict::Gap, Outcome::Applied) => {}
-                        (_, Outcome::Applied) => *verdict = Verdict::Applied,
+                        (Verdict::Gap, Outcome::Applied | Outcome::Deferred) => {}
+                        (_, Outcome::Applied | Outcome::Deferred) => *verdict = Verdict::Applied,
                     },
                 }
             }
@@ -213,6 +228,12 @@ impl Projector {
         events: &[(&ProjectedEvent, Order)],
     ) -> Result<Vec<Outcome>, String> {
         let failed = |e: &dyn std::fmt::Display| format!("{} {key}: {e}", projection.name());
+        if self.config.writes == Writes::NaiveGetSet {
+            return self
+                .write_naively(projection, key, events)
+                .await
+                .map_err(|e| failed(&e));
+        }
         for attempt in 0..=self.config.cas_retries {
             let current = self.store.get(key).await.map_err(|e| failed(&e))?;
             let folded = projection
@@ -245,6 +266,41 @@ impl Projector {
         )))
     }
 
+    /// GET, apply, SET: the body written is the one folded from the first
+    /// read, whatever was written since (see [`Writes::NaiveGetSet`]).
+    async fn write_naively(
+        &self,
+        projection: &dyn AnyProjection,
+        key: &str,
+        events: &[(&ProjectedEvent, Order)],
+    ) -> Result<Vec<Outcome>, Box<dyn std::error::Error + Send + Sync>> {
+        let current = self.store.get(key).await?;
+        let folded =
+            projection.fold_unchecked(key, current.as_ref().map(|d| d.body.as_slice()), events)?;
+        let body = folded.body.unwrap_or_default();
+        let mut cas = current.map(|d| d.cas);
+        loop {
+            // The port has no blind write: emulate SET with the latest CAS.
+            let written = match cas {
+                None => self.store.insert(key, &body).await.map(drop),
+                Some(cas) => self.store.replace(key, &body, cas).await.map(drop),
+            };
+            match written {
+                Err(
+                    DocumentError::Exists(_)
+                    | DocumentError::CasMismatch(_)
+                    | DocumentError::NotFound(_),
+                ) => {
+                    cas = self.store.get(key).await?.map(|d| d.cas);
+                }
+                other => {
+                    other?;
+                    return Ok(folded.outcomes);
+                }
+            }
+        }
+    }
+
     /// Acks, holds, hands back or parks one delivery; returns it if held.
     async fn settle(&self, mut held: Held, verdict: Verdict) -> Option<Held> {
         let metrics = &self.metrics;
@@ -273,7 +329,7 @@ impl Projector {
                 let since = *held.waiting_since.get_or_insert(now);
                 if now.duration_since(since) < self.config.gap_patience {
                     ProjectorMetrics::add(&metrics.gap_waits, 1);
-                    held.due = now + Duration::from_millis(10 << held.waits.min(5));
+                    held.due = now + Duration::from_millis(2 << held.waits.min(5));
                     held.waits += 1;
                     return Some(held);
                 }

@@ -3,6 +3,8 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod bus;
+pub mod documents;
+pub mod projection;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,0 +1,99 @@
+//! projector: competing workers that project events from the bus into the
+//! read models. Parses flags, starts logging, opens the bus and the document
+//! store, serves health and /metrics, runs until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use scaleout::bus::Subscription;
+use scaleout::config::{DocumentStoreArgs, ServerArgs, TelemetryArgs, parse_duration, redact};
+use scaleout::projection::runtime::ProjectorConfig;
+
+/// The scaleout projector.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to serve gRPC health and HTTP /metrics on.
+    #[arg(
+        long,
+        env = "SCALEOUT_PROJECTOR_LISTEN",
+        default_value = "127.0.0.1:50061"
+    )]
+    listen: SocketAddr,
+    /// The bus to consume: an `amqp://` URL.
+    #[arg(
+        long,
+        env = "SCALEOUT_EVENT_BUS",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    event_bus: String,
+    #[command(flatten)]
+    documents: DocumentStoreArgs,
+    /// The service type: processes with the same one compete for events.
+    #[arg(long, env = "SCALEOUT_SERVICE_TYPE", default_value = "projector")]
+    service_type: String,
+    /// Workers in this process, each with its own subscriber.
+    #[arg(long, env = "SCALEOUT_WORKERS", default_value_t = 1)]
+    workers: usize,
+    /// Unsettled deliveries per worker, also the most folded in one write.
+    #[arg(long, env = "SCALEOUT_PREFETCH", default_value_t = 100)]
+    prefetch: u16,
+    /// Deliveries of a failing event before it is parked.
+    #[arg(long, env = "SCALEOUT_MAX_ATTEMPTS", default_value_t = 5)]
+    max_attempts: u32,
+    /// How long an event waits for an earlier one of its stream before it
+    /// is handed back to the bus.
+    #[arg(long, env = "SCALEOUT_GAP_PATIENCE", default_value = "2s", value_parser = parse_duration)]
+    gap_patience: Duration,
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    scaleout::telemetry::init(&args.telemetry).context("invalid --log-filter")?;
+    let stopping = scaleout::shutdown::on_signal();
+    let bus = scaleout::bus::open(&args.event_bus)
+        .with_context(|| format!("event bus {}", redact(&args.event_bus)))?;
+    let documents = args
+        .documents
+        .open()
+        .await
+        .context("opening the document store")?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let address = listener.local_addr()?;
+    tracing::info!(
+        %address,
+        event_bus = %redact(&args.event_bus),
+        document_store = %args.documents,
+        service_type = %args.service_type,
+        "projector running; health on gRPC, metrics at http://{address}/metrics"
+    );
+    let service = scaleout::app::ProjectorService {
+        bus,
+        documents,
+        subscription: Subscription {
+            service_type: args.service_type,
+            bindings: vec!["#".into()],
+            prefetch: args.prefetch,
+            max_attempts: args.max_attempts,
+        },
+        workers: args.workers,
+        config: ProjectorConfig {
+            batch: usize::from(args.prefetch),
+            gap_patience: args.gap_patience,
+            ..ProjectorConfig::default()
+        },
+        server: args.server,
+    };
+    scaleout::app::run_projector(listener, service, stopping).await?;
+    tracing::info!("projector stopped");
+    Ok(())
+}

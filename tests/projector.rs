@@ -1,0 +1,331 @@
+//! Projectors in process: read models equal the fold of the event log under
+//! competing workers, injected duplicates and reordering; poison is parked;
+//! and a naive GET/SET writer is caught losing updates.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use scaleout::bus::memory::MemoryBus;
+use scaleout::bus::{BusMessage, EventBus, Subscription};
+use scaleout::command::{Command, CommandHandler, RetryPolicy};
+use scaleout::documents::DocumentStore;
+use scaleout::documents::redb::RedbDocuments;
+use scaleout::domain::values::{Amount, Author, CommentText, FileName, Id};
+use scaleout::domain::{Counter, CounterCommand, File, FileCommand};
+use scaleout::projection::metrics::ProjectorMetrics;
+use scaleout::projection::runtime::{Projector, ProjectorConfig, Writes};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn subscription() -> Subscription {
+    Subscription {
+        service_type: "projector".into(),
+        bindings: vec!["#".into()],
+        prefetch: 50,
+        max_attempts: 5,
+    }
+}
+
+/// `workers` competing projector workers on an in-process bus.
+struct Projectors {
+    documents: Arc<dyn DocumentStore>,
+    metrics: Arc<ProjectorMetrics>,
+    stopping: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Projectors {
+    async fn start(bus: &Arc<dyn EventBus>, workers: usize, writes: Writes) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let documents: Arc<dyn DocumentStore> =
+            Arc::new(RedbDocuments::open(dir.path().join("views.redb")).unwrap());
+        let metrics = Arc::new(ProjectorMetrics::default());
+        let config = ProjectorConfig {
+            batch: 50,
+            writes,
+            ..ProjectorConfig::default()
+        };
+        let projector = Projector::new(
+            Arc::clone(&documents),
+            scaleout::projection::views::reference(),
+            Arc::clone(&metrics),
+            config,
+        );
+        let stopping = CancellationToken::new();
+        for _ in 0..workers {
+            let subscriber = bus.subscribe(&subscription()).await.unwrap();
+            let (projector, stopping) = (projector.clone(), stopping.clone());
+            tokio::spawn(async move { projector.run(subscriber, stopping).await });
+        }
+        Self {
+            documents,
+            metrics,
+            stopping,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Projectors {
+    fn drop(&mut self) {
+        self.stopping.cancel();
+    }
+}
+
+fn command<C>(id: &str, command: C) -> Command<C> {
+    Command {
+        aggregate_id: Id::parse(id).unwrap(),
+        command,
+        expected: None,
+        request_id: None,
+        correlation_id: None,
+    }
+}
+
+/// A workload over every read model; returns the streams it wrote.
+async fn workload(handler: &Arc<CommandHandler>) -> Vec<String> {
+    let mut streams = Vec::new();
+    let name = |s: &str| FileName::parse(s).unwrap();
+    let folder = |s: &str| Id::parse(s).unwrap();
+    for i in 0..12 {
+        let id = format!("f{i}");
+        let create = FileCommand::Create {
+            name: name(&format!("file {i}.txt")),
+            folder_id: folder(["docs", "images", "archive"][i % 3]),
+        };
+        handler.execute::<File>(command(&id, create)).await.unwrap();
+        streams.push(format!("file-{id}"));
+    }
+    let mut tasks = JoinSet::new();
+    for i in 0..12 {
+        let handler = Arc::clone(handler);
+        tasks.spawn(async move {
+            let id = format!("f{i}");
+            for c in 0..5 {
+                let comment = FileCommand::AddComment {
+                    author: Author::parse("ann").unwrap(),
+                    text: CommentText::parse(&format!("comment {c} on {id}")).unwrap(),
+                };
+                handler
+                    .execute::<File>(command(&id, comment))
+                    .await
+                    .unwrap();
+            }
+            if i % 2 == 0 {
+                let rename = FileCommand::Rename {
+                    new_name: FileName::parse(&format!("renamed {i}.txt")).unwrap(),
+                };
+                handler.execute::<File>(command(&id, rename)).await.unwrap();
+            }
+            if i % 3 == 1 {
+                let to = Id::parse(if i % 2 == 0 { "docs" } else { "archive" }).unwrap();
+                let moved = FileCommand::Move { to_folder_id: to };
+                handler.execute::<File>(command(&id, moved)).await.unwrap();
+            }
+            if i % 4 == 3 {
+                handler
+                    .execute::<File>(command(&id, FileCommand::Delete))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    for t in 0..8 {
+        let handler = Arc::clone(handler);
+        tasks.spawn(async move {
+            for _ in 0..50 {
+                let increment = CounterCommand::Increment {
+                    amount: Amount::parse(1 + t).unwrap(),
+                };
+                handler
+                    .execute::<Counter>(command("hot", increment))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(task) = tasks.join_next().await {
+        task.unwrap();
+    }
+    streams.push("counter-hot".into());
+    streams
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_models_equal_the_fold_of_the_log_with_competing_workers() {
+    let (store, _dir) = support::redb_store();
+    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
+    let projectors = Projectors::start(&bus, 3, Writes::Checked).await;
+    let stopping = CancellationToken::new();
+    let relay =
+        scaleout::relay::Relay::new(Arc::clone(&store), Arc::clone(&bus), Default::default());
+    tokio::spawn(relay.run(stopping.clone()));
+    let handler = Arc::new(CommandHandler::new(
+        Arc::clone(&store),
+        RetryPolicy::default(),
+    ));
+
+    let streams = workload(&handler).await;
+    let log = support::projection::read_log(store.as_ref(), &streams).await;
+    let expected = support::projection::fold_log(&log);
+    let hot = &expected["counter::hot"];
+    assert_eq!(
+        hot["count"],
+        50 * (1..=8).sum::<u64>(),
+        "the fold itself counts right"
+    );
+    support::projection::wait_for_fold(projectors.documents.as_ref(), &expected, PATIENCE).await;
+    stopping.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_and_reordered_deliveries_change_nothing() {
+    let (store, _dir) = support::redb_store();
+    let handler = Arc::new(CommandHandler::new(
+        Arc::clone(&store),
+        RetryPolicy::default(),
+    ));
+    let streams = workload(&handler).await;
+    let log = support::projection::read_log(store.as_ref(), &streams).await;
+    let expected = support::projection::fold_log(&log);
+
+    // No relay: the test publishes the log itself, shuffled, every event
+    // twice or three times.
+    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
+    let projectors = Projectors::start(&bus, 3, Writes::Checked).await;
+    let mut messages: Vec<BusMessage> = log.iter().map(BusMessage::from_event).collect();
+    let copies: Vec<BusMessage> = messages.iter().step_by(2).cloned().collect();
+    messages.extend(copies.iter().cloned());
+    messages.extend(copies);
+    fastrand::seed(7);
+    fastrand::shuffle(&mut messages);
+    for result in bus.publish(&messages).await {
+        result.unwrap();
+    }
+    support::projection::wait_for_fold(projectors.documents.as_ref(), &expected, PATIENCE).await;
+    let duplicates = projectors
+        .metrics
+        .duplicates
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        duplicates > 0,
+        "the injected copies were seen as duplicates"
+    );
+    assert!(bus.dead_letters("projector", 10).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_is_parked_with_its_reason_and_nothing_else_moves() {
+    let (store, _dir) = support::redb_store();
+    let handler = Arc::new(CommandHandler::new(
+        Arc::clone(&store),
+        RetryPolicy::default(),
+    ));
+    let increment = CounterCommand::Increment {
+        amount: Amount::parse(1).unwrap(),
+    };
+    handler
+        .execute::<Counter>(command("c", increment))
+        .await
+        .unwrap();
+    let log = support::projection::read_log(store.as_ref(), &["counter-c".into()]).await;
+    let good = BusMessage::from_event(&log[0]);
+    let undecodable = BusMessage {
+        message_id: "undecodable".into(),
+        body: b"\x08\xff\xff garbage".to_vec(),
+        ..good.clone()
+    };
+    let mut unknown_event = log[0].clone();
+    unknown_event.event_type = "scaleout.v1.SomethingNew".into();
+    unknown_event.event_id = uuid::Uuid::now_v7();
+    let unknown = BusMessage::from_event(&unknown_event);
+
+    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
+    let projectors = Projectors::start(&bus, 1, Writes::Checked).await;
+    for result in bus.publish(&[undecodable, unknown.clone(), good]).await {
+        result.unwrap();
+    }
+    let expected = support::projection::fold_log(&log);
+    support::projection::wait_for_fold(projectors.documents.as_ref(), &expected, PATIENCE).await;
+    let started = std::time::Instant::now();
+    let parked = loop {
+        let parked = bus.dead_letters("projector", 10).await.unwrap();
+        if parked.len() == 2 || started.elapsed() > PATIENCE {
+            break parked;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let reasons: Vec<_> = parked
+        .iter()
+        .map(|d| (d.message.message_id.as_str(), d.reason.as_str()))
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0].0 == "undecodable" && reasons[0].1.contains("undecodable body"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].0 == unknown.message_id && reasons[1].1.contains("SomethingNew"),
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_naive_get_set_writer_loses_updates_and_the_harness_says_so() {
+    let (store, _dir) = support::redb_store();
+    let handler = Arc::new(CommandHandler::new(
+        Arc::clone(&store),
+        RetryPolicy::default(),
+    ));
+    let mut tasks = JoinSet::new();
+    for _ in 0..4 {
+        let handler = Arc::clone(&handler);
+        tasks.spawn(async move {
+            for _ in 0..250 {
+                let increment = CounterCommand::Increment {
+                    amount: Amount::parse(1).unwrap(),
+                };
+                handler
+                    .execute::<Counter>(command("hot", increment))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let log = support::projection::read_log(store.as_ref(), &["counter-hot".into()]).await;
+    let messages: Vec<BusMessage> = log.iter().map(BusMessage::from_event).collect();
+
+    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
+    let naive = Projectors::start(&bus, 3, Writes::NaiveGetSet).await;
+    for result in bus.publish(&messages).await {
+        result.unwrap();
+    }
+    // Wait until every delivery was handled, then read the count.
+    let started = std::time::Instant::now();
+    while naive
+        .metrics
+        .handled
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < 1000
+    {
+        assert!(started.elapsed() < PATIENCE, "naive projector stalled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let document = naive.documents.get("counter::hot").await.unwrap().unwrap();
+    let count = serde_json::from_slice::<serde_json::Value>(&document.body).unwrap()["count"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        count < 1000,
+        "GET/SET from 3 workers should have lost updates, got {count} of 1000"
+    );
+    println!(
+        "naive GET/SET writer: counter at {count} of 1000 ({} lost)",
+        1000 - count
+    );
+}

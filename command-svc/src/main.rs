@@ -31,6 +31,10 @@ struct Args {
     /// `memory`. Unset, no relay runs and events wait in the outbox.
     #[arg(long, env = "SCALEOUT_EVENT_BUS")]
     event_bus: Option<String>,
+    /// Prefixes the bus's exchange and queue names, so that deployments can
+    /// share a broker.
+    #[arg(long, env = "SCALEOUT_EVENT_BUS_PREFIX", default_value = "scaleout")]
+    event_bus_prefix: String,
     /// How many times a command sent without an exact expected version is
     /// decided again after losing a race.
     #[arg(long, env = "SCALEOUT_MAX_RETRIES", default_value_t = RetryPolicy::default().max_retries)]
@@ -50,9 +54,10 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening event store {}", redact(&args.event_store)))?;
     let bus = match &args.event_bus {
-        Some(spec) => {
-            Some(scaleout::bus::open(spec).with_context(|| format!("event bus {}", redact(spec)))?)
-        }
+        Some(spec) => Some(
+            scaleout::bus::open(spec, &args.event_bus_prefix)
+                .with_context(|| format!("event bus {}", redact(spec)))?,
+        ),
         None => {
             tracing::warn!(
                 "no --event-bus: events stay in the outbox until a relay publishes them"

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use scaleout::bus::Subscription;
 use scaleout::config::{DocumentStoreArgs, ServerArgs, TelemetryArgs, parse_duration, redact};
-use scaleout::projection::runtime::ProjectorConfig;
+use scaleout::projection::runtime::{ProjectorConfig, Writes};
 
 /// The scaleout projector.
 #[derive(Debug, Parser)]
@@ -29,6 +29,10 @@ struct Args {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     event_bus: String,
+    /// Prefixes the bus's exchange and queue names, so that deployments can
+    /// share a broker.
+    #[arg(long, env = "SCALEOUT_EVENT_BUS_PREFIX", default_value = "scaleout")]
+    event_bus_prefix: String,
     #[command(flatten)]
     documents: DocumentStoreArgs,
     /// The service type: processes with the same one compete for events.
@@ -47,6 +51,10 @@ struct Args {
     /// is handed back to the bus.
     #[arg(long, env = "SCALEOUT_GAP_PATIENCE", default_value = "2s", value_parser = parse_duration)]
     gap_patience: Duration,
+    /// Test only: write read models with a naive GET then SET, without CAS
+    /// or version checks, to show that the scale-out tests catch lost updates.
+    #[arg(long, hide = true)]
+    unsafe_naive_writes: bool,
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
@@ -58,7 +66,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     scaleout::telemetry::init(&args.telemetry).context("invalid --log-filter")?;
     let stopping = scaleout::shutdown::on_signal();
-    let bus = scaleout::bus::open(&args.event_bus)
+    let bus = scaleout::bus::open(&args.event_bus, &args.event_bus_prefix)
         .with_context(|| format!("event bus {}", redact(&args.event_bus)))?;
     let documents = args
         .documents
@@ -89,6 +97,11 @@ async fn main() -> anyhow::Result<()> {
         config: ProjectorConfig {
             batch: usize::from(args.prefetch),
             gap_patience: args.gap_patience,
+            writes: if args.unsafe_naive_writes {
+                Writes::NaiveGetSet
+            } else {
+                Writes::Checked
+            },
             ..ProjectorConfig::default()
         },
         server: args.server,

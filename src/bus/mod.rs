@@ -102,14 +102,14 @@ pub trait Subscriber: Send {
 }
 
 /// Opens the bus an `--event-bus` value names: `memory` or an `amqp://` URL
-/// (connected on first use, so a process can start while the broker is away).
-pub fn open(spec: &str) -> Result<Arc<dyn EventBus>, BusError> {
+/// (connected on first use, so a process can start while the broker is
+/// away), its exchanges and queues named with `prefix`.
+pub fn open(spec: &str, prefix: &str) -> Result<Arc<dyn EventBus>, BusError> {
     if spec == "memory" {
         Ok(Arc::new(memory::MemoryBus::new()))
     } else if spec.starts_with("amqp://") || spec.starts_with("amqps://") {
-        Ok(Arc::new(rabbitmq::RabbitBus::new(
-            rabbitmq::RabbitConfig::new(spec),
-        )))
+        let config = rabbitmq::RabbitConfig::new(spec).with_prefix(prefix);
+        Ok(Arc::new(rabbitmq::RabbitBus::new(config)))
     } else {
         Err(BusError::Backend(format!(
             "unknown event bus {spec:?}: expected memory or amqp://…"

@@ -79,3 +79,25 @@ pub async fn delete_topology(config: &RabbitConfig) {
             .unwrap();
     }
 }
+
+/// Messages ready in a service type's queue (not counting unacked ones).
+pub async fn queue_depth(config: &RabbitConfig, service_type: &str) -> u32 {
+    let connection =
+        lapin::Connection::connect(&rabbitmq_url(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let queue = channel
+        .queue_declare(
+            config.queue(service_type).into(),
+            passive,
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    queue.message_count()
+}

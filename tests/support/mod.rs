@@ -214,3 +214,93 @@ pub async fn wait_for_health(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// A binary of this workspace, built beside the test binaries (every
+/// `cargo test --workspace` builds them all before running any test).
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    let path = deps
+        .parent()
+        .and_then(std::path::Path::parent)
+        .unwrap()
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace` first",
+        path.display()
+    );
+    path
+}
+
+/// A child process of this workspace that logs `address=HOST:PORT` when it
+/// serves; killed when dropped.
+pub struct Process {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Process {
+    pub fn start(binary: &str, args: &[String]) -> Process {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(workspace_binary(binary))
+            .args(args)
+            .env("SCALEOUT_LOG_FORMAT", "text")
+            .env("RUST_LOG", "warn,command_svc=info,projector=info")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .unwrap_or_else(|| panic!("{binary} exited before saying where it serves"))
+                .unwrap();
+            if let Some(rest) = line.split("address=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Process { child, addr }
+    }
+
+    /// SIGTERM, then waits (up to 20 s) for a clean exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process ignored SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// A plain HTTP GET of `path` on the process's address.
+    pub async fn http_get(&self, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(&self.addr).await.unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.addr
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

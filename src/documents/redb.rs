@@ -1,14 +1,19 @@
 //! The embedded read-model store: one redb file.
 //!
 //! redb serializes write transactions, so compare-and-swap is a check inside
-//! the write transaction. Writes are durable on return (fsync), like the
-//! event store's.
+//! the write transaction. Writes are durable on return (fsync), and group
+//! committed like the event store's: one writer thread applies every write
+//! that queued during the previous fsync, each with its own check, in one
+//! transaction. A projector writes all the documents of a batch at once, so
+//! they cost one fsync instead of one each.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Cas, Document, DocumentError, DocumentStore};
 
@@ -17,11 +22,45 @@ const DOCUMENTS: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("doc
 /// Holds the last CAS handed out, so every write gets a new one.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LAST_CAS: &str = "last_cas";
+/// Most writes one transaction takes.
+const MAX_BATCH: usize = 512;
 
 /// The redb-backed [`DocumentStore`].
 #[derive(Debug, Clone)]
 pub struct RedbDocuments {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     db: Arc<Database>,
+    /// `None` only while dropping, so the writer sees the queue close.
+    writes: Option<mpsc::Sender<Write>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.writes = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// One conditional write waiting for its transaction.
+#[derive(Debug)]
+struct Write {
+    key: String,
+    op: Op,
+    reply: oneshot::Sender<Result<Option<Cas>, DocumentError>>,
+}
+
+#[derive(Debug)]
+enum Op {
+    Insert(Vec<u8>),
+    Replace(Vec<u8>, Cas),
+    Remove(Cas),
 }
 
 impl RedbDocuments {
@@ -37,63 +76,119 @@ impl RedbDocuments {
         txn.open_table(DOCUMENTS).map_err(backend)?;
         txn.open_table(META).map_err(backend)?;
         txn.commit().map_err(backend)?;
-        Ok(Self { db: Arc::new(db) })
-    }
-
-    /// Runs `f` in a write transaction on a blocking thread; commits if it succeeds.
-    async fn write<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Writer<'_>) -> Result<T, DocumentError> + Send + 'static,
-    ) -> Result<T, DocumentError> {
-        let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_write().map_err(backend)?;
-            let outcome = {
-                let mut writer = Writer {
-                    documents: txn.open_table(DOCUMENTS).map_err(backend)?,
-                    meta: txn.open_table(META).map_err(backend)?,
-                };
-                f(&mut writer)?
-            };
-            txn.commit().map_err(backend)?;
-            Ok(outcome)
+        let db = Arc::new(db);
+        let (writes, queue) = mpsc::channel(4096);
+        let writer_db = Arc::clone(&db);
+        let writer = std::thread::Builder::new()
+            .name("redb-document-writer".into())
+            .spawn(move || write_loop(&writer_db, queue))
+            .map_err(|e| DocumentError::Backend(format!("starting the writer thread: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                writes: Some(writes),
+                writer: Some(writer),
+            }),
         })
-        .await
-        .map_err(|e| DocumentError::Backend(format!("write task failed: {e}")))?
+    }
+
+    async fn write(&self, key: &str, op: Op) -> Result<Option<Cas>, DocumentError> {
+        let stopped = || DocumentError::Unavailable("the redb document writer has stopped".into());
+        let writes = self.inner.writes.as_ref().ok_or_else(stopped)?;
+        let (reply, answer) = oneshot::channel();
+        let write = Write {
+            key: key.to_owned(),
+            op,
+            reply,
+        };
+        writes.send(write).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 }
 
-struct Writer<'t> {
-    documents: redb::Table<'t, &'static str, (u64, &'static [u8])>,
-    meta: redb::Table<'t, &'static str, u64>,
+fn write_loop(db: &Database, mut queue: mpsc::Receiver<Write>) {
+    while let Some(first) = queue.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(write) => batch.push(write),
+                Err(_) => break,
+            }
+        }
+        match commit(db, &batch) {
+            Ok(outcomes) => {
+                for (write, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = write.reply.send(outcome);
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, writes = batch.len(), "redb document commit failed");
+                for write in batch {
+                    let _ = write.reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
 }
 
-impl Writer<'_> {
-    fn current(&self, key: &str) -> Result<Option<u64>, DocumentError> {
-        Ok(self
-            .documents
-            .get(key)
-            .map_err(backend)?
-            .map(|v| v.value().0))
-    }
-
-    fn put(&mut self, key: &str, body: &[u8]) -> Result<Cas, DocumentError> {
-        let cas = self
-            .meta
+/// Applies a batch in order, each write checked against what the ones
+/// before it left, and commits once.
+fn commit(
+    db: &Database,
+    batch: &[Write],
+) -> Result<Vec<Result<Option<Cas>, DocumentError>>, DocumentError> {
+    let txn = db.begin_write().map_err(backend)?;
+    let outcomes = {
+        let mut documents = txn.open_table(DOCUMENTS).map_err(backend)?;
+        let mut meta = txn.open_table(META).map_err(backend)?;
+        let mut last_cas = meta
             .get(LAST_CAS)
             .map_err(backend)?
-            .map_or(0, |v| v.value())
-            + 1;
-        self.meta.insert(LAST_CAS, cas).map_err(backend)?;
-        self.documents.insert(key, (cas, body)).map_err(backend)?;
-        Cas::new(cas).ok_or_else(|| DocumentError::Backend("CAS counter wrapped".into()))
-    }
+            .map_or(0, |v| v.value());
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for write in batch {
+            let key = write.key.as_str();
+            let current = documents.get(key).map_err(backend)?.map(|v| v.value().0);
+            let refusal = match (&write.op, current) {
+                (Op::Insert(_), Some(_)) => Some(DocumentError::Exists(write.key.clone())),
+                (Op::Replace(..) | Op::Remove(_), None) => {
+                    Some(DocumentError::NotFound(write.key.clone()))
+                }
+                (Op::Replace(_, cas) | Op::Remove(cas), Some(current)) if cas.get() != current => {
+                    Some(DocumentError::CasMismatch(write.key.clone()))
+                }
+                _ => None,
+            };
+            if let Some(refusal) = refusal {
+                outcomes.push(Err(refusal));
+                continue;
+            }
+            let outcome = match &write.op {
+                Op::Insert(body) | Op::Replace(body, _) => {
+                    last_cas += 1;
+                    documents
+                        .insert(key, (last_cas, body.as_slice()))
+                        .map_err(backend)?;
+                    Cas::new(last_cas)
+                }
+                Op::Remove(_) => {
+                    documents.remove(key).map_err(backend)?;
+                    None
+                }
+            };
+            outcomes.push(Ok(outcome));
+        }
+        meta.insert(LAST_CAS, last_cas).map_err(backend)?;
+        outcomes
+    };
+    txn.commit().map_err(backend)?;
+    Ok(outcomes)
 }
 
 #[async_trait]
 impl DocumentStore for RedbDocuments {
     async fn get(&self, key: &str) -> Result<Option<Document>, DocumentError> {
-        let db = Arc::clone(&self.db);
+        let db = Arc::clone(&self.inner.db);
         let key = key.to_owned();
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read().map_err(backend)?;
@@ -116,42 +211,29 @@ impl DocumentStore for RedbDocuments {
     }
 
     async fn insert(&self, key: &str, body: &[u8]) -> Result<Cas, DocumentError> {
-        let (key, body) = (key.to_owned(), body.to_vec());
-        self.write(move |writer| {
-            if writer.current(&key)?.is_some() {
-                return Err(DocumentError::Exists(key));
-            }
-            writer.put(&key, &body)
-        })
-        .await
+        written(key, self.write(key, Op::Insert(body.to_vec())).await?)
     }
 
     async fn replace(&self, key: &str, body: &[u8], cas: Cas) -> Result<Cas, DocumentError> {
-        let (key, body) = (key.to_owned(), body.to_vec());
-        self.write(move |writer| match writer.current(&key)? {
-            None => Err(DocumentError::NotFound(key)),
-            Some(current) if current != cas.get() => Err(DocumentError::CasMismatch(key)),
-            Some(_) => writer.put(&key, &body),
-        })
-        .await
+        written(key, self.write(key, Op::Replace(body.to_vec(), cas)).await?)
     }
 
     async fn remove(&self, key: &str, cas: Cas) -> Result<(), DocumentError> {
-        let key = key.to_owned();
-        self.write(move |writer| match writer.current(&key)? {
-            None => Err(DocumentError::NotFound(key)),
-            Some(current) if current != cas.get() => Err(DocumentError::CasMismatch(key)),
-            Some(_) => {
-                writer.documents.remove(key.as_str()).map_err(backend)?;
-                Ok(())
-            }
-        })
-        .await
+        self.write(key, Op::Remove(cas)).await.map(drop)
     }
 
     async fn ping(&self) -> Result<(), DocumentError> {
-        Ok(())
+        match &self.inner.writer {
+            Some(writer) if !writer.is_finished() => Ok(()),
+            _ => Err(DocumentError::Unavailable(
+                "the redb document writer has stopped".into(),
+            )),
+        }
     }
+}
+
+fn written(key: &str, cas: Option<Cas>) -> Result<Cas, DocumentError> {
+    cas.ok_or_else(|| DocumentError::Backend(format!("no CAS for the write of {key}")))
 }
 
 fn backend(error: impl Into<redb::Error>) -> DocumentError {

@@ -1,0 +1,219 @@
+//! Projection throughput on the real RabbitMQ: one hot document and spread
+//! documents, 1 and 3 projector instances, beside plain consume-and-ack of
+//! the same messages on the same broker in the same run.
+//!
+//! `cargo bench --bench projector` (needs RabbitMQ; `scripts/test.sh` starts it).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use scaleout::bus::rabbitmq::{RabbitBus, RabbitConfig};
+use scaleout::bus::{BusMessage, EventBus, Subscription};
+use scaleout::documents::DocumentStore;
+use scaleout::documents::redb::RedbDocuments;
+use scaleout::domain::{CounterEvent, DomainEvent};
+use scaleout::pb;
+use scaleout::projection::metrics::ProjectorMetrics;
+use scaleout::projection::runtime::{Projector, ProjectorConfig};
+use scaleout::store::{EventMetadata, RecordedEvent};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const EVENTS: u64 = 5_000;
+const PREFETCH: u16 = 100;
+
+fn url() -> String {
+    std::env::var("SCALEOUT_TEST_RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn subscription() -> Subscription {
+    Subscription {
+        service_type: "bench".into(),
+        bindings: vec!["#".into()],
+        prefetch: PREFETCH,
+        max_attempts: 5,
+    }
+}
+
+/// EVENTS increments, on one counter or spread over 100.
+fn increments(hot: bool) -> Vec<BusMessage> {
+    let mut versions = std::collections::HashMap::new();
+    (0..EVENTS)
+        .map(|i| {
+            let counter = if hot {
+                "hot".to_owned()
+            } else {
+                format!("c{}", i % 100)
+            };
+            let version = versions
+                .entry(counter.clone())
+                .and_modify(|v| *v += 1)
+                .or_insert(1u64);
+            let event = CounterEvent::Incremented(pb::CounterIncremented {
+                counter_id: counter.clone(),
+                amount: 1,
+            });
+            BusMessage::from_event(&RecordedEvent {
+                position: i + 1,
+                stream_id: format!("counter-{counter}"),
+                stream_type: "counter".into(),
+                version: *version,
+                event_id: Uuid::now_v7(),
+                event_type: event.event_type(),
+                payload: event.encode(),
+                metadata: EventMetadata {
+                    occurred_at: SystemTime::now(),
+                    correlation_id: Uuid::now_v7(),
+                    causation_id: Uuid::now_v7(),
+                },
+                request_id: None,
+            })
+        })
+        .collect()
+}
+
+async fn fill(config: &RabbitConfig, messages: &[BusMessage]) {
+    let bus = RabbitBus::new(config.clone());
+    drop(bus.subscribe(&subscription()).await.unwrap());
+    for chunk in messages.chunks(500) {
+        for result in bus.publish(chunk).await {
+            result.unwrap();
+        }
+    }
+}
+
+/// Plain consume-and-ack of the queue by `instances` consumers.
+async fn raw_consume(config: &RabbitConfig, instances: usize) -> Duration {
+    let started = Instant::now();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut consumers = JoinSet::new();
+    for _ in 0..instances {
+        let bus = RabbitBus::new(config.clone());
+        let mut subscriber = bus.subscribe(&subscription()).await.unwrap();
+        let done = done_tx.clone();
+        consumers.spawn(async move {
+            let _bus = bus;
+            while let Some(delivery) = subscriber.next().await {
+                delivery.ack().await.unwrap();
+                let _ = done.send(());
+            }
+        });
+    }
+    for _ in 0..EVENTS {
+        done_rx.recv().await.unwrap();
+    }
+    consumers.abort_all();
+    started.elapsed()
+}
+
+/// `instances` projectors, each with its own broker connection, until every
+/// message is settled.
+async fn project(
+    config: &RabbitConfig,
+    documents: Arc<dyn DocumentStore>,
+    instances: usize,
+) -> (Duration, Arc<ProjectorMetrics>) {
+    let metrics = Arc::new(ProjectorMetrics::default());
+    let projector = Projector::new(
+        documents,
+        scaleout::projection::views::reference(),
+        Arc::clone(&metrics),
+        ProjectorConfig {
+            batch: usize::from(PREFETCH),
+            ..Default::default()
+        },
+    );
+    let stopping = CancellationToken::new();
+    let started = Instant::now();
+    let mut workers = JoinSet::new();
+    for _ in 0..instances {
+        let bus = RabbitBus::new(config.clone());
+        let subscriber = bus.subscribe(&subscription()).await.unwrap();
+        let (projector, stopping) = (projector.clone(), stopping.clone());
+        workers.spawn(async move {
+            let _bus = bus;
+            projector.run(subscriber, stopping).await;
+        });
+    }
+    let settled = |m: &ProjectorMetrics| {
+        m.handled.load(Ordering::Relaxed) + m.duplicates.load(Ordering::Relaxed)
+    };
+    while settled(&metrics) < EVENTS {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed();
+    stopping.cancel();
+    while workers.join_next().await.is_some() {}
+    (elapsed, metrics)
+}
+
+async fn cleanup(config: &RabbitConfig) {
+    let connection = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    for queue in [config.queue("bench"), config.dead_letter_queue("bench")] {
+        channel
+            .queue_delete(queue.into(), Default::default())
+            .await
+            .unwrap();
+    }
+    for exchange in [config.events_exchange(), config.dead_letter_exchange()] {
+        channel
+            .exchange_delete(exchange.into(), Default::default())
+            .await
+            .unwrap();
+    }
+}
+
+fn per_second(elapsed: Duration) -> f64 {
+    EVENTS as f64 / elapsed.as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "scaleout projector benchmark: {cores} cores, {EVENTS} counter increments per run, prefetch {PREFETCH}\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let run = Uuid::now_v7().simple().to_string();
+    for (store_name, open) in [("redb", 0)] {
+        let _ = open;
+        for hot in [true, false] {
+            let shape = if hot {
+                "one hot document"
+            } else {
+                "100 documents"
+            };
+            for instances in [1, 3] {
+                let label = format!("{store_name}, {shape}, {instances} instance(s)");
+                let config =
+                    RabbitConfig::new(&url()).with_prefix(format!("bench-{run}-{hot}-{instances}"));
+                fill(&config, &increments(hot)).await;
+                let raw = raw_consume(&config, instances).await;
+                fill(&config, &increments(hot)).await;
+                let documents: Arc<dyn DocumentStore> = Arc::new(
+                    RedbDocuments::open(dir.path().join(format!("{hot}-{instances}.redb")))
+                        .unwrap(),
+                );
+                let (elapsed, metrics) = project(&config, documents, instances).await;
+                let per_k = |n: &std::sync::atomic::AtomicU64| {
+                    n.load(Ordering::Relaxed) as f64 * 1000.0 / EVENTS as f64
+                };
+                println!(
+                    "{label:<46} projected {:>7.0}/s   raw consume-and-ack {:>7.0}/s ({:.0}%)   CAS conflicts {:.1}/1k, retries {:.1}/1k",
+                    per_second(elapsed),
+                    per_second(raw),
+                    100.0 * raw.as_secs_f64() / elapsed.as_secs_f64(),
+                    per_k(&metrics.cas_conflicts),
+                    per_k(&metrics.retries),
+                );
+                cleanup(&config).await;
+            }
+        }
+    }
+}

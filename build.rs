@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "proto/scaleout/v1/events.proto",
     "proto/scaleout/v1/command_service.proto",
     "proto/scaleout/v1/admin_service.proto",
+    "proto/scaleout/v1/query_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -25,6 +25,7 @@ pub mod envelope;
 pub mod grpc;
 pub mod pb;
 pub mod projection;
+pub mod query;
 pub mod relay;
 pub mod shutdown;
 pub mod store;

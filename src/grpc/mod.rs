@@ -7,10 +7,12 @@
 mod admin_service;
 mod command_service;
 mod health;
+mod query_service;
 pub mod server;
 mod status;
 
 pub use self::admin_service::AdminApi;
 pub use self::command_service::{CORRELATION_ID_HEADER, CommandApi};
 pub use self::health::Health;
+pub use self::query_service::QueryApi;
 pub use self::status::{ERROR_DOMAIN, Violations};

@@ -9,6 +9,8 @@
 //! | version conflict | `ABORTED` | `ErrorInfo` `WRONG_EXPECTED_VERSION` |
 //! | store down | `UNAVAILABLE` | `ErrorInfo` `STORE_UNAVAILABLE` |
 //! | bus down | `UNAVAILABLE` | `ErrorInfo` `BUS_UNAVAILABLE` |
+//! | view behind `min_version` at the deadline | `UNAVAILABLE` | `ErrorInfo` `VIEW_NOT_CAUGHT_UP` |
+//! | document store down | `UNAVAILABLE` | `ErrorInfo` `DOCUMENT_STORE_UNAVAILABLE` |
 //! | anything else | `INTERNAL` | none: the cause is logged, not leaked |
 
 use std::collections::HashMap;
@@ -18,7 +20,9 @@ use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 use crate::bus::BusError;
 use crate::command::CommandError;
+use crate::documents::DocumentError;
 use crate::domain::DomainError;
+use crate::query::QueryError;
 use crate::store::StoreError;
 
 /// The `ErrorInfo.domain` of every error this platform reports.
@@ -142,6 +146,47 @@ impl From<BusError> for Status {
     }
 }
 
+impl From<QueryError> for Status {
+    fn from(error: QueryError) -> Self {
+        let message = error.to_string();
+        match error {
+            QueryError::NotFound { kind, id } => Status::with_error_details(
+                Code::NotFound,
+                message,
+                ErrorDetails::with_resource_info(kind, id, "", "no such read model (yet)"),
+            ),
+            QueryError::NotCaughtUp {
+                stream,
+                wanted,
+                current,
+                ..
+            } => Status::with_error_details(
+                Code::Unavailable,
+                message,
+                ErrorDetails::with_error_info(
+                    "VIEW_NOT_CAUGHT_UP",
+                    ERROR_DOMAIN,
+                    HashMap::from([
+                        ("stream".to_owned(), stream),
+                        ("wanted".to_owned(), wanted.to_string()),
+                        ("current".to_owned(), current.to_string()),
+                    ]),
+                ),
+            ),
+            QueryError::Store(DocumentError::Unavailable(_)) => Status::with_error_details(
+                Code::Unavailable,
+                message,
+                ErrorDetails::with_error_info(
+                    "DOCUMENT_STORE_UNAVAILABLE",
+                    ERROR_DOMAIN,
+                    HashMap::new(),
+                ),
+            ),
+            error => internal(&error),
+        }
+    }
+}
+
 /// A failure that is not the caller's: logged in full, reported without internals.
 fn internal(error: &dyn std::error::Error) -> Status {
     tracing::error!(%error, "internal error");
@@ -242,6 +287,32 @@ mod tests {
             Status::from(BusError::Nacked("k".into())).code(),
             Code::Internal
         );
+    }
+
+    #[test]
+    fn a_view_behind_is_unavailable_with_what_it_reflects() {
+        let status = Status::from(QueryError::NotCaughtUp {
+            kind: "counter",
+            id: "c".into(),
+            stream: "counter-c".into(),
+            wanted: 9,
+            current: 7,
+        });
+        assert_eq!(status.code(), Code::Unavailable);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "VIEW_NOT_CAUGHT_UP");
+        assert_eq!(
+            (
+                info.metadata["wanted"].as_str(),
+                info.metadata["current"].as_str()
+            ),
+            ("9", "7")
+        );
+        let missing = Status::from(QueryError::NotFound {
+            kind: "file",
+            id: "f".into(),
+        });
+        assert_eq!(missing.code(), Code::NotFound);
     }
 
     #[test]

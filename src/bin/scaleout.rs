@@ -1,0 +1,55 @@
+//! scaleout: the whole platform in one process on its embedded defaults
+//! (redb files in a data directory, an in-process bus), for a laptop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use scaleout::command::RetryPolicy;
+use scaleout::config::{ServerArgs, TelemetryArgs, parse_duration};
+
+/// The scaleout platform, all in one process: commands, outbox relay,
+/// in-process bus, projectors and queries on one port.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to serve gRPC on (commands, queries, admin, health, reflection).
+    #[arg(long, env = "SCALEOUT_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Where the event store and the read models live (kept across restarts).
+    #[arg(long, env = "SCALEOUT_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// The longest a query waits for its `min_version`.
+    #[arg(long, env = "SCALEOUT_MAX_WAIT", default_value = "5s", value_parser = parse_duration)]
+    max_wait: Duration,
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    scaleout::telemetry::init(&args.telemetry).map_err(|e| format!("invalid --log-filter: {e}"))?;
+    let stopping = scaleout::shutdown::on_signal();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("binding {}: {e}", args.listen))?;
+    let address = listener.local_addr()?;
+    tracing::info!(
+        %address,
+        data_dir = %args.data_dir.display(),
+        "scaleout platform serving commands and queries: try `grpcurl -plaintext {address} list`"
+    );
+    let platform = scaleout::app::Platform {
+        data_dir: args.data_dir,
+        server: args.server,
+        retry: RetryPolicy::default(),
+        max_wait: args.max_wait,
+    };
+    scaleout::app::run_platform(listener, platform, stopping).await?;
+    tracing::info!("scaleout platform stopped");
+    Ok(())
+}

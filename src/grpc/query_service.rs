@@ -1,0 +1,221 @@
+//! `scaleout.v1.QueryService`: decode, read the view (waiting for a version
+//! if asked, within the call's deadline), map the error.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as TOKEN;
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use super::status::Violations;
+use crate::domain::values::Id;
+use crate::pb::{self, query_service_server::QueryServiceServer};
+use crate::query::Queries;
+
+const DEFAULT_PAGE_SIZE: u32 = 50;
+const MAX_PAGE_SIZE: u32 = 500;
+
+/// The query service over [`Queries`].
+#[derive(Debug, Clone)]
+pub struct QueryApi {
+    queries: Queries,
+    /// The longest a read waits for a version, whatever the caller's deadline.
+    max_wait: Duration,
+}
+
+impl QueryApi {
+    pub fn new(queries: Queries, max_wait: Duration) -> Self {
+        Self { queries, max_wait }
+    }
+
+    pub fn into_service(self, max_message_bytes: usize) -> QueryServiceServer<Self> {
+        QueryServiceServer::new(self).max_decoding_message_size(max_message_bytes)
+    }
+
+    /// When to stop waiting: a little before the caller's deadline (so the
+    /// answer is ours, not a bare DEADLINE_EXCEEDED), at most `max_wait`.
+    fn deadline<T>(&self, request: &Request<T>) -> Instant {
+        let wait = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|value| value.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map_or(self.max_wait, |timeout| {
+                let margin = (timeout / 10).min(Duration::from_millis(50));
+                timeout.saturating_sub(margin).min(self.max_wait)
+            });
+        Instant::now() + wait
+    }
+}
+
+/// Parses the `grpc-timeout` header: up to 8 digits and a unit.
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[tonic::async_trait]
+impl pb::query_service_server::QueryService for QueryApi {
+    async fn get_file(
+        &self,
+        request: Request<pb::GetFileRequest>,
+    ) -> Result<Response<pb::GetFileResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let Some(file_id) = violations.check("file_id", Id::parse(&body.file_id)) else {
+            return Err(violations.into_status());
+        };
+        let view = self
+            .queries
+            .file(file_id.as_str(), body.min_version, deadline)
+            .await?;
+        Ok(Response::new(pb::GetFileResponse {
+            file: Some(pb::FileView {
+                file_id: view.file_id,
+                name: view.name,
+                folder_id: view.folder_id,
+                version: view.version,
+                comment_count: view.comment_count,
+                deleted: view.deleted,
+            }),
+        }))
+    }
+
+    async fn list_folder(
+        &self,
+        request: Request<pb::ListFolderRequest>,
+    ) -> Result<Response<pb::ListFolderResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let page_size = match body.page_size {
+            0 => Ok(DEFAULT_PAGE_SIZE),
+            n if n <= MAX_PAGE_SIZE => Ok(n),
+            n => Err(format!("must be at most {MAX_PAGE_SIZE}, got {n}")),
+        };
+        let after = match body.page_token.as_str() {
+            "" => Ok(None),
+            token => TOKEN
+                .decode(token)
+                .ok()
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+                .map(Some)
+                .ok_or("is not a token this service returned"),
+        };
+        let (Some(folder_id), Some(page_size), Some(after)) = (
+            violations.check("folder_id", Id::parse(&body.folder_id)),
+            violations.check("page_size", page_size),
+            violations.check("page_token", after),
+        ) else {
+            return Err(violations.into_status());
+        };
+        let min_versions = body.min_versions.into_iter().collect();
+        let listing = self
+            .queries
+            .folder(folder_id.as_str(), &min_versions, deadline)
+            .await?;
+        let range = match &after {
+            Some(after) => listing
+                .files
+                .range::<String, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            None => listing.files.range::<String, _>(..),
+        };
+        let mut files: Vec<pb::FolderEntry> = range
+            .take(page_size as usize + 1)
+            .map(|(file_id, name)| pb::FolderEntry {
+                file_id: file_id.clone(),
+                name: name.clone(),
+            })
+            .collect();
+        let next_page_token = if files.len() > page_size as usize {
+            files.truncate(page_size as usize);
+            files
+                .last()
+                .map(|last| TOKEN.encode(&last.file_id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListFolderResponse {
+            files,
+            next_page_token,
+        }))
+    }
+
+    async fn list_comments(
+        &self,
+        request: Request<pb::ListCommentsRequest>,
+    ) -> Result<Response<pb::ListCommentsResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let Some(file_id) = violations.check("file_id", Id::parse(&body.file_id)) else {
+            return Err(violations.into_status());
+        };
+        let thread = self
+            .queries
+            .comments(file_id.as_str(), body.min_version, deadline)
+            .await?;
+        Ok(Response::new(pb::ListCommentsResponse {
+            comments: thread
+                .comments
+                .into_iter()
+                .map(|c| pb::Comment {
+                    comment_id: c.comment_id,
+                    author: c.author,
+                    text: c.text,
+                    posted_at_ms: c.posted_at_ms,
+                })
+                .collect(),
+            version: thread.version,
+        }))
+    }
+
+    async fn get_counter(
+        &self,
+        request: Request<pb::GetCounterRequest>,
+    ) -> Result<Response<pb::GetCounterResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let Some(counter_id) = violations.check("counter_id", Id::parse(&body.counter_id)) else {
+            return Err(violations.into_status());
+        };
+        let view = self
+            .queries
+            .counter(counter_id.as_str(), body.min_version, deadline)
+            .await?;
+        Ok(Response::new(pb::GetCounterResponse {
+            counter_id: view.counter_id,
+            count: view.count,
+            version: view.version,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+        assert_eq!(parse_grpc_timeout("10Q"), None);
+    }
+}

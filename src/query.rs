@@ -1,0 +1,189 @@
+//! Reading read models, and waiting for a version when the caller asks to
+//! read its own write.
+//!
+//! Read models trail the event log. A caller that just wrote passes the
+//! stream versions its commands returned; a read waits, polling with
+//! backoff, until the document has applied them (its `_applied` map), and
+//! gives up at the deadline with [`QueryError::NotCaughtUp`] rather than
+//! answer with a view that is older than what the caller knows happened.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+
+use crate::documents::{DocumentError, DocumentStore};
+use crate::projection::views::{
+    CommentThread, CounterView, FileView, FolderListing, comments_key, counter_key, file_key,
+    folder_key,
+};
+
+/// Why a query has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("{kind} {id} does not exist")]
+    NotFound { kind: &'static str, id: String },
+    /// The view has not applied the wanted version by the deadline.
+    #[error("{kind} {id} reflects {stream} up to version {current}, not yet {wanted}")]
+    NotCaughtUp {
+        kind: &'static str,
+        id: String,
+        stream: String,
+        wanted: u64,
+        current: u64,
+    },
+    #[error(transparent)]
+    Store(#[from] DocumentError),
+    /// A stored document that does not parse: a bug, not the caller's.
+    #[error("{kind} {id} is stored in a shape this version cannot read: {reason}")]
+    Corrupt {
+        kind: &'static str,
+        id: String,
+        reason: String,
+    },
+}
+
+/// The versions a document has applied, read beside its view.
+#[derive(Deserialize)]
+struct Applied {
+    #[serde(rename = "_applied", default)]
+    applied: BTreeMap<String, u64>,
+}
+
+/// Queries over the reference read models.
+#[derive(Debug, Clone)]
+pub struct Queries {
+    documents: Arc<dyn DocumentStore>,
+}
+
+impl Queries {
+    pub fn new(documents: Arc<dyn DocumentStore>) -> Self {
+        Self { documents }
+    }
+
+    pub fn documents(&self) -> &Arc<dyn DocumentStore> {
+        &self.documents
+    }
+
+    pub async fn file(
+        &self,
+        file_id: &str,
+        min_version: u64,
+        deadline: Instant,
+    ) -> Result<FileView, QueryError> {
+        let wanted = wanted(format!("file-{file_id}"), min_version);
+        self.read("file", file_id, &file_key(file_id), &wanted, deadline)
+            .await
+    }
+
+    pub async fn folder(
+        &self,
+        folder_id: &str,
+        min_versions: &BTreeMap<String, u64>,
+        deadline: Instant,
+    ) -> Result<FolderListing, QueryError> {
+        let wanted: Vec<_> = min_versions.iter().map(|(s, v)| (s.clone(), *v)).collect();
+        self.read(
+            "folder",
+            folder_id,
+            &folder_key(folder_id),
+            &wanted,
+            deadline,
+        )
+        .await
+    }
+
+    pub async fn comments(
+        &self,
+        file_id: &str,
+        min_version: u64,
+        deadline: Instant,
+    ) -> Result<CommentThread, QueryError> {
+        let wanted = wanted(format!("file-{file_id}"), min_version);
+        self.read("file", file_id, &comments_key(file_id), &wanted, deadline)
+            .await
+    }
+
+    pub async fn counter(
+        &self,
+        counter_id: &str,
+        min_version: u64,
+        deadline: Instant,
+    ) -> Result<CounterView, QueryError> {
+        let wanted = wanted(format!("counter-{counter_id}"), min_version);
+        self.read(
+            "counter",
+            counter_id,
+            &counter_key(counter_id),
+            &wanted,
+            deadline,
+        )
+        .await
+    }
+
+    /// Reads `key` once it has applied every `wanted` (stream, version).
+    async fn read<V: DeserializeOwned>(
+        &self,
+        kind: &'static str,
+        id: &str,
+        key: &str,
+        wanted: &[(String, u64)],
+        deadline: Instant,
+    ) -> Result<V, QueryError> {
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let document = self.documents.get(key).await?;
+            let corrupt = |e: serde_json::Error| QueryError::Corrupt {
+                kind,
+                id: id.to_owned(),
+                reason: e.to_string(),
+            };
+            let applied = match &document {
+                Some(d) => {
+                    serde_json::from_slice::<Applied>(&d.body)
+                        .map_err(corrupt)?
+                        .applied
+                }
+                None => BTreeMap::new(),
+            };
+            let behind = wanted
+                .iter()
+                .find(|(stream, version)| applied.get(stream).copied().unwrap_or(0) < *version);
+            match (behind, &document) {
+                (None, Some(document)) => {
+                    return serde_json::from_slice(&document.body).map_err(corrupt);
+                }
+                (None, None) => {
+                    return Err(QueryError::NotFound {
+                        kind,
+                        id: id.to_owned(),
+                    });
+                }
+                (Some((stream, version)), _) if Instant::now() + pause >= deadline => {
+                    return Err(QueryError::NotCaughtUp {
+                        kind,
+                        id: id.to_owned(),
+                        stream: stream.clone(),
+                        wanted: *version,
+                        current: applied.get(stream).copied().unwrap_or(0),
+                    });
+                }
+                (Some(_), _) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+fn wanted(stream: String, min_version: u64) -> Vec<(String, u64)> {
+    if min_version == 0 {
+        Vec::new()
+    } else {
+        vec![(stream, min_version)]
+    }
+}

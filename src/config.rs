@@ -25,6 +25,11 @@ pub struct ServerArgs {
     /// How often dependencies are probed for health reporting.
     #[arg(long, env = "SCALEOUT_HEALTH_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub health_interval: Duration,
+    /// Instead of serving: ask the server already listening on `--listen`
+    /// for its gRPC health and exit 0 if SERVING, 1 if not (a container
+    /// health check that needs no extra tool).
+    #[arg(long)]
+    pub check_health: bool,
 }
 
 impl Default for ServerArgs {
@@ -35,6 +40,7 @@ impl Default for ServerArgs {
             max_concurrent_requests: 1024,
             shutdown_grace: Duration::ZERO,
             health_interval: Duration::from_secs(2),
+            check_health: false,
         }
     }
 }
@@ -49,6 +55,35 @@ pub struct DocumentStoreArgs {
         default_value = "redb:data/views.redb"
     )]
     pub document_store: String,
+    /// Couchbase user (with a `couchbase://` store).
+    #[arg(
+        long,
+        env = "SCALEOUT_COUCHBASE_USERNAME",
+        default_value = "Administrator"
+    )]
+    pub couchbase_username: String,
+    /// Couchbase password.
+    #[arg(
+        long,
+        env = "SCALEOUT_COUCHBASE_PASSWORD",
+        default_value = "password",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub couchbase_password: String,
+    #[arg(long, env = "SCALEOUT_COUCHBASE_BUCKET", default_value = "scaleout")]
+    pub couchbase_bucket: String,
+    #[arg(long, env = "SCALEOUT_COUCHBASE_SCOPE", default_value = "_default")]
+    pub couchbase_scope: String,
+    #[arg(
+        long,
+        env = "SCALEOUT_COUCHBASE_COLLECTION",
+        default_value = "_default"
+    )]
+    pub couchbase_collection: String,
+    /// Bound on every Couchbase call (the SDK itself retries forever).
+    #[arg(long, env = "SCALEOUT_COUCHBASE_TIMEOUT", default_value = "2500ms", value_parser = parse_duration)]
+    pub couchbase_timeout: Duration,
 }
 
 impl DocumentStoreArgs {
@@ -64,6 +99,33 @@ impl DocumentStoreArgs {
 impl std::fmt::Display for DocumentStoreArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&redact(&self.document_store))
+    }
+}
+
+impl ServerArgs {
+    /// With `--check-health`, checks the server on `listen` and exits the
+    /// process with its verdict; otherwise returns.
+    pub async fn exit_if_checking_health(&self, listen: std::net::SocketAddr) {
+        if !self.check_health {
+            return;
+        }
+        // A server bound to all interfaces answers on loopback.
+        let addr = if listen.ip().is_unspecified() {
+            std::net::SocketAddr::from(([127, 0, 0, 1], listen.port()))
+        } else {
+            listen
+        };
+        match crate::grpc::check_health(addr, Duration::from_secs(3)).await {
+            Ok(true) => std::process::exit(0),
+            Ok(false) => {
+                eprintln!("{addr} is NOT_SERVING");
+                std::process::exit(1)
+            }
+            Err(error) => {
+                eprintln!("{error}");
+                std::process::exit(1)
+            }
+        }
     }
 }
 

@@ -48,6 +48,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    args.server.exit_if_checking_health(args.listen).await;
     scaleout::telemetry::init(&args.telemetry).context("invalid --log-filter")?;
     let stopping = scaleout::shutdown::on_signal();
     let store = scaleout::store::open(&args.event_store)

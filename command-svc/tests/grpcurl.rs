@@ -119,9 +119,25 @@ fn grpcurl_lists_calls_and_checks_health_and_data_survives_restart() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // The binary is its own container health check.
+    let check = |addr: &str| {
+        Command::new(env!("CARGO_BIN_EXE_command-svc"))
+            .args(["--listen", addr, "--check-health"])
+            .status()
+            .unwrap()
+    };
+    assert!(
+        check(&svc.addr).success(),
+        "--check-health of a serving command-svc"
+    );
+    let addr = svc.addr.clone();
     assert!(
         svc.stop().success(),
         "SIGTERM should stop command-svc cleanly"
+    );
+    assert!(
+        !check(&addr).success(),
+        "--check-health of a stopped command-svc"
     );
 
     let svc = Svc::start(data.path());

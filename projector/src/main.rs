@@ -64,6 +64,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    args.server.exit_if_checking_health(args.listen).await;
     scaleout::telemetry::init(&args.telemetry).context("invalid --log-filter")?;
     let stopping = scaleout::shutdown::on_signal();
     let bus = scaleout::bus::open(&args.event_bus, &args.event_bus_prefix)

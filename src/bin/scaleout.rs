@@ -32,6 +32,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    args.server.exit_if_checking_health(args.listen).await;
     scaleout::telemetry::init(&args.telemetry).map_err(|e| format!("invalid --log-filter: {e}"))?;
     let stopping = scaleout::shutdown::on_signal();
     let listener = tokio::net::TcpListener::bind(args.listen)

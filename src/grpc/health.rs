@@ -97,3 +97,28 @@ impl Health {
         }
     }
 }
+
+/// Asks the gRPC health service at `addr` about the server as a whole:
+/// `Ok(true)` when SERVING. What a container health check runs, so images
+/// need no probe tool of their own.
+pub async fn check(addr: std::net::SocketAddr, timeout: Duration) -> Result<bool, String> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let ask = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let status = HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .map_err(|e| e.message().to_owned())?
+            .into_inner()
+            .status();
+        Ok(status == ServingStatus::Serving)
+    };
+    tokio::time::timeout(timeout, ask)
+        .await
+        .map_err(|_| format!("no answer from {addr} within {timeout:?}"))?
+}

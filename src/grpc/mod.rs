@@ -13,6 +13,6 @@ mod status;
 
 pub use self::admin_service::AdminApi;
 pub use self::command_service::{CORRELATION_ID_HEADER, CommandApi};
-pub use self::health::Health;
+pub use self::health::{Health, check as check_health};
 pub use self::query_service::QueryApi;
 pub use self::status::{ERROR_DOMAIN, Violations};

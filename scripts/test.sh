@@ -34,9 +34,22 @@ if (( lint )); then
   cargo clippy --workspace --all-targets --locked -- -D warnings
 fi
 
-step "cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+
+step "cargo test"
 cargo test --workspace --locked 2>&1 | tee "$log"
-# One closing line for the whole run, summed over every test binary.
-awk '/^test result:/ { passed += $4; failed += $6 } END { printf "\n%d passed, %d failed\n", passed, failed }' "$log"
+
+step "pytest (generated Python client, compose checks, end to end)"
+(cd tests/python && pytest -q -p no:cacheprovider) 2>&1 | tee -a "$log"
+
+# One closing line for the whole run, summed over every test binary and pytest.
+awk '
+  /^test result:/ { passed += $4; failed += $6 }
+  /^[0-9]+ passed|[0-9]+ failed/ {
+    for (i = 1; i < NF; i++) {
+      if ($(i + 1) ~ /^passed/) passed += $i
+      if ($(i + 1) ~ /^failed/) failed += $i
+    }
+  }
+  END { printf "\n%d passed, %d failed\n", passed, failed }' "$log"

@@ -46,7 +46,7 @@ step "pytest (generated Python client, compose checks, end to end)"
 # One closing line for the whole run, summed over every test binary and pytest.
 awk '
   /^test result:/ { passed += $4; failed += $6 }
-  /^[0-9]+ passed|[0-9]+ failed/ {
+  !/^test result:/ && /(^|[ =])[0-9]+ (passed|failed)/ {
     for (i = 1; i < NF; i++) {
       if ($(i + 1) ~ /^passed/) passed += $i
       if ($(i + 1) ~ /^failed/) failed += $i

@@ -11,6 +11,7 @@
 //! `Arc<dyn DocumentStore>`: [`redb`] is the embedded default, [`couchbase`]
 //! the production engine; both pass one conformance suite.
 
+pub mod couchbase;
 pub mod redb;
 
 use std::fmt;
@@ -83,7 +84,9 @@ pub trait DocumentStore: Send + Sync + fmt::Debug + 'static {
     async fn ping(&self) -> Result<(), DocumentError>;
 }
 
-/// Opens the store a `--document-store` value names: `redb:PATH`.
+/// Opens the embedded store a `--document-store` value names: `redb:PATH`
+/// (a `couchbase://` store also needs credentials: see
+/// [`crate::config::DocumentStoreArgs::open`]).
 pub async fn open(spec: &str) -> Result<Arc<dyn DocumentStore>, DocumentError> {
     if let Some(path) = spec.strip_prefix("redb:") {
         Ok(Arc::new(redb::RedbDocuments::open(path)?))

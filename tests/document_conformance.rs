@@ -125,3 +125,4 @@ macro_rules! all_cases {
 }
 
 all_cases!(redb);
+all_cases!(couchbase);

@@ -27,6 +27,9 @@ struct Args {
         default_value = "redb:data/events.redb"
     )]
     event_store: String,
+    /// The PostgreSQL schema holding the event store's tables.
+    #[arg(long, env = "SCALEOUT_POSTGRES_SCHEMA", default_value = "scaleout")]
+    postgres_schema: String,
     /// Where the outbox relay publishes events: an `amqp://` URL, or
     /// `memory`. Unset, no relay runs and events wait in the outbox.
     #[arg(long, env = "SCALEOUT_EVENT_BUS")]
@@ -51,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
     args.server.exit_if_checking_health(args.listen).await;
     scaleout::telemetry::init(&args.telemetry).context("invalid --log-filter")?;
     let stopping = scaleout::shutdown::on_signal();
-    let store = scaleout::store::open(&args.event_store)
+    let store = scaleout::store::open(&args.event_store, &args.postgres_schema)
         .await
         .with_context(|| format!("opening event store {}", redact(&args.event_store)))?;
     let bus = match &args.event_bus {

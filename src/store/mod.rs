@@ -92,12 +92,13 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
 }
 
 /// Opens the store a `--event-store` value names: `redb:PATH` or a
-/// `postgres://` URL (see [`postgres::PostgresConfig`] for its options).
-pub async fn open(spec: &str) -> Result<Arc<dyn EventStore>, StoreError> {
+/// `postgres://` URL (see [`postgres::PostgresConfig`] for its options),
+/// whose tables live in `postgres_schema`.
+pub async fn open(spec: &str, postgres_schema: &str) -> Result<Arc<dyn EventStore>, StoreError> {
     if let Some(path) = spec.strip_prefix("redb:") {
         Ok(Arc::new(redb::RedbStore::open(path)?))
     } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
-        let config = postgres::PostgresConfig::new(spec);
+        let config = postgres::PostgresConfig::new(spec).with_schema(postgres_schema.to_owned());
         Ok(Arc::new(postgres::PostgresStore::connect(config).await?))
     } else {
         Err(StoreError::Backend(format!(

@@ -91,7 +91,20 @@ pub async fn run_command_service(
         tasks.spawn(relay.run(stopping.child_token()));
     }
 
-    let served = server::serve(listener, routes, health, &server_args, stopping.clone()).await;
+    serve_then_drain(listener, routes, health, &server_args, stopping, tasks).await
+}
+
+/// Serves until `stopping` is cancelled, then cancels and awaits the
+/// background `tasks` (dependency followers, relay, workers).
+async fn serve_then_drain(
+    listener: TcpListener,
+    routes: tonic::service::Routes,
+    health: Health,
+    server_args: &ServerArgs,
+    stopping: CancellationToken,
+    mut tasks: tokio::task::JoinSet<()>,
+) -> Result<(), ServeError> {
+    let served = server::serve(listener, routes, health, server_args, stopping.clone()).await;
     stopping.cancel();
     while tasks.join_next().await.is_some() {}
     Ok(served?)
@@ -184,10 +197,7 @@ pub async fn run_projector(
         });
     }
 
-    let served = server::serve(listener, routes, health, &server_args, stopping.clone()).await;
-    stopping.cancel();
-    while tasks.join_next().await.is_some() {}
-    Ok(served?)
+    serve_then_drain(listener, routes, health, &server_args, stopping, tasks).await
 }
 
 /// Subscribes, retrying with backoff while the bus is away; `None` once stopping.
@@ -236,7 +246,8 @@ pub async fn run_query_service(
     let mut services = RoutesBuilder::default();
     services.add_service(api.into_service(server_args.max_message_bytes));
     let (routes, health) = server::routes(services, &[QUERY_SERVICE], stopping.clone()).await?;
-    let follower = tokio::spawn(health.clone().follow(
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(health.clone().follow(
         vec![QUERY_SERVICE.to_owned(), String::new()],
         "document store",
         server_args.health_interval,
@@ -245,10 +256,7 @@ pub async fn run_query_service(
             async move { documents.ping().await }
         },
     ));
-    let served = server::serve(listener, routes, health, &server_args, stopping.clone()).await;
-    stopping.cancel();
-    let _ = follower.await;
-    Ok(served?)
+    serve_then_drain(listener, routes, health, &server_args, stopping, tasks).await
 }
 
 /// The embedded platform: every part in one process on one data directory.
@@ -341,10 +349,7 @@ pub async fn run_platform(
     tasks.spawn(report_relay(health.clone(), relay.state()));
     tasks.spawn(relay.run(stopping.child_token()));
 
-    let served = server::serve(listener, routes, health, &server_args, stopping.clone()).await;
-    stopping.cancel();
-    while tasks.join_next().await.is_some() {}
-    Ok(served?)
+    Ok(serve_then_drain(listener, routes, health, &server_args, stopping, tasks).await?)
 }
 
 /// Why the embedded platform could not start or serve.
@@ -358,12 +363,6 @@ pub enum PlatformError {
     Documents(#[from] crate::documents::DocumentError),
     #[error("subscribing the projector: {0}")]
     Bus(#[from] crate::bus::BusError),
-}
-
-impl From<tonic::transport::Error> for PlatformError {
-    fn from(error: tonic::transport::Error) -> Self {
-        Self::Serve(ServeError::Transport(error))
-    }
 }
 
 impl From<tonic_reflection::server::Error> for PlatformError {

@@ -133,7 +133,7 @@ impl Queries {
         wanted: &[(String, u64)],
         deadline: Instant,
     ) -> Result<V, QueryError> {
-        let mut pause = Duration::from_millis(2);
+        let mut pause = Duration::from_millis(1);
         loop {
             let document = self.documents.get(key).await?;
             let corrupt = |e: serde_json::Error| QueryError::Corrupt {
@@ -173,7 +173,7 @@ impl Queries {
                 }
                 (Some(_), _) => {
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(50));
+                    pause = (pause * 2).min(Duration::from_millis(10));
                 }
             }
         }

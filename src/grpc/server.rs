@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::{Routes, RoutesBuilder};
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 
 use super::Health;
 use crate::config::ServerArgs;
@@ -65,6 +65,13 @@ pub async fn serve(
         .max_concurrent_streams(u32::try_from(args.max_concurrent_requests).ok())
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drained)
+        .serve_with_incoming_shutdown(incoming(listener), drained)
         .await
+}
+
+/// Accepted connections send small frames at once: with Nagle's algorithm a
+/// response waits for the ACK of the previous one, which a client that
+/// shares one connection between calls delays by up to its next request.
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }

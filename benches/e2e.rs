@@ -1,0 +1,258 @@
+//! End-to-end lag: from a command's response to its effect being visible
+//! through the query service (a GetCounter with `min_version`), open loop
+//! at 100 and 1,000 commands/s, on the embedded platform and on the split
+//! deployment (command-svc on PostgreSQL + RabbitMQ, two projectors and
+//! query-svc on Couchbase through the KV test server; all in this process).
+//!
+//! `cargo bench --bench e2e` (needs PostgreSQL and RabbitMQ).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use scaleout::bus::rabbitmq::{RabbitBus, RabbitConfig};
+use scaleout::bus::{EventBus, Subscription};
+use scaleout::documents::DocumentStore;
+use scaleout::documents::couchbase::{CouchbaseConfig, CouchbaseDocuments};
+use scaleout::pb::{
+    self, command_service_client::CommandServiceClient, query_service_client::QueryServiceClient,
+};
+use scaleout::store::EventStore;
+use scaleout::store::postgres::{PostgresConfig, PostgresStore};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+const RUN: Duration = Duration::from_secs(4);
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let rank = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1].as_secs_f64() * 1e3
+}
+
+async fn listener() -> (TcpListener, String) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    (listener, url)
+}
+
+async fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Open loop at `rate`: each command, then a read of it with min_version.
+async fn measure(label: &str, commands: Channel, queries: Channel, rate: u32) {
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
+    let mut tasks = JoinSet::new();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < RUN {
+        ticker.tick().await;
+        let (mut commands, mut queries) = (
+            CommandServiceClient::new(commands.clone()),
+            QueryServiceClient::new(queries.clone()),
+        );
+        let counter_id = format!("{run}-{}", sent % 100);
+        sent += 1;
+        tasks.spawn(async move {
+            let command_started = Instant::now();
+            let version = commands
+                .increment_counter(pb::IncrementCounterRequest {
+                    counter_id: counter_id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect("command")
+                .into_inner()
+                .result
+                .unwrap()
+                .version;
+            let accepted = Instant::now();
+            let mut read = tonic::Request::new(pb::GetCounterRequest {
+                counter_id,
+                min_version: version,
+            });
+            read.set_timeout(Duration::from_secs(10));
+            queries
+                .get_counter(read)
+                .await
+                .expect("visible within 10 s");
+            (accepted - command_started, accepted.elapsed())
+        });
+    }
+    let (mut command_latency, mut lag) = (Vec::new(), Vec::new());
+    while let Some(done) = tasks.join_next().await {
+        let (command, visible) = done.unwrap();
+        command_latency.push(command);
+        lag.push(visible);
+    }
+    command_latency.sort_unstable();
+    lag.sort_unstable();
+    println!(
+        "{label:<34} {rate:>5} cmd/s: command p50 {:>6.2} ms p99 {:>6.2} ms | accepted→visible p50 {:>6.2} ms p99 {:>6.2} ms (n={})",
+        percentile(&command_latency, 0.5),
+        percentile(&command_latency, 0.99),
+        percentile(&lag, 0.5),
+        percentile(&lag, 0.99),
+        lag.len(),
+    );
+}
+
+async fn embedded(rate: u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let (listener, url) = listener().await;
+    let stopping = CancellationToken::new();
+    let platform = scaleout::app::Platform {
+        data_dir: dir.path().to_owned(),
+        server: Default::default(),
+        retry: Default::default(),
+        max_wait: Duration::from_secs(10),
+    };
+    let served = tokio::spawn(scaleout::app::run_platform(
+        listener,
+        platform,
+        stopping.clone(),
+    ));
+    let channel = channel(&url).await;
+    measure("embedded platform", channel.clone(), channel, rate).await;
+    stopping.cancel();
+    served.await.unwrap().unwrap();
+}
+
+async fn split(rate: u32) {
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let pg_url = std::env::var("SCALEOUT_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://scaleout:scaleout@127.0.0.1:5432/scaleout".into());
+    let amqp = std::env::var("SCALEOUT_TEST_RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let schema = format!("e2e_{run}");
+    let rabbit = RabbitConfig::new(&amqp).with_prefix(format!("bench-e2e-{run}"));
+    let couchbase = couchbase_kv_server::TestServer::start(Default::default())
+        .await
+        .unwrap();
+    let documents = || async {
+        let config = CouchbaseConfig {
+            connection_string: couchbase.connection_string(),
+            username: "Administrator".into(),
+            password: "password".into(),
+            bucket: "scaleout".into(),
+            scope: "_default".into(),
+            collection: "_default".into(),
+            timeout: Duration::from_secs(5),
+        };
+        Arc::new(CouchbaseDocuments::connect(config).await.unwrap()) as Arc<dyn DocumentStore>
+    };
+    let stopping = CancellationToken::new();
+    let mut services = JoinSet::new();
+    for _ in 0..2 {
+        let (listener, _) = listener().await;
+        let projector = scaleout::app::ProjectorService {
+            bus: Arc::new(RabbitBus::new(rabbit.clone())),
+            documents: documents().await,
+            subscription: Subscription {
+                service_type: "projector".into(),
+                bindings: vec!["#".into()],
+                prefetch: 100,
+                max_attempts: 5,
+            },
+            workers: 1,
+            config: Default::default(),
+            server: Default::default(),
+        };
+        services.spawn(async move {
+            drop(scaleout::app::run_projector(listener, projector, CancellationToken::new()).await)
+        });
+    }
+    // The projectors' queue exists before the first event is relayed.
+    drop(
+        RabbitBus::new(rabbit.clone())
+            .subscribe(&Subscription {
+                service_type: "projector".into(),
+                bindings: vec!["#".into()],
+                prefetch: 100,
+                max_attempts: 5,
+            })
+            .await
+            .unwrap(),
+    );
+    let store: Arc<dyn EventStore> = Arc::new(
+        PostgresStore::connect(PostgresConfig::new(&pg_url).with_schema(schema.clone()))
+            .await
+            .unwrap(),
+    );
+    let (command_listener, command_url) = listener().await;
+    let command = scaleout::app::CommandService {
+        store,
+        bus: Some(Arc::new(RabbitBus::new(rabbit.clone())) as Arc<dyn EventBus>),
+        server: Default::default(),
+        retry: Default::default(),
+        relay: Default::default(),
+    };
+    let command_stopping = stopping.clone();
+    services.spawn(async move {
+        drop(scaleout::app::run_command_service(command_listener, command, command_stopping).await)
+    });
+    let (query_listener, query_url) = listener().await;
+    let query = scaleout::app::QueryService {
+        documents: documents().await,
+        max_wait: Duration::from_secs(10),
+        server: Default::default(),
+    };
+    let query_stopping = stopping.clone();
+    services.spawn(async move {
+        drop(scaleout::app::run_query_service(query_listener, query, query_stopping).await)
+    });
+
+    measure(
+        "split (PostgreSQL, RabbitMQ, CB)",
+        channel(&command_url).await,
+        channel(&query_url).await,
+        rate,
+    )
+    .await;
+    stopping.cancel();
+    services.abort_all();
+
+    let (admin, connection) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    admin
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+    let connection = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    for queue in [
+        rabbit.queue("projector"),
+        rabbit.dead_letter_queue("projector"),
+    ] {
+        channel
+            .queue_delete(queue.into(), Default::default())
+            .await
+            .unwrap();
+    }
+    for exchange in [rabbit.events_exchange(), rabbit.dead_letter_exchange()] {
+        channel
+            .exchange_delete(exchange.into(), Default::default())
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("scaleout end-to-end lag: {cores} cores, open loop, {RUN:?} per run, 100 counters\n");
+    for rate in [100, 1000] {
+        embedded(rate).await;
+        split(rate).await;
+    }
+}

@@ -173,6 +173,35 @@ fn per_second(elapsed: Duration) -> f64 {
     EVENTS as f64 / elapsed.as_secs_f64()
 }
 
+/// A fresh document store of the named kind.
+async fn documents(
+    kind: &str,
+    dir: &std::path::Path,
+    couchbase: &couchbase_kv_server::TestServer,
+) -> Arc<dyn DocumentStore> {
+    match kind {
+        "redb" => Arc::new(
+            RedbDocuments::open(dir.join(format!("{}.redb", Uuid::now_v7().simple()))).unwrap(),
+        ),
+        _ => {
+            let config = scaleout::documents::couchbase::CouchbaseConfig {
+                connection_string: couchbase.connection_string(),
+                username: "Administrator".into(),
+                password: "password".into(),
+                bucket: "scaleout".into(),
+                scope: "_default".into(),
+                collection: "_default".into(),
+                timeout: Duration::from_secs(5),
+            };
+            Arc::new(
+                scaleout::documents::couchbase::CouchbaseDocuments::connect(config)
+                    .await
+                    .unwrap(),
+            )
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -181,8 +210,7 @@ async fn main() {
     );
     let dir = tempfile::tempdir().unwrap();
     let run = Uuid::now_v7().simple().to_string();
-    for (store_name, open) in [("redb", 0)] {
-        let _ = open;
+    for store in ["redb", "Couchbase (KV test server)"] {
         for hot in [true, false] {
             let shape = if hot {
                 "one hot document"
@@ -190,22 +218,27 @@ async fn main() {
                 "100 documents"
             };
             for instances in [1, 3] {
-                let label = format!("{store_name}, {shape}, {instances} instance(s)");
-                let config =
-                    RabbitConfig::new(&url()).with_prefix(format!("bench-{run}-{hot}-{instances}"));
+                // A fresh server per run, so every run starts from empty documents.
+                let couchbase = couchbase_kv_server::TestServer::start(Default::default())
+                    .await
+                    .unwrap();
+                let label = format!("{store}, {shape}, {instances} instance(s)");
+                let config = RabbitConfig::new(&url())
+                    .with_prefix(format!("bench-{run}-{hot}-{instances}-{}", store.len()));
                 fill(&config, &increments(hot)).await;
                 let raw = raw_consume(&config, instances).await;
                 fill(&config, &increments(hot)).await;
-                let documents: Arc<dyn DocumentStore> = Arc::new(
-                    RedbDocuments::open(dir.path().join(format!("{hot}-{instances}.redb")))
-                        .unwrap(),
-                );
-                let (elapsed, metrics) = project(&config, documents, instances).await;
+                let (elapsed, metrics) = project(
+                    &config,
+                    documents(store, dir.path(), &couchbase).await,
+                    instances,
+                )
+                .await;
                 let per_k = |n: &std::sync::atomic::AtomicU64| {
                     n.load(Ordering::Relaxed) as f64 * 1000.0 / EVENTS as f64
                 };
                 println!(
-                    "{label:<46} projected {:>7.0}/s   raw consume-and-ack {:>7.0}/s ({:.0}%)   CAS conflicts {:.1}/1k, retries {:.1}/1k",
+                    "{label:<58} projected {:>7.0}/s   raw consume-and-ack {:>7.0}/s ({:.0}%)   CAS conflicts {:.1}/1k, retries {:.1}/1k",
                     per_second(elapsed),
                     per_second(raw),
                     100.0 * raw.as_secs_f64() / elapsed.as_secs_f64(),

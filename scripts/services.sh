@@ -27,6 +27,15 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
 }
 
+# The Couchbase SDK links the system OpenSSL (its only TLS option without a
+# C++ crypto build).
+ensure_build_deps() {
+  if ! dpkg -s libssl-dev pkg-config >/dev/null 2>&1; then
+    echo "libssl-dev and pkg-config are missing: installing them"
+    apt_install libssl-dev pkg-config
+  fi
+}
+
 ensure_postgres() {
   if ! port_open 5432; then
     if ! command -v pg_ctlcluster >/dev/null; then

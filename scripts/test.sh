@@ -19,6 +19,7 @@ lint=1
 step() { printf '\n==> %s\n' "$*"; }
 
 step "services"
+ensure_build_deps
 ensure_postgres
 ensure_rabbitmq
 ensure_python_tools

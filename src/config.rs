@@ -86,62 +86,9 @@ pub struct DocumentStoreArgs {
     pub couchbase_timeout: Duration,
 }
 
-impl DocumentStoreArgs {
-    /// Opens the store these flags name.
-    pub async fn open(
-        &self,
-    ) -> Result<std::sync::Arc<dyn crate::documents::DocumentStore>, crate::documents::DocumentError>
-    {
-        use crate::documents::couchbase::{CouchbaseConfig, CouchbaseDocuments};
-        let store = &self.document_store;
-        if !(store.starts_with("couchbase://") || store.starts_with("couchbases://")) {
-            return crate::documents::open(store).await;
-        }
-        let config = CouchbaseConfig {
-            connection_string: store.clone(),
-            username: self.couchbase_username.clone(),
-            password: self.couchbase_password.clone(),
-            bucket: self.couchbase_bucket.clone(),
-            scope: self.couchbase_scope.clone(),
-            collection: self.couchbase_collection.clone(),
-            timeout: self.couchbase_timeout,
-        };
-        Ok(std::sync::Arc::new(
-            CouchbaseDocuments::connect(config).await?,
-        ))
-    }
-}
-
 impl std::fmt::Display for DocumentStoreArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&redact(&self.document_store))
-    }
-}
-
-impl ServerArgs {
-    /// With `--check-health`, checks the server on `listen` and exits the
-    /// process with its verdict; otherwise returns.
-    pub async fn exit_if_checking_health(&self, listen: std::net::SocketAddr) {
-        if !self.check_health {
-            return;
-        }
-        // A server bound to all interfaces answers on loopback.
-        let addr = if listen.ip().is_unspecified() {
-            std::net::SocketAddr::from(([127, 0, 0, 1], listen.port()))
-        } else {
-            listen
-        };
-        match crate::grpc::check_health(addr, Duration::from_secs(3)).await {
-            Ok(true) => std::process::exit(0),
-            Ok(false) => {
-                eprintln!("{addr} is NOT_SERVING");
-                std::process::exit(1)
-            }
-            Err(error) => {
-                eprintln!("{error}");
-                std::process::exit(1)
-            }
-        }
     }
 }
 

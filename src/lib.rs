@@ -2,18 +2,25 @@
 //!
 //! The kernel of a gRPC command/query platform: commands are decided by
 //! event-sourced aggregates and appended to an event store with
-//! expected-version checks. Modules depend downward only:
+//! expected-version checks; an outbox relay publishes the events to a bus;
+//! projectors fold them into read models with CAS; queries read those,
+//! waiting for a version when asked. Modules depend downward only:
 //!
 //! | module | owns | must not depend on |
 //! | --- | --- | --- |
 //! | [`pb`] | the generated Protobuf contract of `proto/` | anything |
+//! | [`config`], [`telemetry`], [`shutdown`] | typed flags, logs, the shutdown token | the rest |
 //! | [`domain`] | aggregates: pure `decide` / `apply`, validated values | I/O, `store`, `grpc` |
-//! | [`store`] | the event store port, its shared batch logic, redb and PostgreSQL | `domain`, `command`, `grpc` |
+//! | [`store`] | the event store port, its shared batch planner, redb and PostgreSQL | `domain`, `command`, `grpc` |
 //! | [`envelope`] | recorded events to and from their wire envelope | `domain`, `grpc` |
-//! | [`command`] | load, decide, append; retry only what is safe | `grpc` |
-//! | [`grpc`] | adapters, status mapping, health, reflection, serving | backends' internals |
-//! | [`app`] | the wiring of each deployable service | — |
-//! | [`config`], [`telemetry`], [`shutdown`] | flags, logs, the shutdown token | the rest |
+//! | [`bus`] | the event bus port, in-process and RabbitMQ | `store` internals, `domain`, `grpc` |
+//! | [`documents`] | the read-model store port (CAS), redb and Couchbase | `domain`, `grpc` |
+//! | [`command`] | load, decide, append; retry only what is safe | `grpc`, `bus` |
+//! | [`relay`] | the outbox relay: store outbox → bus, with confirms | `domain`, `grpc` |
+//! | [`projection`] | read models as a fold of the log: routes, CAS writes, the runtime | `store`, `grpc` |
+//! | [`query`] | reading read models, waiting for a version when asked | `bus`, `store` |
+//! | [`grpc`] | adapters, the one status mapping, health, reflection, serving | backends' internals |
+//! | [`app`] | the wiring of each deployable service and of the embedded platform | — |
 
 pub mod app;
 pub mod bus;

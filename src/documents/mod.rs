@@ -96,3 +96,30 @@ pub async fn open(spec: &str) -> Result<Arc<dyn DocumentStore>, DocumentError> {
         )))
     }
 }
+
+impl crate::config::DocumentStoreArgs {
+    /// Opens the store these flags name (here, not in `config`, which
+    /// depends on nothing).
+    pub async fn open(
+        &self,
+    ) -> Result<std::sync::Arc<dyn crate::documents::DocumentStore>, crate::documents::DocumentError>
+    {
+        use crate::documents::couchbase::{CouchbaseConfig, CouchbaseDocuments};
+        let store = &self.document_store;
+        if !(store.starts_with("couchbase://") || store.starts_with("couchbases://")) {
+            return crate::documents::open(store).await;
+        }
+        let config = CouchbaseConfig {
+            connection_string: store.clone(),
+            username: self.couchbase_username.clone(),
+            password: self.couchbase_password.clone(),
+            bucket: self.couchbase_bucket.clone(),
+            scope: self.couchbase_scope.clone(),
+            collection: self.couchbase_collection.clone(),
+            timeout: self.couchbase_timeout,
+        };
+        Ok(std::sync::Arc::new(
+            CouchbaseDocuments::connect(config).await?,
+        ))
+    }
+}

@@ -122,3 +122,30 @@ pub async fn check(addr: std::net::SocketAddr, timeout: Duration) -> Result<bool
         .await
         .map_err(|_| format!("no answer from {addr} within {timeout:?}"))?
 }
+
+impl crate::config::ServerArgs {
+    /// With `--check-health`, checks the server on `listen` and exits the
+    /// process with its verdict; otherwise returns.
+    pub async fn exit_if_checking_health(&self, listen: std::net::SocketAddr) {
+        if !self.check_health {
+            return;
+        }
+        // A server bound to all interfaces answers on loopback.
+        let addr = if listen.ip().is_unspecified() {
+            std::net::SocketAddr::from(([127, 0, 0, 1], listen.port()))
+        } else {
+            listen
+        };
+        match check(addr, Duration::from_secs(3)).await {
+            Ok(true) => std::process::exit(0),
+            Ok(false) => {
+                eprintln!("{addr} is NOT_SERVING");
+                std::process::exit(1)
+            }
+            Err(error) => {
+                eprintln!("{error}");
+                std::process::exit(1)
+            }
+        }
+    }
+}

@@ -38,6 +38,11 @@ fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
+# Tests start the workspace's binaries as processes: `cargo test` builds
+# only those of packages that have tests of their own.
+step "cargo build"
+cargo build --workspace --bins --locked
+
 step "cargo test"
 cargo test --workspace --locked 2>&1 | tee "$log"
 

@@ -11,6 +11,7 @@ use crate::bus::{EventBus, Subscription};
 use crate::command::{CommandHandler, RetryPolicy};
 use crate::config::ServerArgs;
 use crate::documents::DocumentStore;
+use crate::grpc::metrics::ExtraMetrics;
 use crate::grpc::{AdminApi, CommandApi, Health, QueryApi, server};
 use crate::pb::command_service_server::SERVICE_NAME as COMMAND_SERVICE;
 use crate::projection::metrics::ProjectorMetrics;
@@ -72,7 +73,10 @@ pub async fn run_command_service(
             AdminApi::new(Arc::clone(bus)).into_service(server_args.max_message_bytes),
         );
     }
-    let (routes, health) = server::routes(services, &[COMMAND_SERVICE], stopping.clone()).await?;
+    let relay = bus.map(|bus| Relay::new(Arc::clone(&store), bus, relay));
+    let extra = relay.as_ref().map(|relay| relay_metrics(relay.state()));
+    let (routes, health) =
+        server::routes(services, &[COMMAND_SERVICE], extra, stopping.clone()).await?;
 
     let mut tasks = tokio::task::JoinSet::new();
     let probed = Arc::clone(&store);
@@ -85,8 +89,7 @@ pub async fn run_command_service(
             async move { store.ping().await }
         },
     ));
-    if let Some(bus) = bus {
-        let relay = Relay::new(store, bus, relay);
+    if let Some(relay) = relay {
         tasks.spawn(report_relay(health.clone(), relay.state()));
         tasks.spawn(relay.run(stopping.child_token()));
     }
@@ -108,6 +111,20 @@ async fn serve_then_drain(
     stopping.cancel();
     while tasks.join_next().await.is_some() {}
     Ok(served?)
+}
+
+/// The relay's state as a metric: 1 while events can flow to the bus.
+fn relay_metrics(state: tokio::sync::watch::Receiver<crate::relay::RelayState>) -> ExtraMetrics {
+    Arc::new(move || {
+        let state = state.borrow();
+        format!(
+            "# HELP scaleout_outbox_relay_healthy 1 while the outbox relay can publish.\n\
+             # TYPE scaleout_outbox_relay_healthy gauge\n\
+             scaleout_outbox_relay_healthy{{state=\"{}\"}} {}\n",
+            state.name(),
+            u8::from(state.is_healthy())
+        )
+    })
 }
 
 /// Mirrors the relay's state into health.
@@ -160,14 +177,10 @@ pub async fn run_projector(
         config,
     );
     let scraped = Arc::clone(&metrics);
-    let services = RoutesBuilder::from(axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let metrics = Arc::clone(&scraped);
-            async move { metrics.render() }
-        }),
-    ));
-    let (routes, health) = server::routes(services, &[PROJECTOR_HEALTH], stopping.clone()).await?;
+    let extra: ExtraMetrics = Arc::new(move || scraped.render());
+    let services = RoutesBuilder::default();
+    let (routes, health) =
+        server::routes(services, &[PROJECTOR_HEALTH], Some(extra), stopping.clone()).await?;
 
     let mut tasks = tokio::task::JoinSet::new();
     let (probed_bus, probed_documents) = (Arc::clone(&bus), Arc::clone(&documents));
@@ -245,7 +258,8 @@ pub async fn run_query_service(
     let api = QueryApi::new(Queries::new(Arc::clone(&documents)), max_wait);
     let mut services = RoutesBuilder::default();
     services.add_service(api.into_service(server_args.max_message_bytes));
-    let (routes, health) = server::routes(services, &[QUERY_SERVICE], stopping.clone()).await?;
+    let (routes, health) =
+        server::routes(services, &[QUERY_SERVICE], None, stopping.clone()).await?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(health.clone().follow(
         vec![QUERY_SERVICE.to_owned(), String::new()],
@@ -304,9 +318,14 @@ pub async fn run_platform(
             QueryApi::new(Queries::new(Arc::clone(&documents)), max_wait).into_service(limit),
         )
         .add_service(AdminApi::new(Arc::clone(&bus)).into_service(limit));
+    let relay = Relay::new(Arc::clone(&store), Arc::clone(&bus), RelayConfig::default());
+    let projector_metrics = Arc::new(ProjectorMetrics::default());
+    let (relay_state, scraped) = (relay_metrics(relay.state()), Arc::clone(&projector_metrics));
+    let extra: ExtraMetrics = Arc::new(move || scraped.render() + &relay_state());
     let (routes, health) = server::routes(
         services,
         &[COMMAND_SERVICE, QUERY_SERVICE],
+        Some(extra),
         stopping.clone(),
     )
     .await?;
@@ -339,13 +358,12 @@ pub async fn run_platform(
     let projector = Projector::new(
         documents,
         crate::projection::views::reference(),
-        Arc::new(ProjectorMetrics::default()),
+        projector_metrics,
         ProjectorConfig::default(),
     );
     let subscriber = bus.subscribe(&subscription).await?;
     let worker_stopping = stopping.child_token();
     tasks.spawn(async move { projector.run(subscriber, worker_stopping).await });
-    let relay = Relay::new(store, bus, RelayConfig::default());
     tasks.spawn(report_relay(health.clone(), relay.state()));
     tasks.spawn(relay.run(stopping.child_token()));
 

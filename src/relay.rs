@@ -60,6 +60,19 @@ pub enum RelayState {
 }
 
 impl RelayState {
+    /// A short name, e.g. for a metric label.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Publishing => "publishing",
+            Self::Idle => "idle",
+            Self::Standby => "standby",
+            Self::BusDown(_) => "bus_down",
+            Self::StoreDown(_) => "store_down",
+            Self::Stopped => "stopped",
+        }
+    }
+
     /// Whether events can flow to the bus from here.
     pub fn is_healthy(&self) -> bool {
         matches!(self, Self::Publishing | Self::Idle | Self::Standby)

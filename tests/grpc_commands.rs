@@ -338,3 +338,26 @@ async fn shutdown_reports_not_serving_before_closing() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn metrics_count_requests_by_method_and_status() {
+    let (store, _dir) = redb_store();
+    let service = CommandService::start(store).await;
+    create_file(&service, "f1").await;
+    let stale = pb::RenameFileRequest {
+        file_id: "f1".into(),
+        new_name: "b.txt".into(),
+        expected_version: exact(9),
+        ..Default::default()
+    };
+    service.client().await.rename_file(stale).await.unwrap_err();
+
+    let page = support::http_get(&service.addr.to_string(), "/metrics").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    for line in [
+        r#"scaleout_grpc_requests_total{method="/scaleout.v1.CommandService/CreateFile",code="Ok"} 1"#,
+        r#"scaleout_grpc_requests_total{method="/scaleout.v1.CommandService/RenameFile",code="Aborted"} 1"#,
+    ] {
+        assert!(page.contains(line), "{line} missing from:\n{page}");
+    }
+}

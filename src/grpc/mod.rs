@@ -7,6 +7,7 @@
 mod admin_service;
 mod command_service;
 mod health;
+pub mod metrics;
 mod query_service;
 pub mod server;
 mod status;

@@ -8,16 +8,21 @@ use tonic::service::{Routes, RoutesBuilder};
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
+use std::sync::Arc;
+
 use super::Health;
+use super::metrics::{ExtraMetrics, RpcMetrics, track};
 use crate::config::ServerArgs;
 use crate::pb;
 
-/// Health and reflection (v1 and v1alpha: grpcurl from PyPI speaks only
-/// v1alpha) beside the given services' routes. Reflection also serves the
+/// Health, reflection (v1 and v1alpha: grpcurl from PyPI speaks only
+/// v1alpha) and Prometheus metrics at `/metrics` beside the given services'
+/// routes. Reflection also serves the
 /// `google.rpc` error details, so that grpcurl prints them decoded.
 pub async fn routes(
     services: RoutesBuilder,
     service_names: &[&str],
+    extra_metrics: Option<ExtraMetrics>,
     stopping: CancellationToken,
 ) -> Result<(Routes, Health), tonic_reflection::server::Error> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -37,7 +42,20 @@ pub async fn routes(
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?);
-    Ok((routes.routes(), health))
+    let metrics = Arc::new(RpcMetrics::new(extra_metrics));
+    let scraped = Arc::clone(&metrics);
+    let router = routes
+        .routes()
+        .into_axum_router()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = Arc::clone(&scraped);
+                async move { metrics.render() }
+            }),
+        )
+        .layer(axum::middleware::from_fn_with_state(metrics, track));
+    Ok((Routes::from(router), health))
 }
 
 /// Serves until `stopping` is cancelled, then: reports NOT_SERVING, waits

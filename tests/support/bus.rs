@@ -58,26 +58,42 @@ pub fn rabbit_config() -> RabbitConfig {
         .with_prefix(format!("test-{}", uuid::Uuid::now_v7().simple()))
 }
 
+/// Deletes a test's exchanges and queues. Each deletion gets a connection
+/// of its own and one retry: RabbitMQ 3.10 can close the connection that
+/// deletes a quorum queue whose consumer has only just gone away.
 pub async fn delete_topology(config: &RabbitConfig) {
-    let connection =
-        lapin::Connection::connect(&rabbitmq_url(), lapin::ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ for cleanup");
-    let channel = connection.create_channel().await.unwrap();
-    for service in SERVICE_TYPES {
-        for queue in [config.queue(service), config.dead_letter_queue(service)] {
-            channel
-                .queue_delete(queue.into(), QueueDeleteOptions::default())
-                .await
-                .unwrap();
+    let queues = SERVICE_TYPES
+        .iter()
+        .flat_map(|service| [config.queue(service), config.dead_letter_queue(service)]);
+    for queue in queues {
+        for attempt in 0..2 {
+            let (_connection, channel) = fresh_channel().await;
+            let deleted = channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+            if deleted.is_ok() || attempt == 1 {
+                deleted.unwrap_or_else(|e| panic!("deleting {queue}: {e}"));
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
     }
+    let (_connection, channel) = fresh_channel().await;
     for exchange in [config.events_exchange(), config.dead_letter_exchange()] {
         channel
             .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
             .await
             .unwrap();
     }
+}
+
+async fn fresh_channel() -> (lapin::Connection, lapin::Channel) {
+    let connection =
+        lapin::Connection::connect(&rabbitmq_url(), lapin::ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ for cleanup");
+    let channel = connection.create_channel().await.unwrap();
+    (connection, channel)
 }
 
 /// Messages ready in a service type's queue (not counting unacked ones).

@@ -160,6 +160,7 @@ async fn split(rate: u32) {
                 prefetch: 100,
                 max_attempts: 5,
             },
+            projections: Vec::new(),
             workers: 1,
             config: Default::default(),
             server: Default::default(),

@@ -32,6 +32,8 @@ pub const OUTBOX_RELAY_HEALTH: &str = "scaleout.OutboxRelay";
 /// Why a service stopped other than by shutdown.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error(transparent)]
+    Projection(#[from] crate::projection::views::UnknownProjection),
     #[error("building reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("serving gRPC: {0}")]
@@ -147,6 +149,8 @@ pub struct ProjectorService {
     pub bus: Arc<dyn EventBus>,
     pub documents: Arc<dyn DocumentStore>,
     pub subscription: Subscription,
+    /// Which read models this service type keeps; empty: all of them.
+    pub projections: Vec<String>,
     /// Workers in this process, each with its own subscriber.
     pub workers: usize,
     pub config: ProjectorConfig,
@@ -165,6 +169,7 @@ pub async fn run_projector(
         bus,
         documents,
         subscription,
+        projections,
         workers,
         config,
         server: server_args,
@@ -172,7 +177,7 @@ pub async fn run_projector(
     let metrics = Arc::new(ProjectorMetrics::default());
     let projector = Projector::new(
         Arc::clone(&documents),
-        crate::projection::views::reference(),
+        crate::projection::views::named(&projections)?,
         Arc::clone(&metrics),
         config,
     );

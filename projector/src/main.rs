@@ -38,6 +38,10 @@ struct Args {
     /// The service type: processes with the same one compete for events.
     #[arg(long, env = "SCALEOUT_SERVICE_TYPE", default_value = "projector")]
     service_type: String,
+    /// The read models this service type keeps, comma-separated (file_view,
+    /// folder_listing, comment_thread, counter); all when unset.
+    #[arg(long, env = "SCALEOUT_PROJECTIONS", value_delimiter = ',')]
+    projections: Vec<String>,
     /// Workers in this process, each with its own subscriber.
     #[arg(long, env = "SCALEOUT_WORKERS", default_value_t = 1)]
     workers: usize,
@@ -66,6 +70,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.server.exit_if_checking_health(args.listen).await;
     scaleout::telemetry::init(&args.telemetry).context("invalid --log-filter")?;
+    // Refuse a wrong --projections before connecting to anything.
+    scaleout::projection::views::named(&args.projections)?;
     let stopping = scaleout::shutdown::on_signal();
     let bus = scaleout::bus::open(&args.event_bus, &args.event_bus_prefix)
         .with_context(|| format!("event bus {}", redact(&args.event_bus)))?;
@@ -94,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
             prefetch: args.prefetch,
             max_attempts: args.max_attempts,
         },
+        projections: args.projections,
         workers: args.workers,
         config: ProjectorConfig {
             batch: usize::from(args.prefetch),

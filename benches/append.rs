@@ -6,6 +6,8 @@
 //! with `Durability::Immediate` (fsync), PostgreSQL with
 //! `synchronous_commit = on`.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -279,8 +281,7 @@ async fn main() {
         Arc::new(RedbStore::open(dir.path().join("events.redb")).unwrap());
     store_appends("redb", Arc::clone(&redb)).await;
 
-    let url = std::env::var("SCALEOUT_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://scaleout:scaleout@127.0.0.1:5432/scaleout".into());
+    let url = common::postgres_url();
     let schema = format!("bench_{}", Uuid::now_v7().simple());
     let postgres: Arc<dyn EventStore> = Arc::new(
         PostgresStore::connect(PostgresConfig::new(&url).with_schema(schema.clone()))
@@ -308,12 +309,5 @@ async fn main() {
     grpc_commands("redb", redb).await;
     grpc_commands("PostgreSQL", postgres).await;
 
-    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    admin
-        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await
-        .unwrap();
+    common::drop_schema(&schema).await;
 }

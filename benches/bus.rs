@@ -4,14 +4,15 @@
 //! `cargo bench --bench bus` (needs RabbitMQ on 127.0.0.1:5672 and
 //! PostgreSQL; `scripts/test.sh` starts both).
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
@@ -31,11 +32,6 @@ const PREFETCH: u16 = 250;
 /// Confirms the raw publisher keeps in flight, like the relay's batch.
 const WINDOW: usize = 500;
 
-fn url() -> String {
-    std::env::var("SCALEOUT_TEST_RABBITMQ_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
 fn rate(label: &str, count: usize, elapsed: Duration) -> f64 {
     let per_second = count as f64 / elapsed.as_secs_f64();
     println!("{label:<62} {per_second:>9.0} events/s  ({count} in {elapsed:.2?})");
@@ -45,7 +41,7 @@ fn rate(label: &str, count: usize, elapsed: Duration) -> f64 {
 /// Raw lapin: a quorum queue bound to a topic exchange, persistent mandatory
 /// messages of the relay's size, WINDOW confirms in flight.
 async fn raw(prefix: &str, body: &[u8]) -> (f64, f64) {
-    let connection = Connection::connect(&url(), ConnectionProperties::default())
+    let connection = Connection::connect(&common::rabbitmq_url(), ConnectionProperties::default())
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
@@ -162,14 +158,7 @@ async fn raw(prefix: &str, body: &[u8]) -> (f64, f64) {
         started.elapsed(),
     );
     consumers.abort_all();
-    channel
-        .queue_delete(queue.into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
-    channel
-        .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-        .await
-        .unwrap();
+    common::delete(&[queue], &[exchange]).await;
     (publish, consume)
 }
 
@@ -206,8 +195,8 @@ async fn fill(store: &Arc<dyn EventStore>) {
 
 /// The relay draining a full outbox, then CONSUMERS subscribers draining the queue.
 async fn scaleout(label: &str, store: Arc<dyn EventStore>, prefix: &str) -> (f64, f64) {
-    let config = RabbitConfig::new(&url()).with_prefix(prefix);
-    let bus: Arc<dyn EventBus> = Arc::new(RabbitBus::new(config));
+    let config = RabbitConfig::new(&common::rabbitmq_url()).with_prefix(prefix);
+    let bus: Arc<dyn EventBus> = Arc::new(RabbitBus::new(config.clone()));
     let subscription = Subscription {
         service_type: "bench".into(),
         bindings: vec!["#".into()],
@@ -257,25 +246,7 @@ async fn scaleout(label: &str, store: Arc<dyn EventStore>, prefix: &str) -> (f64
     );
     consumers.abort_all();
 
-    let connection = Connection::connect(&url(), ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    for queue in [
-        format!("{prefix}.bench"),
-        format!("{prefix}.bench.dead-letter"),
-    ] {
-        channel
-            .queue_delete(queue.into(), QueueDeleteOptions::default())
-            .await
-            .unwrap();
-    }
-    for exchange in [format!("{prefix}.events"), format!("{prefix}.dead-letter")] {
-        channel
-            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-            .await
-            .unwrap();
-    }
+    common::delete_topology(&config, "bench").await;
     (publish, consume)
 }
 
@@ -320,8 +291,7 @@ async fn main() {
         100.0 * consume / raw_consume
     );
 
-    let pg_url = std::env::var("SCALEOUT_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://scaleout:scaleout@127.0.0.1:5432/scaleout".into());
+    let pg_url = common::postgres_url();
     let schema = format!("bench_{run}");
     let postgres: Arc<dyn EventStore> = Arc::new(
         PostgresStore::connect(PostgresConfig::new(&pg_url).with_schema(schema.clone()))
@@ -334,12 +304,5 @@ async fn main() {
         100.0 * publish / raw_publish,
         100.0 * consume / raw_consume
     );
-    let (admin, connection) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    admin
-        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await
-        .unwrap();
+    common::drop_schema(&schema).await;
 }

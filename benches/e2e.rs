@@ -6,6 +6,8 @@
 //!
 //! `cargo bench --bench e2e` (needs PostgreSQL and RabbitMQ).
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -126,10 +128,7 @@ async fn embedded(rate: u32) {
 
 async fn split(rate: u32) {
     let run = uuid::Uuid::now_v7().simple().to_string();
-    let pg_url = std::env::var("SCALEOUT_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://scaleout:scaleout@127.0.0.1:5432/scaleout".into());
-    let amqp = std::env::var("SCALEOUT_TEST_RABBITMQ_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let (pg_url, amqp) = (common::postgres_url(), common::rabbitmq_url());
     let schema = format!("e2e_{run}");
     let rabbit = RabbitConfig::new(&amqp).with_prefix(format!("bench-e2e-{run}"));
     let couchbase = couchbase_kv_server::TestServer::start(Default::default())
@@ -219,33 +218,8 @@ async fn split(rate: u32) {
     stopping.cancel();
     services.abort_all();
 
-    let (admin, connection) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    admin
-        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await
-        .unwrap();
-    let connection = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    for queue in [
-        rabbit.queue("projector"),
-        rabbit.dead_letter_queue("projector"),
-    ] {
-        channel
-            .queue_delete(queue.into(), Default::default())
-            .await
-            .unwrap();
-    }
-    for exchange in [rabbit.events_exchange(), rabbit.dead_letter_exchange()] {
-        channel
-            .exchange_delete(exchange.into(), Default::default())
-            .await
-            .unwrap();
-    }
+    common::drop_schema(&schema).await;
+    common::delete_topology(&rabbit, "projector").await;
 }
 
 #[tokio::main]

@@ -4,6 +4,8 @@
 //!
 //! `cargo bench --bench projector` (needs RabbitMQ; `scripts/test.sh` starts it).
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
@@ -23,11 +25,6 @@ use uuid::Uuid;
 
 const EVENTS: u64 = 5_000;
 const PREFETCH: u16 = 100;
-
-fn url() -> String {
-    std::env::var("SCALEOUT_TEST_RABBITMQ_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
 
 fn subscription() -> Subscription {
     Subscription {
@@ -150,25 +147,6 @@ async fn project(
     (elapsed, metrics)
 }
 
-async fn cleanup(config: &RabbitConfig) {
-    let connection = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    for queue in [config.queue("bench"), config.dead_letter_queue("bench")] {
-        channel
-            .queue_delete(queue.into(), Default::default())
-            .await
-            .unwrap();
-    }
-    for exchange in [config.events_exchange(), config.dead_letter_exchange()] {
-        channel
-            .exchange_delete(exchange.into(), Default::default())
-            .await
-            .unwrap();
-    }
-}
-
 fn per_second(elapsed: Duration) -> f64 {
     EVENTS as f64 / elapsed.as_secs_f64()
 }
@@ -223,7 +201,7 @@ async fn main() {
                     .await
                     .unwrap();
                 let label = format!("{store}, {shape}, {instances} instance(s)");
-                let config = RabbitConfig::new(&url())
+                let config = RabbitConfig::new(&common::rabbitmq_url())
                     .with_prefix(format!("bench-{run}-{hot}-{instances}-{}", store.len()));
                 fill(&config, &increments(hot)).await;
                 let raw = raw_consume(&config, instances).await;
@@ -245,7 +223,7 @@ async fn main() {
                     per_k(&metrics.cas_conflicts),
                     per_k(&metrics.retries),
                 );
-                cleanup(&config).await;
+                common::delete_topology(&config, "bench").await;
             }
         }
     }

@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "proto/scaleout/v1/command_service.proto",
     "proto/scaleout/v1/admin_service.proto",
     "proto/scaleout/v1/query_service.proto",
+    "proto/scaleout/v1/read_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -15,6 +15,7 @@
 //! | [`envelope`] | recorded events to and from their wire envelope | `domain`, `grpc` |
 //! | [`bus`] | the event bus port, in-process and RabbitMQ | `store` internals, `domain`, `grpc` |
 //! | [`documents`] | the read-model store port (CAS), redb and Couchbase | `domain`, `grpc` |
+//! | [`log`] | reading the whole log: the port the read side reads through, a follower | `grpc`, `bus`, `documents` |
 //! | [`command`] | load, decide, append; retry only what is safe | `grpc`, `bus` |
 //! | [`relay`] | the outbox relay: store outbox → bus, with confirms | `domain`, `grpc` |
 //! | [`projection`] | read models as a fold of the log: routes, CAS writes, the runtime | `store`, `grpc` |
@@ -30,6 +31,7 @@ pub mod documents;
 pub mod domain;
 pub mod envelope;
 pub mod grpc;
+pub mod log;
 pub mod pb;
 pub mod projection;
 pub mod query;

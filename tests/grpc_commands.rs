@@ -241,7 +241,14 @@ async fn a_repeated_request_id_returns_the_first_response_and_writes_once() {
         .unwrap()
         .into_inner();
     assert_eq!(first, again);
-    assert_eq!(store.read_stream("counter-c1", 1).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .read_stream("counter-c1", 1, usize::MAX)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 
     // The same id on another counter is a client bug, not a retry.
     let reused = client

@@ -14,7 +14,7 @@ use scaleout::store::postgres::{PostgresConfig, PostgresStore};
 use scaleout::store::redb::RedbStore;
 use scaleout::store::{
     AppendOutcome, AppendRequest, AppendResult, EventMetadata, EventStore, ExpectedVersion,
-    NewEvent, RecordedEvent, RequestId, StoreError,
+    LogFilter, LogPage, NewEvent, RecordedEvent, RequestId, StoreError,
 };
 use tokio::sync::Barrier;
 use uuid::Uuid;
@@ -86,7 +86,10 @@ async fn assert_wrong_version(
 }
 
 async fn read(store: &dyn EventStore, stream: &str) -> Vec<RecordedEvent> {
-    store.read_stream(stream, 0).await.expect("read_stream")
+    store
+        .read_stream(stream, 0, usize::MAX)
+        .await
+        .expect("read_stream")
 }
 
 fn versions(events: &[RecordedEvent]) -> Vec<u64> {
@@ -359,17 +362,256 @@ async fn read_stream_from_a_version(store: Arc<dyn EventStore>) {
     appended(store, append("s2", NoStream, 2)).await;
     appended(store, append("r", NoStream, 2)).await;
 
-    let tail = store.read_stream("s", 3).await.unwrap();
+    let tail = store.read_stream("s", 3, usize::MAX).await.unwrap();
     assert_eq!(versions(&tail), [3, 4, 5]);
     assert_eq!(tail[0].event_id, event_ids(&request)[2]);
     assert_eq!(
-        versions(&store.read_stream("s", 0).await.unwrap()),
+        versions(&store.read_stream("s", 0, usize::MAX).await.unwrap()),
         [1, 2, 3, 4, 5]
     );
-    assert!(store.read_stream("s", 6).await.unwrap().is_empty());
-    assert!(store.read_stream("s", u64::MAX).await.unwrap().is_empty());
-    assert!(store.read_stream("missing", 0).await.unwrap().is_empty());
+    assert!(
+        store
+            .read_stream("s", 6, usize::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .read_stream("s", u64::MAX, usize::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .read_stream("missing", 0, usize::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     store.ping().await.expect("ping");
+}
+
+async fn read_stream_takes_a_limit(store: Arc<dyn EventStore>) {
+    let store = &*store;
+    appended(store, append("s", NoStream, 5)).await;
+    let page = store.read_stream("s", 2, 2).await.unwrap();
+    assert_eq!(versions(&page), [2, 3]);
+    assert!(store.read_stream("s", 1, 0).await.unwrap().is_empty());
+}
+
+/// The whole log as one reader pages through it.
+async fn read_everything(
+    store: &dyn EventStore,
+    filter: &LogFilter,
+    limit: usize,
+) -> Vec<RecordedEvent> {
+    let mut events = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = store.read_all(from, limit, filter).await.expect("read_all");
+        assert!(page.events.len() <= limit);
+        assert!(page.next_position >= from);
+        let caught_up = page.next_position > page.head;
+        events.extend(page.events);
+        from = page.next_position;
+        if caught_up {
+            return events;
+        }
+    }
+}
+
+fn positions(events: &[RecordedEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.position).collect()
+}
+
+async fn read_all_in_position_order(store: Arc<dyn EventStore>) {
+    let store = &*store;
+    let empty = store.read_all(0, 10, &LogFilter::all()).await.unwrap();
+    assert_eq!(
+        empty,
+        LogPage {
+            events: vec![],
+            next_position: 1,
+            head: 0
+        }
+    );
+
+    let first = append("a", NoStream, 3);
+    appended(store, first.clone()).await;
+    appended(store, append("b", NoStream, 2)).await;
+    appended(store, append("a", Exact(3), 1)).await;
+
+    let all = read_everything(store, &LogFilter::all(), 2).await;
+    assert_eq!(
+        positions(&all),
+        [1, 2, 3, 4, 5, 6],
+        "dense, from 1, in commit order"
+    );
+    assert_records(&all[..3], &first, 1);
+    let streams: Vec<_> = all
+        .iter()
+        .map(|e| (e.stream_id.as_str(), e.version))
+        .collect();
+    assert_eq!(
+        streams,
+        [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("b", 2), ("a", 4)]
+    );
+    for stream in ["a", "b"] {
+        let from_log: Vec<_> = all
+            .iter()
+            .filter(|e| e.stream_id == stream)
+            .cloned()
+            .collect();
+        assert_eq!(
+            read(store, stream).await,
+            from_log,
+            "the log holds what the stream holds"
+        );
+    }
+
+    let page = store.read_all(3, 2, &LogFilter::all()).await.unwrap();
+    assert_eq!(
+        (positions(&page.events), page.next_position, page.head),
+        (vec![3, 4], 5, 6)
+    );
+    let past = store.read_all(7, 10, &LogFilter::all()).await.unwrap();
+    assert_eq!(
+        past,
+        LogPage {
+            events: vec![],
+            next_position: 7,
+            head: 6
+        },
+        "past the end: empty, wait there"
+    );
+    let far = store.read_all(1_000, 10, &LogFilter::all()).await.unwrap();
+    assert_eq!((far.events.len(), far.next_position), (0, 1_000));
+    let none = store.read_all(1, 0, &LogFilter::all()).await.unwrap();
+    assert_eq!((none.events.len(), none.next_position), (0, 1));
+}
+
+async fn read_all_filters_by_stream_and_event_type(store: Arc<dyn EventStore>) {
+    let store = &*store;
+    let mut other = append("o", NoStream, 2);
+    other.stream_type = "other".into();
+    appended(store, append("a", NoStream, 2)).await;
+    appended(store, other).await;
+    let mut renamed = append("a", Exact(2), 1);
+    let mut events = renamed.events.as_slice().to_vec();
+    events[0].event_type = "test.Renamed".into();
+    renamed.events = events.try_into().unwrap();
+    appended(store, renamed).await;
+
+    let by_stream = LogFilter {
+        stream_types: vec!["other".into()],
+        ..LogFilter::all()
+    };
+    let page = store.read_all(0, 10, &by_stream).await.unwrap();
+    assert_eq!(
+        (positions(&page.events), page.next_position),
+        (vec![3, 4], 6)
+    );
+    assert!(page.events.iter().all(|e| e.stream_type == "other"));
+
+    let by_type = LogFilter {
+        event_types: vec!["test.Renamed".into()],
+        ..LogFilter::all()
+    };
+    assert_eq!(positions(&read_everything(store, &by_type, 1).await), [5]);
+    let both = LogFilter {
+        stream_types: vec!["test".into()],
+        event_types: vec!["test.Happened".into(), "test.Renamed".into()],
+    };
+    assert_eq!(
+        positions(&read_everything(store, &both, 10).await),
+        [1, 2, 5]
+    );
+    let nothing = LogFilter {
+        stream_types: vec!["nope".into()],
+        ..LogFilter::all()
+    };
+    let page = store.read_all(0, 10, &nothing).await.unwrap();
+    assert_eq!(
+        (page.events.len(), page.next_position),
+        (0, 6),
+        "an empty page still moves on"
+    );
+}
+
+/// Writers race on many streams while a reader follows the log with only its
+/// next position: it must see every event exactly once, in position order,
+/// each stream's versions in order, and never a position it later finds
+/// below one it has already passed.
+async fn racing_writers_never_make_a_reader_skip(store: Arc<dyn EventStore>) {
+    race_and_follow(std::slice::from_ref(&store), store.clone()).await;
+}
+
+/// [`racing_writers_never_make_a_reader_skip`] with the writers spread over
+/// `writing` stores (processes sharing one database) and the reader on `reading`.
+async fn race_and_follow(writing: &[Arc<dyn EventStore>], reading: Arc<dyn EventStore>) {
+    const WRITERS: usize = 16;
+    const APPENDS: usize = 60;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (store, stop) = (reading, Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut from = 0;
+            loop {
+                let done = stop.load(std::sync::atomic::Ordering::SeqCst);
+                let page = store
+                    .read_all(from, 7, &LogFilter::all())
+                    .await
+                    .expect("read_all");
+                seen.extend(page.events);
+                from = page.next_position;
+                if done && from > page.head {
+                    return seen;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let store = Arc::clone(&writing[w % writing.len()]);
+            tokio::spawn(async move {
+                for n in 0..APPENDS {
+                    // Spread over streams shared between writers, one to three events each.
+                    let stream = format!("s{}", (w + n) % 10);
+                    store
+                        .append(append(&stream, Any, 1 + n % 3))
+                        .await
+                        .expect("append");
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = reader.await.expect("reader");
+    let total: usize = (0..APPENDS).map(|n| 1 + n % 3).sum::<usize>() * WRITERS;
+    assert_eq!(
+        positions(&seen),
+        (1..=total as u64).collect::<Vec<_>>(),
+        "every position once, in order"
+    );
+    let mut last = std::collections::HashMap::new();
+    for event in &seen {
+        let previous = last
+            .insert(event.stream_id.clone(), event.version)
+            .unwrap_or(0);
+        assert_eq!(
+            event.version,
+            previous + 1,
+            "{} in version order",
+            event.stream_id
+        );
+    }
 }
 
 // ---------------------------------------------------------------- backends
@@ -465,6 +707,10 @@ conformance!(
     request_id_reused_on_another_stream,
     outbox_matches_events,
     read_stream_from_a_version,
+    read_stream_takes_a_limit,
+    read_all_in_position_order,
+    read_all_filters_by_stream_and_event_type,
+    racing_writers_never_make_a_reader_skip,
 );
 
 // ---------------------------------------------------------------- backend specifics
@@ -546,6 +792,25 @@ async fn postgres_instances_share_one_schema() {
         assert_eq!(outbox.len(), 20 * 6 + 1);
         let ids: HashSet<Uuid> = outbox.iter().map(|e| e.event_id).collect();
         assert_eq!(ids.len(), outbox.len());
+    })
+    .await;
+}
+
+/// Three processes' stores, each with its own group-commit writers, append
+/// at once while a fourth follows the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_writers_of_several_processes_never_make_a_reader_skip() {
+    in_postgres_schema(|schema| async move {
+        let config = PostgresConfig::new(&postgres_url()).with_schema(schema);
+        let mut stores: Vec<Arc<dyn EventStore>> = Vec::new();
+        for _ in 0..4 {
+            let store = PostgresStore::connect(config.clone())
+                .await
+                .expect("connect");
+            stores.push(Arc::new(store));
+        }
+        let reading = stores.pop().unwrap();
+        race_and_follow(&stores, reading).await;
     })
     .await;
 }

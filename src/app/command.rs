@@ -10,7 +10,7 @@ use super::{ServeError, relay_metrics, report_relay, serve_then_drain};
 use crate::bus::EventBus;
 use crate::command::{CommandHandler, RetryPolicy};
 use crate::config::ServerArgs;
-use crate::grpc::{AdminApi, CommandApi, server};
+use crate::grpc::{AdminApi, CommandApi, ReadApi, ReadConfig, server};
 use crate::pb::command_service_server::SERVICE_NAME as COMMAND_SERVICE;
 use crate::relay::{Relay, RelayConfig};
 use crate::store::EventStore;
@@ -44,7 +44,17 @@ pub async fn run_command_service(
     } = service;
     let handler = Arc::new(CommandHandler::new(Arc::clone(&store), retry));
     let mut services = RoutesBuilder::default();
-    services.add_service(CommandApi::new(handler).into_service(server_args.max_message_bytes));
+    let limit = server_args.max_message_bytes;
+    services
+        .add_service(CommandApi::new(handler).into_service(limit))
+        .add_service(
+            ReadApi::new(
+                Arc::clone(&store),
+                super::reference_types(),
+                ReadConfig::default(),
+            )
+            .into_service(limit),
+        );
     if let Some(bus) = &bus {
         services.add_service(
             AdminApi::new(Arc::clone(bus)).into_service(server_args.max_message_bytes),

@@ -29,6 +29,23 @@ pub const PROJECTOR_HEALTH: &str = "scaleout.Projector";
 /// keeps accepting commands, and their events wait in the outbox.
 pub const OUTBOX_RELAY_HEALTH: &str = "scaleout.OutboxRelay";
 
+/// The stream and event types of the reference domain, which the read
+/// API's filters may name.
+fn reference_types() -> crate::grpc::KnownTypes {
+    use crate::domain::{Aggregate, Counter, DomainEvent, File};
+    crate::grpc::KnownTypes {
+        stream_types: vec![
+            File::STREAM_TYPE.to_owned(),
+            Counter::STREAM_TYPE.to_owned(),
+        ],
+        event_types: [
+            <File as Aggregate>::Event::types(),
+            <Counter as Aggregate>::Event::types(),
+        ]
+        .concat(),
+    }
+}
+
 /// Why a service stopped other than by shutdown.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

@@ -172,7 +172,11 @@ impl CommandHandler {
         known: Option<(u64, A)>,
     ) -> Result<(A, u64), CommandError> {
         let (mut version, mut state) = known.unwrap_or_default();
-        for recorded in self.store.read_stream(stream_id, version + 1).await? {
+        for recorded in self
+            .store
+            .read_stream(stream_id, version + 1, usize::MAX)
+            .await?
+        {
             let event =
                 A::Event::decode(&recorded.event_type, &recorded.payload).map_err(|source| {
                     CommandError::Unreadable {

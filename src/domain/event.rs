@@ -13,6 +13,8 @@ pub trait DomainEvent: Sized + Clone + Send + Sync + 'static {
     fn encode(&self) -> Vec<u8>;
     /// Reads a stored event back.
     fn decode(event_type: &str, payload: &[u8]) -> Result<Self, UnknownEvent>;
+    /// Every type name this event enum stores.
+    fn types() -> Vec<String>;
 }
 
 /// A stored event this aggregate cannot read.
@@ -66,6 +68,10 @@ macro_rules! domain_event {
                     }
                 )+
                 Err(unknown(format!("not an event of {}", stringify!($name))))
+            }
+
+            fn types() -> Vec<String> {
+                vec![$(<$message as prost::Name>::full_name()),+]
             }
         }
     };

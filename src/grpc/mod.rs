@@ -9,6 +9,7 @@ mod command_service;
 mod health;
 pub mod metrics;
 mod query_service;
+mod read_service;
 pub mod server;
 mod status;
 
@@ -16,4 +17,5 @@ pub use self::admin_service::AdminApi;
 pub use self::command_service::{CORRELATION_ID_HEADER, CommandApi};
 pub use self::health::{Health, check as check_health};
 pub use self::query_service::QueryApi;
+pub use self::read_service::{KnownTypes, MAX_PAGE, ReadApi, ReadConfig};
 pub use self::status::{ERROR_DOMAIN, Violations};

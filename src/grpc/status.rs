@@ -187,6 +187,40 @@ impl From<QueryError> for Status {
     }
 }
 
+/// A subscriber that left its buffer full for too long: its subscription
+/// ends; it may resume from its last position.
+pub(crate) fn subscriber_too_slow(buffer: usize, waited: std::time::Duration, next: u64) -> Status {
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        format!(
+            "subscription ended: the client left {buffer} messages unread for {waited:?}; \
+             resume from the last position received + 1"
+        ),
+        ErrorDetails::with_error_info(
+            "SUBSCRIBER_TOO_SLOW",
+            ERROR_DOMAIN,
+            HashMap::from([
+                ("buffered".to_owned(), buffer.to_string()),
+                ("waited_ms".to_owned(), waited.as_millis().to_string()),
+                ("feed_position".to_owned(), next.to_string()),
+            ]),
+        ),
+    )
+}
+
+/// Every subscription slot is taken.
+pub(crate) fn too_many_subscriptions(max: usize) -> Status {
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        format!("this server already serves {max} subscriptions; try again later"),
+        ErrorDetails::with_error_info(
+            "TOO_MANY_SUBSCRIPTIONS",
+            ERROR_DOMAIN,
+            HashMap::from([("max".to_owned(), max.to_string())]),
+        ),
+    )
+}
+
 /// A failure that is not the caller's: logged in full, reported without internals.
 fn internal(error: &dyn std::error::Error) -> Status {
     tracing::error!(%error, "internal error");
@@ -313,6 +347,21 @@ mod tests {
             id: "f".into(),
         });
         assert_eq!(missing.code(), Code::NotFound);
+    }
+
+    #[test]
+    fn a_slow_subscriber_is_resource_exhausted_with_error_info() {
+        let status = subscriber_too_slow(8, std::time::Duration::from_millis(1500), 42);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "SUBSCRIBER_TOO_SLOW");
+        assert_eq!(info.metadata["waited_ms"], "1500");
+        let full = too_many_subscriptions(3);
+        assert_eq!(full.code(), Code::ResourceExhausted);
+        assert_eq!(
+            full.get_details_error_info().unwrap().reason,
+            "TOO_MANY_SUBSCRIPTIONS"
+        );
     }
 
     #[test]

@@ -22,8 +22,13 @@ use tokio::sync::Notify;
 
 pub use self::types::{
     AppendOutcome, AppendRequest, AppendResult, EmptyAppend, EventMetadata, ExpectedVersion,
-    NewEvent, NewEvents, RecordedEvent, RequestId,
+    LogFilter, LogPage, NewEvent, NewEvents, RecordedEvent, RequestId,
 };
+
+/// Most positions a filtered [`EventStore::read_all`] looks at in one call,
+/// so that a filter matching little of a long log still answers promptly
+/// (with an empty page whose `next_position` has moved on).
+pub const MAX_SCAN: u64 = 16_384;
 
 /// Everything an append or a read can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -60,13 +65,29 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
     /// returns the first append's result as [`AppendOutcome::Replayed`].
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError>;
 
-    /// Reads a stream's events with a version of at least `from_version`, in order.
-    /// A missing stream reads as empty.
+    /// Reads up to `limit` of a stream's events with a version of at least
+    /// `from_version`, in order. A missing stream reads as empty.
     async fn read_stream(
         &self,
         stream_id: &str,
         from_version: u64,
+        limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Reads the log in position order from `from_position`: up to `limit`
+    /// events that pass `filter`, looking at no more than [`MAX_SCAN`]
+    /// positions when filtering.
+    ///
+    /// Gap-safe: positions are handed out in commit order, so a reader that
+    /// has seen position `p` will never later find an event below `p` that
+    /// it missed, however many writers and processes append at once. A
+    /// reader can therefore keep just its next position as a checkpoint.
+    async fn read_all(
+        &self,
+        from_position: u64,
+        limit: usize,
+        filter: &LogFilter,
+    ) -> Result<LogPage, StoreError>;
 
     /// The result recorded for a request id, if any.
     async fn find_request(&self, request_id: RequestId)

@@ -28,8 +28,8 @@ use uuid::Uuid;
 use super::group_commit::{self, Batches, Pending, Submitter};
 use super::plan::{BatchState, Planned, plan};
 use super::{
-    AppendOutcome, AppendRequest, AppendResult, EventMetadata, EventStore, NewEvent, RecordedEvent,
-    RequestId, StoreError,
+    AppendOutcome, AppendRequest, AppendResult, EventMetadata, EventStore, LogFilter, LogPage,
+    MAX_SCAN, NewEvent, RecordedEvent, RequestId, StoreError,
 };
 
 /// How long opening a connection (and preparing its statements) or a ping
@@ -164,16 +164,67 @@ impl EventStore for PostgresStore {
         &self,
         stream_id: &str,
         from_version: u64,
+        limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let reader = self.reader().await?;
         // Past bigint's range no version exists, so reading from its top reads nothing.
-        let from_version = i64::try_from(from_version).unwrap_or(i64::MAX);
+        let from_version = saturating_i64(from_version);
+        let limit = saturating_i64(limit as u64);
         let rows = reader
             .client
-            .query(&reader.read_stream, &[&stream_id, &from_version])
+            .query(&reader.read_stream, &[&stream_id, &from_version, &limit])
             .await
             .map_err(Failure::from)?;
         Ok(rows.iter().map(recorded).collect::<Result<_, _>>()?)
+    }
+
+    async fn read_all(
+        &self,
+        from_position: u64,
+        limit: usize,
+        filter: &LogFilter,
+    ) -> Result<LogPage, StoreError> {
+        let reader = self.reader().await?;
+        // Everything up to the head read here has committed (see the module
+        // doc), so the page below cannot miss an event in its range.
+        let head_row = reader
+            .client
+            .query_one(&reader.head, &[])
+            .await
+            .map_err(Failure::from)?;
+        let head = to_u64(head_row.try_get(0).map_err(Failure::from)?)?;
+        let from = from_position.max(1);
+        let last = if filter.is_all() {
+            head
+        } else {
+            head.min(from.saturating_add(MAX_SCAN - 1))
+        };
+        let mut page = LogPage {
+            events: Vec::new(),
+            next_position: from,
+            head,
+        };
+        if from > last || limit == 0 {
+            return Ok(page);
+        }
+        let params: [Param; 5] = [
+            &saturating_i64(from),
+            &saturating_i64(last),
+            &filter.stream_types,
+            &filter.event_types,
+            &saturating_i64(limit as u64),
+        ];
+        let rows = reader
+            .client
+            .query(&reader.read_all, &params)
+            .await
+            .map_err(Failure::from)?;
+        page.events = rows.iter().map(recorded).collect::<Result<_, _>>()?;
+        page.next_position = match page.events.last() {
+            Some(event) if page.events.len() == limit => event.position + 1,
+            _ => last + 1,
+        };
+        Ok(page)
     }
 
     async fn find_request(
@@ -321,7 +372,7 @@ async fn migrate(connector: &Connector, schema: &str) -> Result<(), StoreError> 
             version     bigint NOT NULL CHECK (version > 0)
         );
         CREATE TABLE IF NOT EXISTS "{schema}".events (
-            position       bigserial UNIQUE,
+            position       bigint UNIQUE NOT NULL,
             stream_id      text,
             version        bigint CHECK (version > 0),
             stream_type    text NOT NULL,
@@ -337,6 +388,13 @@ async fn migrate(connector: &Connector, schema: &str) -> Result<(), StoreError> 
         CREATE TABLE IF NOT EXISTS "{schema}".outbox (
             position bigint PRIMARY KEY REFERENCES "{schema}".events (position)
         );
+        CREATE TABLE IF NOT EXISTS "{schema}".log (
+            one  boolean PRIMARY KEY DEFAULT true CHECK (one),
+            head bigint NOT NULL
+        );
+        INSERT INTO "{schema}".log (head)
+            SELECT coalesce(max(position), 0) FROM "{schema}".events
+            ON CONFLICT DO NOTHING;
         CREATE TABLE IF NOT EXISTS "{schema}".requests (
             request_id uuid PRIMARY KEY,
             stream_id  text NOT NULL,
@@ -356,6 +414,8 @@ async fn migrate(connector: &Connector, schema: &str) -> Result<(), StoreError> 
 struct Reader {
     client: Client,
     read_stream: Statement,
+    head: Statement,
+    read_all: Statement,
     find_request: Statement,
     read_outbox: Statement,
 }
@@ -367,7 +427,17 @@ impl Reader {
             let read_stream = client
                 .prepare(&format!(
                     "SELECT {EVENT_COLUMNS} FROM events \
-                     WHERE stream_id = $1 AND version >= $2 ORDER BY version"
+                     WHERE stream_id = $1 AND version >= $2 ORDER BY version LIMIT $3"
+                ))
+                .await?;
+            let head = client.prepare("SELECT head FROM log").await?;
+            let read_all = client
+                .prepare(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM events \
+                     WHERE position BETWEEN $1 AND $2 \
+                       AND (cardinality($3::text[]) = 0 OR stream_type = ANY($3)) \
+                       AND (cardinality($4::text[]) = 0 OR event_type = ANY($4)) \
+                     ORDER BY position LIMIT $5"
                 ))
                 .await?;
             let find_request = client
@@ -382,6 +452,8 @@ impl Reader {
             Ok(Self {
                 client,
                 read_stream,
+                head,
+                read_all,
                 find_request,
                 read_outbox,
             })
@@ -423,23 +495,26 @@ impl Writer {
                          WHERE request_id = ANY($1)",
                     )
                     .await?,
-                // Positions come from the sequence in `n` order, so they follow
-                // the batch's order.
+                // Numbers the events from the log head, which it advances and
+                // holds locked until COMMIT (see the module doc); sent last.
                 insert_events: client
                     .prepare(
-                        "WITH written AS (
-                            INSERT INTO events (stream_id, version, stream_type, event_id,
+                        "WITH head AS (
+                            UPDATE log SET head = head + cardinality($1::text[])
+                            RETURNING head - cardinality($1::text[]) AS base
+                        ), written AS (
+                            INSERT INTO events (position, stream_id, version, stream_type,
+                                event_id, event_type, payload, occurred_at, correlation_id,
+                                causation_id, request_id)
+                            SELECT head.base + e.n, stream_id, version, stream_type, event_id,
                                 event_type, payload, occurred_at, correlation_id, causation_id,
-                                request_id)
-                            SELECT stream_id, version, stream_type, event_id, event_type,
-                                payload, occurred_at, correlation_id, causation_id, request_id
-                            FROM unnest($1::text[], $2::bigint[], $3::text[], $4::uuid[],
+                                request_id
+                            FROM head, unnest($1::text[], $2::bigint[], $3::text[], $4::uuid[],
                                 $5::text[], $6::bytea[], $7::timestamptz[], $8::uuid[],
                                 $9::uuid[], $10::uuid[])
                                 WITH ORDINALITY AS e(stream_id, version, stream_type, event_id,
                                     event_type, payload, occurred_at, correlation_id,
                                     causation_id, request_id, n)
-                            ORDER BY n
                             RETURNING position, stream_id, version, event_id, request_id
                         ), outboxed AS (
                             INSERT INTO outbox (position) SELECT position FROM written
@@ -696,6 +771,11 @@ fn append_result(row: &Row) -> Result<AppendResult, Failure> {
         version: to_u64(row.try_get("version")?)?,
         event_ids: row.try_get("event_ids")?,
     })
+}
+
+/// A count or position as a bigint; past its range nothing exists anyway.
+fn saturating_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn to_u64(n: i64) -> Result<u64, Failure> {

@@ -2,7 +2,10 @@
 //!
 //! redb allows one write transaction at a time, so a single writer thread owns
 //! writing and commits whatever appends queued during the previous fsync in
-//! one transaction (see `group_commit`). Reads run in parallel on snapshots.
+//! one transaction (see `group_commit`). Positions come from a counter that
+//! only that writer advances, so they are dense and in commit order; reads run
+//! in parallel on snapshots. The log is keyed by position, so reading it all
+//! is one sequential scan, and a stream is an index of positions.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,28 +13,44 @@ use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use prost::Message;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
+};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::group_commit::{self, Batches, Pending, Submitter};
 use super::plan::{BatchState, Planned, plan};
 use super::{
-    AppendOutcome, AppendRequest, AppendResult, EventStore, RecordedEvent, RequestId, StoreError,
+    AppendOutcome, AppendRequest, AppendResult, EventStore, LogFilter, LogPage, MAX_SCAN,
+    RecordedEvent, RequestId, StoreError,
 };
 use crate::pb;
 
 /// Stream id → current version.
 const STREAMS: TableDefinition<&str, u64> = TableDefinition::new("streams");
-/// (stream id, version) → (position, encoded [`pb::EventEnvelope`]).
-const EVENTS: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("events");
-/// Position → (stream id, version) of each event not yet published.
-const OUTBOX: TableDefinition<u64, (&str, u64)> = TableDefinition::new("outbox");
+/// Position → encoded [`pb::EventEnvelope`]: the log.
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+/// (stream id, version) → position.
+const STREAM_INDEX: TableDefinition<(&str, u64), u64> = TableDefinition::new("stream_index");
+/// Positions of the events not yet published.
+const UNPUBLISHED: TableDefinition<u64, ()> = TableDefinition::new("unpublished");
 /// Request id → (stream id, version, event ids as 16-byte UUIDs).
 const REQUESTS: TableDefinition<u128, (&str, u64, &[u8])> = TableDefinition::new("requests");
 /// Counters; holds the next event position.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_POSITION: &str = "next_position";
+
+/// Whether appends also queue their events for an outbox relay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Outbox {
+    /// Every event waits in the outbox until a relay has published it.
+    #[default]
+    Kept,
+    /// Nothing reads an outbox (consumers follow the log itself), so none
+    /// is written: it would only grow.
+    Off,
+}
 
 /// The redb-backed [`EventStore`].
 #[derive(Debug)]
@@ -57,8 +76,17 @@ impl Drop for Writer {
 }
 
 impl RedbStore {
-    /// Opens the store at `path`, creating the file and its folder if missing.
+    /// Opens the store at `path` with an outbox, creating the file and its
+    /// folder if missing.
+    ///
+    /// Blocking (opening may repair a file after a crash): call it from
+    /// `spawn_blocking` in async code.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(path, Outbox::Kept)
+    }
+
+    /// [`RedbStore::open`], choosing whether an outbox is kept.
+    pub fn open_with(path: impl AsRef<Path>, outbox: Outbox) -> Result<Self, StoreError> {
         let path = path.as_ref();
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -66,6 +94,7 @@ impl RedbStore {
         }
         let db = Database::create(path).map_err(backend)?;
         create_tables(&db).map_err(backend)?;
+        legacy::migrate(&db).map_err(backend)?;
         let db = Arc::new(db);
         let (submitter, mut partitions) = group_commit::queue(1);
         let batches = partitions.pop().expect("one partition");
@@ -74,7 +103,7 @@ impl RedbStore {
         let notify = Arc::clone(&appended);
         let thread = std::thread::Builder::new()
             .name("redb-event-writer".into())
-            .spawn(move || write_loop(&writer_db, batches, &notify))
+            .spawn(move || write_loop(&writer_db, batches, &notify, outbox))
             .map_err(|e| StoreError::Backend(format!("starting the writer thread: {e}")))?;
         Ok(Self {
             submitter,
@@ -105,20 +134,64 @@ impl EventStore for RedbStore {
         &self,
         stream_id: &str,
         from_version: u64,
+        limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let stream_id = stream_id.to_owned();
         self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
-            let events = txn.open_table(EVENTS).map_err(backend)?;
-            events
+            let index = txn.open_table(STREAM_INDEX).map_err(backend)?;
+            let log = txn.open_table(LOG).map_err(backend)?;
+            index
                 .range((stream_id.as_str(), from_version)..=(stream_id.as_str(), u64::MAX))
                 .map_err(backend)?
+                .take(limit)
                 .map(|entry| {
-                    let (_, value) = entry.map_err(backend)?;
-                    let (position, bytes) = value.value();
-                    decode_event(position, bytes)
+                    let (_, position) = entry.map_err(backend)?;
+                    event_at(&log, position.value())
                 })
                 .collect()
+        })
+        .await
+    }
+
+    async fn read_all(
+        &self,
+        from_position: u64,
+        limit: usize,
+        filter: &LogFilter,
+    ) -> Result<LogPage, StoreError> {
+        let filter = filter.clone();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let head = head(&txn)?;
+            let from = from_position.max(1);
+            let last = if filter.is_all() {
+                head
+            } else {
+                head.min(from.saturating_add(MAX_SCAN - 1))
+            };
+            let mut page = LogPage {
+                events: Vec::new(),
+                next_position: from,
+                head,
+            };
+            if from > last || limit == 0 {
+                return Ok(page);
+            }
+            let log = txn.open_table(LOG).map_err(backend)?;
+            page.next_position = last + 1;
+            for entry in log.range(from..=last).map_err(backend)? {
+                let (position, bytes) = entry.map_err(backend)?;
+                let event = decode_event(position.value(), bytes.value())?;
+                if filter.accepts(&event.stream_type, &event.event_type) {
+                    page.events.push(event);
+                    if page.events.len() == limit {
+                        page.next_position = position.value() + 1;
+                        break;
+                    }
+                }
+            }
+            Ok(page)
         })
         .await
     }
@@ -139,25 +212,15 @@ impl EventStore for RedbStore {
     async fn read_outbox(&self, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
-            let outbox = txn.open_table(OUTBOX).map_err(backend)?;
-            let events = txn.open_table(EVENTS).map_err(backend)?;
-            outbox
+            let unpublished = txn.open_table(UNPUBLISHED).map_err(backend)?;
+            let log = txn.open_table(LOG).map_err(backend)?;
+            unpublished
                 .iter()
                 .map_err(backend)?
                 .take(limit)
                 .map(|entry| {
-                    let (_, key) = entry.map_err(backend)?;
-                    let (stream_id, version) = key.value();
-                    let event = events
-                        .get((stream_id, version))
-                        .map_err(backend)?
-                        .ok_or_else(|| {
-                            StoreError::Backend(format!(
-                                "outbox names a missing event {stream_id}@{version}"
-                            ))
-                        })?;
-                    let (position, bytes) = event.value();
-                    decode_event(position, bytes)
+                    let (position, _) = entry.map_err(backend)?;
+                    event_at(&log, position.value())
                 })
                 .collect()
         })
@@ -179,9 +242,9 @@ impl EventStore for RedbStore {
             txn.set_durability(Durability::None)
                 .map_err(|e| StoreError::Backend(e.to_string()))?;
             {
-                let mut outbox = txn.open_table(OUTBOX).map_err(backend)?;
+                let mut unpublished = txn.open_table(UNPUBLISHED).map_err(backend)?;
                 for position in positions {
-                    outbox.remove(position).map_err(backend)?;
+                    unpublished.remove(position).map_err(backend)?;
                 }
             }
             txn.commit().map_err(backend)
@@ -207,17 +270,18 @@ impl EventStore for RedbStore {
 fn create_tables(db: &Database) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
     txn.open_table(STREAMS)?;
-    txn.open_table(EVENTS)?;
-    txn.open_table(OUTBOX)?;
+    txn.open_table(LOG)?;
+    txn.open_table(STREAM_INDEX)?;
+    txn.open_table(UNPUBLISHED)?;
     txn.open_table(REQUESTS)?;
     txn.open_table(META)?;
     txn.commit()?;
     Ok(())
 }
 
-fn write_loop(db: &Database, mut batches: Batches, appended: &Notify) {
+fn write_loop(db: &Database, mut batches: Batches, appended: &Notify, outbox: Outbox) {
     while let Some(batch) = batches.next_blocking() {
-        match commit(db, &batch) {
+        match commit(db, &batch, outbox) {
             Ok(planned) => {
                 if planned.iter().any(|p| matches!(p, Planned::Write { .. })) {
                     appended.notify_waiters();
@@ -237,12 +301,13 @@ fn write_loop(db: &Database, mut batches: Batches, appended: &Notify) {
 }
 
 /// Plans and writes one batch in one durable transaction.
-fn commit(db: &Database, batch: &[Pending]) -> Result<Vec<Planned>, redb::Error> {
+fn commit(db: &Database, batch: &[Pending], outbox: Outbox) -> Result<Vec<Planned>, redb::Error> {
     let txn = db.begin_write()?;
     let planned = {
         let mut streams = txn.open_table(STREAMS)?;
-        let mut events = txn.open_table(EVENTS)?;
-        let mut outbox = txn.open_table(OUTBOX)?;
+        let mut log = txn.open_table(LOG)?;
+        let mut index = txn.open_table(STREAM_INDEX)?;
+        let mut unpublished = txn.open_table(UNPUBLISHED)?;
         let mut requests = txn.open_table(REQUESTS)?;
         let mut meta = txn.open_table(META)?;
 
@@ -287,8 +352,11 @@ fn commit(db: &Database, batch: &[Pending]) -> Result<Vec<Planned>, redb::Error>
                 }
                 .to_envelope()
                 .encode_to_vec();
-                events.insert((stream, version), (position, envelope.as_slice()))?;
-                outbox.insert(position, (stream, version))?;
+                log.insert(position, envelope.as_slice())?;
+                index.insert((stream, version), position)?;
+                if outbox == Outbox::Kept {
+                    unpublished.insert(position, ())?;
+                }
                 position += 1;
             }
             streams.insert(stream, result.version)?;
@@ -306,6 +374,25 @@ fn commit(db: &Database, batch: &[Pending]) -> Result<Vec<Planned>, redb::Error>
     };
     txn.commit()?;
     Ok(planned)
+}
+
+/// The last committed position, as of `txn`'s snapshot.
+fn head(txn: &ReadTransaction) -> Result<u64, StoreError> {
+    let meta = txn.open_table(META).map_err(backend)?;
+    let next = meta.get(NEXT_POSITION).map_err(backend)?;
+    Ok(next.map_or(1, |v| v.value()) - 1)
+}
+
+/// The event at a position the index or outbox names.
+fn event_at(
+    log: &impl ReadableTable<u64, &'static [u8]>,
+    position: u64,
+) -> Result<RecordedEvent, StoreError> {
+    let bytes = log
+        .get(position)
+        .map_err(backend)?
+        .ok_or_else(|| StoreError::Backend(format!("no event at indexed position {position}")))?;
+    decode_event(position, bytes.value())
 }
 
 fn decode_event(position: u64, bytes: &[u8]) -> Result<RecordedEvent, StoreError> {
@@ -328,4 +415,111 @@ fn decode_result((stream_id, version, ids): (&str, u64, &[u8])) -> AppendResult 
 
 fn backend(error: impl Into<redb::Error>) -> StoreError {
     StoreError::Backend(error.into().to_string())
+}
+
+/// Files written before the log was keyed by position: their events and
+/// outbox move to the current tables once, when such a file is opened.
+mod legacy {
+    use redb::{Database, ReadableTable, TableDefinition, TableHandle};
+
+    use super::{LOG, STREAM_INDEX, UNPUBLISHED};
+
+    /// (stream id, version) → (position, envelope).
+    const EVENTS: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("events");
+    /// Position → (stream id, version).
+    const OUTBOX: TableDefinition<u64, (&str, u64)> = TableDefinition::new("outbox");
+
+    pub(super) fn migrate(db: &Database) -> Result<(), redb::Error> {
+        let txn = db.begin_write()?;
+        if !txn
+            .list_tables()?
+            .any(|table| table.name() == EVENTS.name())
+        {
+            txn.abort()?;
+            return Ok(());
+        }
+        {
+            let events = txn.open_table(EVENTS)?;
+            let mut log = txn.open_table(LOG)?;
+            let mut index = txn.open_table(STREAM_INDEX)?;
+            for entry in events.iter()? {
+                let (key, value) = entry?;
+                let (stream, version) = key.value();
+                let (position, envelope) = value.value();
+                log.insert(position, envelope)?;
+                index.insert((stream, version), position)?;
+            }
+            let outbox = txn.open_table(OUTBOX)?;
+            let mut unpublished = txn.open_table(UNPUBLISHED)?;
+            for entry in outbox.iter()? {
+                unpublished.insert(entry?.0.value(), ())?;
+            }
+        }
+        txn.delete_table(EVENTS)?;
+        txn.delete_table(OUTBOX)?;
+        tracing::info!("moved the event store to the position-keyed layout");
+        txn.commit()?;
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::store::{EventStore, LogFilter};
+
+        #[tokio::test]
+        async fn a_file_of_the_first_layout_opens_with_its_events_and_outbox() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("events.redb");
+            let envelope = |stream: &str, version: u64| {
+                let event = crate::store::RecordedEvent {
+                    position: 0,
+                    stream_id: stream.into(),
+                    stream_type: "test".into(),
+                    version,
+                    event_id: uuid::Uuid::now_v7(),
+                    event_type: "test.Happened".into(),
+                    payload: vec![version as u8],
+                    metadata: crate::store::EventMetadata {
+                        occurred_at: std::time::SystemTime::UNIX_EPOCH,
+                        correlation_id: uuid::Uuid::nil(),
+                        causation_id: uuid::Uuid::nil(),
+                    },
+                    request_id: None,
+                };
+                prost::Message::encode_to_vec(&event.to_envelope())
+            };
+            {
+                let db = Database::create(&path).unwrap();
+                let txn = db.begin_write().unwrap();
+                {
+                    let mut events = txn.open_table(EVENTS).unwrap();
+                    events
+                        .insert(("a", 1), (1, envelope("a", 1).as_slice()))
+                        .unwrap();
+                    events
+                        .insert(("b", 1), (2, envelope("b", 1).as_slice()))
+                        .unwrap();
+                    events
+                        .insert(("a", 2), (3, envelope("a", 2).as_slice()))
+                        .unwrap();
+                    let mut outbox = txn.open_table(OUTBOX).unwrap();
+                    outbox.insert(3, ("a", 2)).unwrap();
+                    let mut meta = txn.open_table(super::super::META).unwrap();
+                    meta.insert(super::super::NEXT_POSITION, 4).unwrap();
+                }
+                txn.commit().unwrap();
+            }
+
+            let store = super::super::RedbStore::open(&path).unwrap();
+            let stream = store.read_stream("a", 0, usize::MAX).await.unwrap();
+            let at: Vec<_> = stream.iter().map(|e| (e.version, e.position)).collect();
+            assert_eq!(at, [(1, 1), (2, 3)]);
+            let log = store.read_all(0, 10, &LogFilter::all()).await.unwrap();
+            let positions: Vec<_> = log.events.iter().map(|e| e.position).collect();
+            assert_eq!((positions, log.head), (vec![1, 2, 3], 3));
+            let outbox: Vec<_> = store.read_outbox(10).await.unwrap();
+            assert_eq!(outbox.iter().map(|e| e.position).collect::<Vec<_>>(), [3]);
+        }
+    }
 }

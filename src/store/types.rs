@@ -154,8 +154,9 @@ impl AppendOutcome {
 /// An event as the store recorded it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordedEvent {
-    /// The event's position in the whole store, increasing in commit order
-    /// within one backend transaction; orders the outbox.
+    /// The event's place in the whole log, from 1, in commit order: once a
+    /// reader has seen a position, no event with a lower one can commit
+    /// later (see [`super::EventStore::read_all`]).
     pub position: u64,
     pub stream_id: String,
     pub stream_type: String,
@@ -165,4 +166,46 @@ pub struct RecordedEvent {
     pub payload: Vec<u8>,
     pub metadata: EventMetadata,
     pub request_id: Option<RequestId>,
+}
+
+/// Which events a read of the whole log returns: an empty list does not
+/// filter, a non-empty one keeps the events whose field is in it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogFilter {
+    /// Stream types, e.g. `file`.
+    pub stream_types: Vec<String>,
+    /// Event types (Protobuf full names), e.g. `scaleout.v1.FileRenamed`.
+    pub event_types: Vec<String>,
+}
+
+impl LogFilter {
+    /// Every event.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    pub fn is_all(&self) -> bool {
+        self.stream_types.is_empty() && self.event_types.is_empty()
+    }
+
+    /// Whether an event of this stream type and event type passes.
+    pub fn accepts(&self, stream_type: &str, event_type: &str) -> bool {
+        let passes = |allowed: &[String], value: &str| {
+            allowed.is_empty() || allowed.iter().any(|a| a == value)
+        };
+        passes(&self.stream_types, stream_type) && passes(&self.event_types, event_type)
+    }
+}
+
+/// One page of the log, read in position order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogPage {
+    /// The events that passed the filter, by position.
+    pub events: Vec<RecordedEvent>,
+    /// Where the next read continues: one past the last position this read
+    /// covered, matching or not. A filtered page may be empty and still
+    /// move this forward.
+    pub next_position: u64,
+    /// The last committed position when the page was read (0: empty log).
+    pub head: u64,
 }

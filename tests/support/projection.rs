@@ -12,7 +12,7 @@ use scaleout::store::{EventStore, RecordedEvent};
 pub async fn read_log(store: &dyn EventStore, streams: &[String]) -> Vec<RecordedEvent> {
     let mut log = Vec::new();
     for stream in streams {
-        log.extend(store.read_stream(stream, 1).await.unwrap());
+        log.extend(store.read_stream(stream, 1, usize::MAX).await.unwrap());
     }
     log
 }

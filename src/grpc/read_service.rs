@@ -1,0 +1,267 @@
+//! `scaleout.v1.ReadService`: the event log over gRPC — one stream, the whole
+//! log in pages, and subscriptions that catch up and then follow.
+//!
+//! A subscription runs as its own task that feeds a bounded buffer; the
+//! client's reading (HTTP/2 flow control) drains it. A client that stops
+//! reading fills the buffer, and once it has stayed full for
+//! [`ReadConfig::slow_subscriber`] the subscription ends with
+//! RESOURCE_EXHAUSTED: it never holds up anything but itself.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+use super::status::{self, Violations};
+use crate::log::{EventLog, Follower, StoreLog};
+use crate::pb::{self, read_service_server::ReadServiceServer};
+use crate::store::{EventStore, LogFilter, RecordedEvent};
+
+/// Most events one page returns; a larger `limit` is refused, not trimmed.
+pub const MAX_PAGE: u32 = 1000;
+const DEFAULT_PAGE: u32 = 100;
+
+/// The names a log filter may use: anything else is a caller's typo, refused
+/// rather than silently matching nothing.
+#[derive(Debug, Clone, Default)]
+pub struct KnownTypes {
+    pub stream_types: Vec<String>,
+    pub event_types: Vec<String>,
+}
+
+/// How subscriptions are bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadConfig {
+    /// Messages buffered per subscription for a client that reads slower
+    /// than the log is read.
+    pub buffer: usize,
+    /// How long a full buffer is tolerated before the subscription ends.
+    pub slow_subscriber: Duration,
+    /// Subscriptions open at once; each holds a task and a buffer.
+    pub max_subscriptions: usize,
+    /// How often a subscription at the head looks for other processes' commits.
+    pub poll: Duration,
+}
+
+impl Default for ReadConfig {
+    fn default() -> Self {
+        Self {
+            buffer: 1024,
+            slow_subscriber: Duration::from_secs(30),
+            max_subscriptions: 256,
+            poll: Duration::from_millis(250),
+        }
+    }
+}
+
+/// The read service over an [`EventStore`].
+#[derive(Debug, Clone)]
+pub struct ReadApi {
+    log: Arc<dyn EventLog>,
+    known: Arc<KnownTypes>,
+    config: ReadConfig,
+    subscriptions: Arc<Semaphore>,
+}
+
+impl ReadApi {
+    pub fn new(store: Arc<dyn EventStore>, known: KnownTypes, config: ReadConfig) -> Self {
+        Self {
+            log: Arc::new(StoreLog(store)),
+            known: Arc::new(known),
+            subscriptions: Arc::new(Semaphore::new(config.max_subscriptions)),
+            config,
+        }
+    }
+
+    pub fn into_service(self, max_message_bytes: usize) -> ReadServiceServer<Self> {
+        ReadServiceServer::new(self).max_decoding_message_size(max_message_bytes)
+    }
+
+    fn filter(&self, filter: Option<pb::LogFilter>) -> Result<LogFilter, String> {
+        let filter = filter.unwrap_or_default();
+        let unknown = |given: &[String], known: &[String], what: &str| {
+            let unknown: Vec<&str> = given
+                .iter()
+                .filter(|g| !known.contains(g))
+                .map(String::as_str)
+                .collect();
+            if unknown.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "unknown {what} {unknown:?}; known: {}",
+                    known.join(", ")
+                ))
+            }
+        };
+        unknown(
+            &filter.stream_types,
+            &self.known.stream_types,
+            "stream types",
+        )?;
+        unknown(&filter.event_types, &self.known.event_types, "event types")?;
+        Ok(LogFilter {
+            stream_types: filter.stream_types,
+            event_types: filter.event_types,
+        })
+    }
+}
+
+fn page_limit(limit: u32) -> Result<usize, String> {
+    match limit {
+        0 => Ok(DEFAULT_PAGE as usize),
+        n if n <= MAX_PAGE => Ok(n as usize),
+        n => Err(format!("must be at most {MAX_PAGE}, got {n}")),
+    }
+}
+
+fn logged(event: &RecordedEvent) -> pb::LoggedEvent {
+    pb::LoggedEvent {
+        position: event.position,
+        event: Some(event.to_envelope()),
+    }
+}
+
+type Subscription = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::read_service_server::ReadService for ReadApi {
+    async fn read_stream(
+        &self,
+        request: Request<pb::ReadStreamRequest>,
+    ) -> Result<Response<pb::ReadStreamResponse>, Status> {
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let stream_id = match body.stream_id.as_str() {
+            "" => Err("must not be empty"),
+            id if id.len() > 512 => Err("must be at most 512 bytes"),
+            id => Ok(id),
+        };
+        let (Some(stream_id), Some(limit)) = (
+            violations.check("stream_id", stream_id),
+            violations.check("limit", page_limit(body.limit)),
+        ) else {
+            return Err(violations.into_status());
+        };
+        let from = body.from_version.max(1);
+        // One more than asked tells whether the stream goes on.
+        let mut events = self.log.read_stream(stream_id, from, limit + 1).await?;
+        let end_of_stream = events.len() <= limit;
+        events.truncate(limit);
+        let next_version = events.last().map_or(from, |e| e.version + 1);
+        Ok(Response::new(pb::ReadStreamResponse {
+            events: events.iter().map(logged).collect(),
+            next_version,
+            end_of_stream,
+        }))
+    }
+
+    async fn read_all(
+        &self,
+        request: Request<pb::ReadAllRequest>,
+    ) -> Result<Response<pb::ReadAllResponse>, Status> {
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let (Some(limit), Some(filter)) = (
+            violations.check("limit", page_limit(body.limit)),
+            violations.check("filter", self.filter(body.filter)),
+        ) else {
+            return Err(violations.into_status());
+        };
+        let page = self
+            .log
+            .read_all(body.from_position, limit, &filter)
+            .await?;
+        Ok(Response::new(pb::ReadAllResponse {
+            events: page.events.iter().map(logged).collect(),
+            next_position: page.next_position,
+            head_position: page.head,
+        }))
+    }
+
+    type SubscribeStream = Subscription;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let Some(filter) = violations.check("filter", self.filter(body.filter)) else {
+            return Err(violations.into_status());
+        };
+        let permit = Arc::clone(&self.subscriptions)
+            .try_acquire_owned()
+            .map_err(|_| status::too_many_subscriptions(self.config.max_subscriptions))?;
+        let follower = Follower::new(
+            Arc::clone(&self.log),
+            body.from_position,
+            filter,
+            MAX_PAGE as usize,
+            self.config.poll,
+        );
+        let (sender, receiver) = mpsc::channel(self.config.buffer);
+        let (ending, ended) = oneshot::channel();
+        let config = self.config;
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Some(status) = feed(follower, sender, config).await {
+                let _ = ending.send(status);
+            }
+        });
+        // What was buffered first, then the reason the feed stopped, if any.
+        let reason =
+            futures_util::stream::once(ended).filter_map(|ended| async { ended.ok().map(Err) });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(receiver)
+            .map(Ok)
+            .chain(reason);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Feeds one subscription until the client goes away (`None`), or it ends
+/// with a status: the client was too slow or the log failed (the client
+/// resumes from its last position).
+async fn feed(
+    mut follower: Follower,
+    sender: mpsc::Sender<pb::SubscribeResponse>,
+    config: ReadConfig,
+) -> Option<Status> {
+    use pb::subscribe_response::Kind;
+    let mut live = false;
+    loop {
+        let step = tokio::select! {
+            () = sender.closed() => return None,
+            step = follower.next() => step,
+        };
+        let step = match step {
+            Ok(step) => step,
+            Err(error) => return Some(error.into()),
+        };
+        let mut messages: Vec<Kind> = step.events.iter().map(|e| Kind::Event(logged(e))).collect();
+        if !live && (step.events.is_empty() || step.caught_up) {
+            messages.push(Kind::Checkpoint(pb::Checkpoint {
+                next_position: step.next_position,
+                caught_up: step.caught_up,
+            }));
+        }
+        live = step.caught_up;
+        for kind in messages {
+            let message = pb::SubscribeResponse { kind: Some(kind) };
+            match sender.send_timeout(message, config.slow_subscriber).await {
+                Ok(()) => {}
+                Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                    return Some(status::subscriber_too_slow(
+                        config.buffer,
+                        config.slow_subscriber,
+                        follower.position(),
+                    ));
+                }
+                Err(mpsc::error::SendTimeoutError::Closed(_)) => return None,
+            }
+        }
+    }
+}

@@ -84,6 +84,31 @@ pub struct DocumentStoreArgs {
     /// Bound on every Couchbase call (the SDK itself retries forever).
     #[arg(long, env = "SCALEOUT_COUCHBASE_TIMEOUT", default_value = "2500ms", value_parser = parse_duration)]
     pub couchbase_timeout: Duration,
+    /// When Couchbase acknowledges a read-model write. `none`: once the
+    /// active node has it in memory — a failover can promote a replica that
+    /// never saw it, and views silently go back in time. `majority`: once a
+    /// majority of the copies have it in memory. `persist_to_majority`: once
+    /// a majority have it on disk. On a one-node cluster the bucket must be
+    /// created with `--bucket-replica 0` (then every level is met by that
+    /// node); with replicas configured but no nodes to hold them, `majority`
+    /// and `persist_to_majority` are impossible and every write fails with
+    /// DurabilityImpossible (a permanent error, not "unavailable").
+    #[arg(
+        long,
+        env = "SCALEOUT_COUCHBASE_DURABILITY",
+        default_value = "none",
+        value_enum
+    )]
+    pub couchbase_durability: CouchbaseDurability,
+}
+
+/// Values of `--couchbase-durability`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum CouchbaseDurability {
+    None,
+    Majority,
+    PersistToMajority,
 }
 
 impl std::fmt::Display for DocumentStoreArgs {

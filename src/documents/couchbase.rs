@@ -3,9 +3,11 @@
 //! Documents are written raw (already-encoded JSON with JSON flags), so the
 //! SDK neither re-encodes them nor needs to know their types, and N1QL sees
 //! ordinary JSON. The SDK retries forever (a dead address never fails
-//! `Cluster::connect`, an operation on an unknown bucket never returns), so
-//! every call here is bounded by the configured timeout and a call that runs
-//! out of it is [`DocumentError::Unavailable`].
+//! `Cluster::connect`, an operation on an unknown bucket never returns, and
+//! TMPFAIL, NOT_MY_VBUCKET or a frozen server make a call wait without
+//! end), so every call here is bounded by the configured timeout and a call
+//! that runs out of it is [`DocumentError::Unavailable`]. What the SDK does
+//! return is sorted by [`classify`].
 
 use std::future::Future;
 use std::time::Duration;
@@ -14,11 +16,13 @@ use async_trait::async_trait;
 use couchbase::authenticator::PasswordAuthenticator;
 use couchbase::cluster::Cluster;
 use couchbase::collection::Collection;
+use couchbase::durability_level::DurabilityLevel;
 use couchbase::error::{Error as CouchbaseError, ErrorKind};
 use couchbase::options::cluster_options::ClusterOptions;
 use couchbase::options::kv_options::{InsertOptions, RemoveOptions, ReplaceOptions};
 
 use super::{Cas, Document, DocumentError, DocumentStore};
+use crate::config::CouchbaseDurability;
 
 /// Where the bucket is and how to reach it.
 #[derive(Clone)]
@@ -51,6 +55,8 @@ impl std::fmt::Debug for CouchbaseConfig {
 pub struct CouchbaseDocuments {
     collection: Collection,
     timeout: Duration,
+    /// Asked of every insert, replace and remove (NONE sends nothing).
+    durability: DurabilityLevel,
     // Keeps the connections open for as long as the store lives.
     _cluster: Cluster,
 }
@@ -59,6 +65,7 @@ impl std::fmt::Debug for CouchbaseDocuments {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CouchbaseDocuments")
             .field("timeout", &self.timeout)
+            .field("durability", &self.durability)
             .finish_non_exhaustive()
     }
 }
@@ -92,10 +99,21 @@ impl CouchbaseDocuments {
         let store = Self {
             collection,
             timeout: config.timeout,
+            durability: DurabilityLevel::NONE,
             _cluster: cluster,
         };
         store.ping().await?;
         Ok(store)
+    }
+
+    /// Makes every write wait for `durability` (see `--couchbase-durability`).
+    pub fn with_durability(mut self, durability: CouchbaseDurability) -> Self {
+        self.durability = match durability {
+            CouchbaseDurability::None => DurabilityLevel::NONE,
+            CouchbaseDurability::Majority => DurabilityLevel::MAJORITY,
+            CouchbaseDurability::PersistToMajority => DurabilityLevel::PERSIST_TO_MAJORITY,
+        };
+        self
     }
 
     async fn bounded<T>(
@@ -112,17 +130,46 @@ impl CouchbaseDocuments {
     }
 }
 
+/// Sorts an SDK error for callers. [`DocumentError::Unavailable`]: the store
+/// did not answer now, or a write's fate is unknown — callers read again
+/// and write with CAS, so trying again is safe. [`DocumentError::Rejected`]:
+/// this document can never be written. [`DocumentError::Backend`]:
+/// trying again cannot help.
 fn classify(key: &str, error: &CouchbaseError) -> DocumentError {
     match error.kind() {
         ErrorKind::DocumentNotFound => DocumentError::NotFound(key.to_owned()),
         ErrorKind::DocumentExists => DocumentError::Exists(key.to_owned()),
         ErrorKind::CasMismatch => DocumentError::CasMismatch(key.to_owned()),
-        ErrorKind::TemporaryFailure
+        // No answer now. OtherFailure is the SDK's kind for every transport
+        // failure: a connection closed with the request in flight (the write
+        // may or may not have happened), a failed dispatch, NOT_MY_VBUCKET,
+        // a vBucket with no server assigned during a failover.
+        ErrorKind::OtherFailure(_)
+        | ErrorKind::RequestCanceled
         | ErrorKind::ServerTimeout
+        | ErrorKind::TemporaryFailure
+        | ErrorKind::RateLimitedFailure
         | ErrorKind::ServiceNotAvailable(_)
         | ErrorKind::ClusterDropped
-        | ErrorKind::AuthenticationFailure
-        | ErrorKind::BucketNotFound => DocumentError::Unavailable(error.to_string()),
+        | ErrorKind::DocumentLocked
+        // A durable write timed out (it may have happened), or waits on another.
+        | ErrorKind::DurabilityAmbiguous
+        | ErrorKind::DurabilityWriteInProgress
+        | ErrorKind::DurableWriteRecommitInProgress => {
+            DocumentError::Unavailable(error.to_string())
+        }
+        ErrorKind::ValueTooLarge => DocumentError::Rejected(format!(
+            "document {key} is larger than Couchbase's 20 MiB limit"
+        )),
+        ErrorKind::InvalidArgument(_) | ErrorKind::EncodingFailure(_) => {
+            DocumentError::Rejected(format!("document {key}: {error}"))
+        }
+        ErrorKind::DurabilityImpossible => DocumentError::Backend(format!(
+            "writing {key}: the bucket has too few data nodes for --couchbase-durability \
+             (on one node, create the bucket with --bucket-replica 0)"
+        )),
+        // Wrong credentials, bucket, scope or collection, a quota, an
+        // unsupported durability level or operation, bad input: permanent.
         _ => DocumentError::Backend(error.to_string()),
     }
 }
@@ -148,12 +195,9 @@ impl DocumentStore for CouchbaseDocuments {
     async fn insert(&self, key: &str, body: &[u8]) -> Result<Cas, DocumentError> {
         let (body, flags) =
             couchbase::transcoding::raw_json::encode(&body).map_err(|e| classify(key, &e))?;
+        let options = InsertOptions::new().durability_level(self.durability.clone());
         let written = self
-            .bounded(
-                key,
-                self.collection
-                    .insert_raw(key, body, flags, InsertOptions::new()),
-            )
+            .bounded(key, self.collection.insert_raw(key, body, flags, options))
             .await?;
         cas(key, written.cas())
     }
@@ -161,7 +205,9 @@ impl DocumentStore for CouchbaseDocuments {
     async fn replace(&self, key: &str, body: &[u8], expected: Cas) -> Result<Cas, DocumentError> {
         let (body, flags) =
             couchbase::transcoding::raw_json::encode(&body).map_err(|e| classify(key, &e))?;
-        let options = ReplaceOptions::new().cas(expected.get());
+        let options = ReplaceOptions::new()
+            .cas(expected.get())
+            .durability_level(self.durability.clone());
         let written = self
             .bounded(key, self.collection.replace_raw(key, body, flags, options))
             .await?;
@@ -169,7 +215,9 @@ impl DocumentStore for CouchbaseDocuments {
     }
 
     async fn remove(&self, key: &str, expected: Cas) -> Result<(), DocumentError> {
-        let options = RemoveOptions::new().cas(expected.get());
+        let options = RemoveOptions::new()
+            .cas(expected.get())
+            .durability_level(self.durability.clone());
         self.bounded(key, self.collection.remove(key, options))
             .await
             .map(drop)
@@ -177,5 +225,141 @@ impl DocumentStore for CouchbaseDocuments {
 
     async fn ping(&self) -> Result<(), DocumentError> {
         self.get(PING_KEY).await.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use couchbase::error::InvalidArgumentErrorKind;
+    use couchbase::service_type::ServiceType;
+
+    use super::*;
+
+    fn classified(kind: ErrorKind) -> DocumentError {
+        classify("doc::a", &CouchbaseError::new(kind))
+    }
+
+    fn is_unavailable(kind: ErrorKind) -> bool {
+        matches!(classified(kind), DocumentError::Unavailable(_))
+    }
+
+    #[test]
+    fn missing_taken_and_changed_documents_keep_their_meaning() {
+        let key = || "doc::a".to_owned();
+        assert_eq!(
+            classified(ErrorKind::DocumentNotFound),
+            DocumentError::NotFound(key())
+        );
+        assert_eq!(
+            classified(ErrorKind::DocumentExists),
+            DocumentError::Exists(key())
+        );
+        assert_eq!(
+            classified(ErrorKind::CasMismatch),
+            DocumentError::CasMismatch(key())
+        );
+    }
+
+    #[test]
+    fn a_store_that_does_not_answer_now_is_unavailable() {
+        for kind in [
+            // What the SDK returns for a connection closed mid-write.
+            ErrorKind::OtherFailure("request cancelled: Closed in flight".into()),
+            ErrorKind::OtherFailure("no server assigned to vbucket 7".into()),
+            ErrorKind::RequestCanceled,
+            ErrorKind::ServerTimeout,
+            ErrorKind::TemporaryFailure,
+            ErrorKind::RateLimitedFailure,
+            ErrorKind::ServiceNotAvailable(ServiceType::KV),
+            ErrorKind::ClusterDropped,
+            ErrorKind::DocumentLocked,
+        ] {
+            assert!(is_unavailable(kind.clone()), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn a_durable_write_of_unknown_fate_or_waiting_on_another_is_unavailable() {
+        for kind in [
+            ErrorKind::DurabilityAmbiguous,
+            ErrorKind::DurabilityWriteInProgress,
+            ErrorKind::DurableWriteRecommitInProgress,
+        ] {
+            assert!(is_unavailable(kind.clone()), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn a_value_too_large_is_rejected_and_says_so() {
+        let DocumentError::Rejected(message) = classified(ErrorKind::ValueTooLarge) else {
+            panic!("not Rejected");
+        };
+        assert!(
+            message.contains("doc::a") && message.contains("20 MiB"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn impossible_durability_is_a_backend_failure_that_names_the_fix() {
+        let DocumentError::Backend(message) = classified(ErrorKind::DurabilityImpossible) else {
+            panic!("not Backend");
+        };
+        assert!(message.contains("--bucket-replica 0"), "{message}");
+    }
+
+    #[test]
+    fn a_misconfigured_or_failing_store_is_a_backend_failure() {
+        for kind in [
+            ErrorKind::AuthenticationFailure,
+            ErrorKind::BucketNotFound,
+            ErrorKind::ScopeNotFound,
+            ErrorKind::CollectionNotFound,
+            ErrorKind::QuotaLimitedFailure,
+            ErrorKind::DurabilityLevelNotAvailable,
+            ErrorKind::UnsupportedOperation,
+            ErrorKind::InternalServerFailure,
+        ] {
+            assert!(
+                matches!(classified(kind.clone()), DocumentError::Backend(_)),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_document_the_store_can_never_take_is_rejected() {
+        for kind in [
+            ErrorKind::ValueTooLarge,
+            ErrorKind::EncodingFailure("not JSON".into()),
+            ErrorKind::InvalidArgument(InvalidArgumentErrorKind::new(None, "key too long")),
+        ] {
+            assert!(
+                matches!(classified(kind.clone()), DocumentError::Rejected(_)),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_durability_flag_takes_three_values() {
+        use clap::Parser;
+
+        #[derive(Debug, Parser)]
+        struct Flags {
+            #[command(flatten)]
+            documents: crate::config::DocumentStoreArgs,
+        }
+        let parse = |value: &str| {
+            Flags::try_parse_from(["test", "--couchbase-durability", value])
+                .map(|flags| flags.documents.couchbase_durability)
+        };
+        assert_eq!(parse("none").ok(), Some(CouchbaseDurability::None));
+        assert_eq!(parse("majority").ok(), Some(CouchbaseDurability::Majority));
+        assert_eq!(
+            parse("persist_to_majority").ok(),
+            Some(CouchbaseDurability::PersistToMajority)
+        );
+        assert!(parse("persist-to-majority").is_err());
     }
 }

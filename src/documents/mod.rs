@@ -61,6 +61,12 @@ pub enum DocumentError {
     /// The store cannot be reached or did not answer in time.
     #[error("document store unavailable: {0}")]
     Unavailable(String),
+    /// The store refuses this document for good (too large, an invalid
+    /// key): the same write will fail again, whatever the store's health.
+    #[error("document refused: {0}")]
+    Rejected(String),
+    /// The store answered with a failure that is not the document's
+    /// fault (wrong credentials, a missing bucket, an internal error).
     #[error("document store failure: {0}")]
     Backend(String),
 }
@@ -118,8 +124,9 @@ impl crate::config::DocumentStoreArgs {
             collection: self.couchbase_collection.clone(),
             timeout: self.couchbase_timeout,
         };
+        let store = CouchbaseDocuments::connect(config).await?;
         Ok(std::sync::Arc::new(
-            CouchbaseDocuments::connect(config).await?,
+            store.with_durability(self.couchbase_durability),
         ))
     }
 }

@@ -32,13 +32,15 @@ pub fn cluster(port: u16, rev: u64) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Asked with `bucket` selected.
-pub fn bucket(port: u16, rev: u64, bucket: &str) -> Vec<u8> {
+/// Asked with `bucket` selected, and the body of NOT_MY_VBUCKET. `uuid`
+/// must stay the same across revisions: it tells the SDK the bucket is the
+/// same one.
+pub fn bucket(port: u16, rev: u64, bucket: &str, uuid: &str) -> Vec<u8> {
     json!({
         "rev": rev,
         "revEpoch": 1,
         "name": bucket,
-        "uuid": format!("{:032x}", fastrand::u128(..)),
+        "uuid": uuid,
         "bucketType": "membase",
         "nodeLocator": "vbucket",
         "nodes": [{ "hostname": format!("127.0.0.1:{port}"), "ports": { "direct": port } }],

@@ -1,8 +1,12 @@
 //! One client connection: its negotiated features, who it authenticated as,
 //! which bucket it selected, and the answer to each request.
 
+use std::sync::Arc;
+
+use crate::faults::{Fault, Faults};
 use crate::protocol::{
-    DATATYPE_JSON, Request, Response, feature, opcode, split_collection, status,
+    self, DATATYPE_JSON, MAX_VALUE, MalformedFraming, Request, Response, feature, opcode,
+    split_collection, status,
 };
 use crate::scram::{Exchange, Refusal};
 use crate::store::{Item, Mode, Store};
@@ -11,12 +15,33 @@ use crate::{ServerConfig, config};
 const SCRAM_SHA512: &[u8] = b"SCRAM-SHA512";
 const PLAIN: &[u8] = b"PLAIN";
 
+/// GET_ERROR_MAP's answer: the SDK retries ENOMEM, EBUSY and the like only
+/// because the map says so.
+const ERROR_MAP: &[u8] = include_bytes!("error_map.json");
+
+/// What every connection of one server shares.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub store: Store,
+    pub config: Arc<ServerConfig>,
+    pub port: u16,
+    pub faults: Faults,
+    /// The same in every config revision, so the SDK sees one bucket.
+    pub bucket_uuid: Arc<str>,
+}
+
+/// What to do with a request.
+#[derive(Debug)]
+pub enum Answer {
+    Reply(Response),
+    /// Close the connection without answering.
+    HangUp,
+}
+
 /// The state one connection carries between requests.
 #[derive(Debug)]
 pub struct Connection {
-    store: Store,
-    server: std::sync::Arc<ServerConfig>,
-    port: u16,
+    server: Shared,
     collections: bool,
     datatype: bool,
     user: Option<String>,
@@ -25,11 +50,9 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(store: Store, server: std::sync::Arc<ServerConfig>, port: u16) -> Self {
+    pub fn new(server: Shared) -> Self {
         Self {
-            store,
             server,
-            port,
             collections: false,
             datatype: false,
             user: None,
@@ -38,12 +61,25 @@ impl Connection {
         }
     }
 
-    pub fn handle(&mut self, request: &Request) -> Response {
+    pub fn handle(&mut self, request: &Request) -> Answer {
+        if let Some(Fault::DropMidWrite { applied }) = self.server.faults.active()
+            && self.bucket.is_some()
+            && opcode::is_mutation(request.opcode)
+        {
+            if applied {
+                // Written, and the answer lost with the connection.
+                self.respond(request);
+            }
+            return Answer::HangUp;
+        }
+        Answer::Reply(self.respond(request))
+    }
+
+    fn respond(&mut self, request: &Request) -> Response {
         match request.opcode {
             opcode::HELLO => self.hello(request),
             opcode::NOOP => Response::to(request, status::SUCCESS),
-            opcode::GET_ERROR_MAP => Response::to(request, status::SUCCESS)
-                .with_value(br#"{"version":2,"revision":1,"errors":{}}"#.as_slice()),
+            opcode::GET_ERROR_MAP => json(Response::to(request, status::SUCCESS), ERROR_MAP),
             opcode::SASL_LIST_MECHS => {
                 Response::to(request, status::SUCCESS).with_value(b"SCRAM-SHA512 PLAIN".as_slice())
             }
@@ -51,19 +87,23 @@ impl Connection {
             opcode::SASL_STEP => self.sasl_step(request),
             _ if self.user.is_none() => Response::to(request, status::EACCESS),
             opcode::SELECT_BUCKET => self.select_bucket(request),
-            opcode::GET_CLUSTER_CONFIG => {
-                let body = match &self.bucket {
-                    Some(bucket) => config::bucket(self.port, 1, bucket),
-                    None => config::cluster(self.port, 1),
-                };
-                let mut response = Response::to(request, status::SUCCESS).with_value(body);
-                response.datatype = DATATYPE_JSON;
-                response
-            }
+            opcode::GET_CLUSTER_CONFIG => json(
+                Response::to(request, status::SUCCESS),
+                self.cluster_config(),
+            ),
             opcode::GET | opcode::SET | opcode::ADD | opcode::REPLACE | opcode::DELETE => {
                 self.document(request)
             }
             _ => Response::to(request, status::UNKNOWN_COMMAND),
+        }
+    }
+
+    /// The bucket's config once one is selected, the cluster's before.
+    fn cluster_config(&self) -> Vec<u8> {
+        let (port, rev) = (self.server.port, self.server.faults.config_rev());
+        match &self.bucket {
+            Some(bucket) => config::bucket(port, rev, bucket, &self.server.bucket_uuid),
+            None => config::cluster(port, rev),
         }
     }
 
@@ -90,7 +130,8 @@ impl Connection {
             PLAIN => {
                 let mut parts = value.split('\0').skip(1);
                 let (user, password) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                if user == self.server.username && password == self.server.password {
+                let server = &self.server.config;
+                if user == server.username && password == server.password {
                     self.user = Some(user.to_owned());
                     Response::to(request, status::SUCCESS).with_value(b"Authenticated".as_slice())
                 } else {
@@ -98,7 +139,7 @@ impl Connection {
                 }
             }
             SCRAM_SHA512 => {
-                let server = &self.server;
+                let server = &self.server.config;
                 let password_of =
                     |user: &str| (user == server.username).then(|| server.password.clone());
                 match Exchange::start(&value, password_of) {
@@ -130,7 +171,7 @@ impl Connection {
 
     fn select_bucket(&mut self, request: &Request) -> Response {
         let name = String::from_utf8_lossy(&request.key).into_owned();
-        if self.store.has_bucket(&name) {
+        if self.server.store.has_bucket(&name) {
             self.bucket = Some(name);
             Response::to(request, status::SUCCESS)
         } else {
@@ -152,9 +193,27 @@ impl Connection {
         } else {
             request.key.as_slice()
         };
+        if let Err(refusal) = checked_durability(request) {
+            return Response::to(request, refusal);
+        }
+        if request.value.len() > MAX_VALUE {
+            return Response::to(request, status::TOO_BIG);
+        }
+        match self.server.faults.active() {
+            Some(Fault::TemporaryFailure) => return Response::to(request, status::TMPFAIL),
+            // As Couchbase Server does, with the config the client should use now.
+            Some(Fault::NotMyVbucket) => {
+                return json(
+                    Response::to(request, status::NOT_MY_VBUCKET),
+                    self.cluster_config(),
+                );
+            }
+            _ => {}
+        }
+        let store = &self.server.store;
         let outcome = match request.opcode {
             opcode::GET => {
-                return match self.store.get(&bucket, key) {
+                return match store.get(&bucket, key) {
                     Ok(item) => Response {
                         cas: item.cas,
                         extras: item.flags.to_be_bytes().to_vec(),
@@ -164,7 +223,7 @@ impl Connection {
                     Err(status) => Response::to(request, status),
                 };
             }
-            opcode::DELETE => self.store.delete(&bucket, key, request.cas),
+            opcode::DELETE => store.delete(&bucket, key, request.cas),
             mutation => {
                 let Some(flags) = request.extras.get(..4) else {
                     return Response::to(request, status::INVALID_ARGUMENTS);
@@ -180,7 +239,7 @@ impl Connection {
                     datatype: request.datatype,
                     cas: 0,
                 };
-                self.store.mutate(&bucket, key, mode, request.cas, item)
+                store.mutate(&bucket, key, mode, request.cas, item)
             }
         };
         match outcome {
@@ -190,5 +249,25 @@ impl Connection {
             },
             Err(status) => Response::to(request, status),
         }
+    }
+}
+
+fn json(response: Response, body: impl Into<Vec<u8>>) -> Response {
+    Response {
+        datatype: DATATYPE_JSON,
+        ..response.with_value(body)
+    }
+}
+
+/// Durability is for mutations, at a known level. On this one node with no
+/// replicas every level is met as soon as the write is done (in memory), so
+/// a durable write is then applied like a plain one.
+fn checked_durability(request: &Request) -> Result<(), u16> {
+    match protocol::durability(&request.framing) {
+        Err(MalformedFraming) => Err(status::INVALID_ARGUMENTS),
+        Ok(None) => Ok(()),
+        Ok(Some(_)) if !opcode::is_mutation(request.opcode) => Err(status::INVALID_ARGUMENTS),
+        Ok(Some(1..=3)) => Ok(()),
+        Ok(Some(_)) => Err(status::DURABILITY_INVALID_LEVEL),
     }
 }

@@ -4,29 +4,57 @@
 //!
 //! It speaks enough of the memcached binary protocol for the SDK to
 //! bootstrap and do key-value CRUD: HELLO (datatype, JSON, xerror, select
-//! bucket, collections — or none), GET_ERROR_MAP, SASL with real
-//! SCRAM-SHA512 verification and PLAIN, SELECT_BUCKET, GET_CLUSTER_CONFIG for
-//! the cluster and a bucket, and GET / SET / ADD / REPLACE / DELETE with true
-//! CAS semantics on the default collection. A wrong password is refused with
-//! AUTH_ERROR and an unknown bucket with EACCESS, as Couchbase Server does;
-//! an unknown opcode gets UNKNOWN_COMMAND.
+//! bucket, alt requests, sync replication, collections — or none),
+//! GET_ERROR_MAP (a version 2 map, so the SDK retries ENOMEM and EBUSY as it
+//! would against Couchbase Server), SASL with real SCRAM-SHA512 verification
+//! and PLAIN, SELECT_BUCKET, GET_CLUSTER_CONFIG for the cluster and a bucket,
+//! and GET / SET / ADD / REPLACE / DELETE with true CAS semantics on the
+//! default collection. A wrong password is refused with AUTH_ERROR and an
+//! unknown bucket with EACCESS, as Couchbase Server does; an unknown opcode
+//! gets UNKNOWN_COMMAND; a value above 20 MiB gets E2BIG. Durable writes
+//! (a durability frame in an alt request) are checked and applied like
+//! plain ones: the one node, with no replicas, meets every level at once.
+//!
+//! # Faults
+//!
+//! [`TestServer::faults`] switches a running server into failing, with the
+//! SDK connected, and back. What the couchbase 1.1 SDK then surfaces (see
+//! `tests/faults.rs`):
+//!
+//! | [`Fault`] | the SDK |
+//! | --- | --- |
+//! | `TemporaryFailure` (TMPFAIL) | retries reads and writes without end: a bounded call runs out of time; works again once cleared |
+//! | `NotMyVbucket` (the answer carries the config at the bumped `rev`, as GET_CLUSTER_CONFIG serves it) | retries without end, as above |
+//! | `Freeze` | waits, without retrying or reconnecting: a bounded call runs out of time. Once cleared, what the server read is answered late, in order: a write whose call timed out is applied then |
+//! | `DropMidWrite` | fails the write at once with `OtherFailure("request cancelled: Closed in flight …")` whether or not it was applied, and reconnects |
+//!
+//! A value above 20 MiB fails at once with `ValueTooLarge`.
+//! [`TestServer::requests`] counts requests per opcode, so tests can see
+//! retries and reconnections, and [`TestServer::durable_requests`] the
+//! writes that asked for durability. A process-level freeze is
+//! SIGSTOP on the binary.
 //!
 //! It does not do: TLS, HTTP (management, N1QL, search), named collections,
-//! expiry, replicas, durability, subdocument operations, DCP or persistence.
-//! It is a protocol peer for tests, not a database.
+//! expiry, replicas, subdocument operations, DCP or persistence. It is a
+//! protocol peer for tests, not a database.
 
 mod config;
 mod connection;
+mod faults;
 pub mod protocol;
 mod scram;
 mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+
+use connection::{Answer, Connection, Shared};
+pub use faults::{Fault, Faults};
 
 /// Who may log in and which buckets exist.
 #[derive(Debug, Clone)]
@@ -50,6 +78,8 @@ impl Default for ServerConfig {
 #[derive(Debug)]
 pub struct TestServer {
     addr: SocketAddr,
+    faults: Faults,
+    requests: Arc<Requests>,
     _serving: JoinSet<()>,
 }
 
@@ -62,20 +92,28 @@ impl TestServer {
     pub async fn start_on(addr: SocketAddr, config: ServerConfig) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let store = store::Store::new(&config.buckets);
-        let config = Arc::new(config);
+        let shared = Shared {
+            store: store::Store::new(&config.buckets),
+            config: Arc::new(config),
+            port: addr.port(),
+            faults: Faults::new(),
+            bucket_uuid: format!("{:032x}", fastrand::u128(..)).into(),
+        };
+        let (faults, requests) = (shared.faults.clone(), Arc::new(Requests::default()));
         let mut serving = JoinSet::new();
+        let counting = Arc::clone(&requests);
         serving.spawn(async move {
             let mut connections = JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
-                let connection =
-                    connection::Connection::new(store.clone(), Arc::clone(&config), addr.port());
-                connections.spawn(serve(stream, connection));
+                let (shared, counting) = (shared.clone(), Arc::clone(&counting));
+                connections.spawn(serve(stream, shared, counting));
                 while connections.try_join_next().is_some() {}
             }
         });
         Ok(Self {
             addr,
+            faults,
+            requests,
             _serving: serving,
         })
     }
@@ -88,15 +126,76 @@ impl TestServer {
     pub fn connection_string(&self) -> String {
         format!("couchbase://{}:{}", self.addr.ip(), self.addr.port())
     }
+
+    /// Switches this server's failures on and off, also while clients are
+    /// connected.
+    pub fn faults(&self) -> Faults {
+        self.faults.clone()
+    }
+
+    /// How many requests with `opcode` the server has read (answered or
+    /// not), on all connections.
+    pub fn requests(&self, opcode: u8) -> u64 {
+        self.requests.by_opcode[usize::from(opcode)].load(Ordering::SeqCst)
+    }
+
+    /// How many of those were mutations that asked for durability.
+    pub fn durable_requests(&self) -> u64 {
+        self.requests.durable.load(Ordering::SeqCst)
+    }
 }
 
-/// Answers requests in order until the client goes away or sends garbage.
-async fn serve(stream: TcpStream, mut connection: connection::Connection) {
+/// Requests read.
+#[derive(Debug)]
+struct Requests {
+    by_opcode: [AtomicU64; 256],
+    durable: AtomicU64,
+}
+
+impl Requests {
+    fn count(&self, request: &protocol::Request) {
+        self.by_opcode[usize::from(request.opcode)].fetch_add(1, Ordering::SeqCst);
+        if protocol::opcode::is_mutation(request.opcode)
+            && matches!(protocol::durability(&request.framing), Ok(Some(_)))
+        {
+            self.durable.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Default for Requests {
+    fn default() -> Self {
+        Self {
+            by_opcode: std::array::from_fn(|_| AtomicU64::new(0)),
+            durable: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Answers requests in order until the client goes away, sends garbage or
+/// a fault hangs up.
+async fn serve(stream: TcpStream, shared: Shared, requests: Arc<Requests>) {
+    let faults = shared.faults.clone();
+    let mut connection = Connection::new(shared);
     let _ = stream.set_nodelay(true);
     let (reader, writer) = stream.into_split();
     let (mut reader, mut writer) = (BufReader::new(reader), BufWriter::new(writer));
     while let Ok(Some(request)) = protocol::read_request(&mut reader).await {
-        let response = connection.handle(&request);
+        requests.count(&request);
+        if faults.active() == Some(Fault::Freeze) {
+            // What was answered before the freeze still goes out.
+            if writer.flush().await.is_err() {
+                return;
+            }
+            faults.thawed().await;
+        }
+        let response = match connection.handle(&request) {
+            Answer::Reply(response) => response,
+            Answer::HangUp => {
+                let _ = writer.flush().await;
+                return;
+            }
+        };
         if writer.write_all(&response.encode()).await.is_err() {
             return;
         }

@@ -15,6 +15,7 @@ use scaleout::bus::rabbitmq::{RabbitBus, RabbitConfig};
 use scaleout::bus::{EventBus, Subscription};
 use scaleout::documents::DocumentStore;
 use scaleout::documents::couchbase::{CouchbaseConfig, CouchbaseDocuments};
+use scaleout::grpc::RemoteLog;
 use scaleout::pb::{
     self, command_service_client::CommandServiceClient, query_service_client::QueryServiceClient,
 };
@@ -148,11 +149,14 @@ async fn split(rate: u32) {
     };
     let stopping = CancellationToken::new();
     let mut services = JoinSet::new();
+    let (command_listener, command_url) = listener().await;
     for _ in 0..2 {
         let (listener, _) = listener().await;
         let projector = scaleout::app::ProjectorService {
             bus: Arc::new(RabbitBus::new(rabbit.clone())),
             documents: documents().await,
+            log: Arc::new(RemoteLog::new(&command_url, Duration::from_secs(5)).unwrap()),
+            sweep_delay: Duration::from_secs(5),
             subscription: Subscription {
                 service_type: "projector".into(),
                 bindings: vec!["#".into()],
@@ -185,7 +189,6 @@ async fn split(rate: u32) {
             .await
             .unwrap(),
     );
-    let (command_listener, command_url) = listener().await;
     let command = scaleout::app::CommandService {
         store,
         bus: Some(Arc::new(RabbitBus::new(rabbit.clone())) as Arc<dyn EventBus>),

@@ -15,10 +15,14 @@ use scaleout::bus::{BusMessage, EventBus, Subscription};
 use scaleout::documents::DocumentStore;
 use scaleout::documents::redb::RedbDocuments;
 use scaleout::domain::{CounterEvent, DomainEvent};
+use scaleout::log::StoreLog;
 use scaleout::pb;
 use scaleout::projection::metrics::ProjectorMetrics;
 use scaleout::projection::runtime::{Projector, ProjectorConfig};
-use scaleout::store::{EventMetadata, RecordedEvent};
+use scaleout::store::redb::RedbStore;
+use scaleout::store::{
+    AppendRequest, EventMetadata, EventStore, ExpectedVersion, LogFilter, NewEvent,
+};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -35,41 +39,57 @@ fn subscription() -> Subscription {
     }
 }
 
-/// EVENTS increments, on one counter or spread over 100.
-fn increments(hot: bool) -> Vec<BusMessage> {
-    let mut versions = std::collections::HashMap::new();
-    (0..EVENTS)
-        .map(|i| {
+/// EVENTS increments, on one counter or spread over 100, appended to a
+/// fresh redb log (where projectors fill gaps from) and returned as the
+/// relay would publish them.
+async fn increments(hot: bool, dir: &std::path::Path) -> (Arc<dyn EventStore>, Vec<BusMessage>) {
+    let path = dir.join(format!("events-{}.redb", Uuid::now_v7().simple()));
+    let store: Arc<dyn EventStore> = Arc::new(RedbStore::open(path).unwrap());
+    let streams = if hot { 1 } else { 100 };
+    for round in 0..EVENTS / streams / 50 {
+        for s in 0..streams {
             let counter = if hot {
                 "hot".to_owned()
             } else {
-                format!("c{}", i % 100)
+                format!("c{s}")
             };
-            let version = versions
-                .entry(counter.clone())
-                .and_modify(|v| *v += 1)
-                .or_insert(1u64);
             let event = CounterEvent::Incremented(pb::CounterIncremented {
                 counter_id: counter.clone(),
                 amount: 1,
             });
-            BusMessage::from_event(&RecordedEvent {
-                position: i + 1,
+            let events: Vec<NewEvent> = (0..50)
+                .map(|_| NewEvent {
+                    event_id: Uuid::now_v7(),
+                    event_type: event.event_type(),
+                    payload: event.encode(),
+                })
+                .collect();
+            let append = AppendRequest {
                 stream_id: format!("counter-{counter}"),
                 stream_type: "counter".into(),
-                version: *version,
-                event_id: Uuid::now_v7(),
-                event_type: event.event_type(),
-                payload: event.encode(),
+                expected: if round == 0 {
+                    ExpectedVersion::NoStream
+                } else {
+                    ExpectedVersion::Any
+                },
+                events: events.try_into().unwrap(),
+                request_id: None,
                 metadata: EventMetadata {
                     occurred_at: SystemTime::now(),
                     correlation_id: Uuid::now_v7(),
                     causation_id: Uuid::now_v7(),
                 },
-                request_id: None,
-            })
-        })
-        .collect()
+            };
+            store.append(append).await.unwrap();
+        }
+    }
+    let page = store
+        .read_all(0, EVENTS as usize, &LogFilter::all())
+        .await
+        .unwrap();
+    assert_eq!(page.events.len() as u64, EVENTS);
+    let messages = page.events.iter().map(BusMessage::from_event).collect();
+    (store, messages)
 }
 
 async fn fill(config: &RabbitConfig, messages: &[BusMessage]) {
@@ -111,11 +131,13 @@ async fn raw_consume(config: &RabbitConfig, instances: usize) -> Duration {
 async fn project(
     config: &RabbitConfig,
     documents: Arc<dyn DocumentStore>,
+    log: Arc<dyn EventStore>,
     instances: usize,
 ) -> (Duration, Arc<ProjectorMetrics>) {
     let metrics = Arc::new(ProjectorMetrics::default());
     let projector = Projector::new(
         documents,
+        Arc::new(StoreLog(log)),
         scaleout::projection::views::reference(),
         Arc::clone(&metrics),
         ProjectorConfig {
@@ -203,12 +225,14 @@ async fn main() {
                 let label = format!("{store}, {shape}, {instances} instance(s)");
                 let config = RabbitConfig::new(&common::rabbitmq_url())
                     .with_prefix(format!("bench-{run}-{hot}-{instances}-{}", store.len()));
-                fill(&config, &increments(hot)).await;
+                let (log, messages) = increments(hot, dir.path()).await;
+                fill(&config, &messages).await;
                 let raw = raw_consume(&config, instances).await;
-                fill(&config, &increments(hot)).await;
+                fill(&config, &messages).await;
                 let (elapsed, metrics) = project(
                     &config,
                     documents(store, dir.path(), &couchbase).await,
+                    log,
                     instances,
                 )
                 .await;
@@ -216,12 +240,13 @@ async fn main() {
                     n.load(Ordering::Relaxed) as f64 * 1000.0 / EVENTS as f64
                 };
                 println!(
-                    "{label:<58} projected {:>7.0}/s   raw consume-and-ack {:>7.0}/s ({:.0}%)   CAS conflicts {:.1}/1k, retries {:.1}/1k",
+                    "{label:<58} projected {:>7.0}/s   raw consume-and-ack {:>7.0}/s ({:.0}%)   CAS conflicts {:.1}/1k, retries {:.1}/1k, gap fills {:.1}/1k",
                     per_second(elapsed),
                     per_second(raw),
                     100.0 * raw.as_secs_f64() / elapsed.as_secs_f64(),
                     per_k(&metrics.cas_conflicts),
                     per_k(&metrics.retries),
+                    per_k(&metrics.gap_fills),
                 );
                 common::delete_topology(&config, "bench").await;
             }

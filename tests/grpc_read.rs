@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use scaleout::grpc::{KnownTypes, ReadApi, ReadConfig};
 use scaleout::pb::read_service_client::ReadServiceClient;
 use scaleout::pb::{self, subscribe_response::Kind};
-use scaleout::store::{AppendRequest, EventMetadata, EventStore, ExpectedVersion, NewEvent};
+use scaleout::store::{AppendRequest, EventMetadata, ExpectedVersion, NewEvent};
 use support::{CommandService, redb_store};
 use tonic::Code;
 use tonic::transport::Channel;

@@ -1,5 +1,6 @@
 //! Projectors in process: read models equal the fold of the event log under
-//! competing workers, injected duplicates and reordering; poison is parked;
+//! competing workers, injected duplicates and reordering, lost deliveries,
+//! a rolled-back document and a document store outage; poison is parked;
 //! and a naive GET/SET writer is caught losing updates.
 
 mod support;
@@ -14,8 +15,10 @@ use scaleout::documents::DocumentStore;
 use scaleout::documents::redb::RedbDocuments;
 use scaleout::domain::values::{Amount, Author, CommentText, FileName, Id};
 use scaleout::domain::{Counter, CounterCommand, File, FileCommand};
+use scaleout::log::StoreLog;
 use scaleout::projection::metrics::ProjectorMetrics;
 use scaleout::projection::runtime::{Projector, ProjectorConfig, Writes};
+use scaleout::store::EventStore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -39,10 +42,27 @@ struct Projectors {
 }
 
 impl Projectors {
-    async fn start(bus: &Arc<dyn EventBus>, workers: usize, writes: Writes) -> Self {
+    /// Workers that fill gaps from `store`'s log.
+    async fn start(
+        bus: &Arc<dyn EventBus>,
+        store: &Arc<dyn EventStore>,
+        workers: usize,
+        writes: Writes,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let documents: Arc<dyn DocumentStore> =
             Arc::new(RedbDocuments::open(dir.path().join("views.redb")).unwrap());
+        Self::start_on(bus, store, documents, workers, writes, dir).await
+    }
+
+    async fn start_on(
+        bus: &Arc<dyn EventBus>,
+        store: &Arc<dyn EventStore>,
+        documents: Arc<dyn DocumentStore>,
+        workers: usize,
+        writes: Writes,
+        dir: tempfile::TempDir,
+    ) -> Self {
         let metrics = Arc::new(ProjectorMetrics::default());
         let config = ProjectorConfig {
             batch: 50,
@@ -51,6 +71,7 @@ impl Projectors {
         };
         let projector = Projector::new(
             Arc::clone(&documents),
+            Arc::new(StoreLog(Arc::clone(store))),
             scaleout::projection::views::reference(),
             Arc::clone(&metrics),
             config,
@@ -159,7 +180,7 @@ async fn workload(handler: &Arc<CommandHandler>) -> Vec<String> {
 async fn read_models_equal_the_fold_of_the_log_with_competing_workers() {
     let (store, _dir) = support::redb_store();
     let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
-    let projectors = Projectors::start(&bus, 3, Writes::Checked).await;
+    let projectors = Projectors::start(&bus, &store, 3, Writes::Checked).await;
     let stopping = CancellationToken::new();
     let relay =
         scaleout::relay::Relay::new(Arc::clone(&store), Arc::clone(&bus), Default::default());
@@ -196,7 +217,7 @@ async fn duplicated_and_reordered_deliveries_change_nothing() {
     // No relay: the test publishes the log itself, shuffled, every event
     // twice or three times.
     let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
-    let projectors = Projectors::start(&bus, 3, Writes::Checked).await;
+    let projectors = Projectors::start(&bus, &store, 3, Writes::Checked).await;
     let mut messages: Vec<BusMessage> = log.iter().map(BusMessage::from_event).collect();
     let copies: Vec<BusMessage> = messages.iter().step_by(2).cloned().collect();
     messages.extend(copies.iter().cloned());
@@ -245,7 +266,7 @@ async fn poison_is_parked_with_its_reason_and_nothing_else_moves() {
     let unknown = BusMessage::from_event(&unknown_event);
 
     let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
-    let projectors = Projectors::start(&bus, 1, Writes::Checked).await;
+    let projectors = Projectors::start(&bus, &store, 1, Writes::Checked).await;
     for result in bus.publish(&[undecodable, unknown.clone(), good]).await {
         result.unwrap();
     }
@@ -301,7 +322,7 @@ async fn a_naive_get_set_writer_loses_updates_and_the_harness_says_so() {
     let messages: Vec<BusMessage> = log.iter().map(BusMessage::from_event).collect();
 
     let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
-    let naive = Projectors::start(&bus, 3, Writes::NaiveGetSet).await;
+    let naive = Projectors::start(&bus, &store, 3, Writes::NaiveGetSet).await;
     for result in bus.publish(&messages).await {
         result.unwrap();
     }
@@ -328,4 +349,157 @@ async fn a_naive_get_set_writer_loses_updates_and_the_harness_says_so() {
         "naive GET/SET writer: counter at {count} of 1000 ({} lost)",
         1000 - count
     );
+}
+
+/// Deliveries that never arrive (every seventh event is not published):
+/// the events after them fill the gaps from the log, and the views equal
+/// the fold anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_deliveries_are_read_from_the_log() {
+    let (store, _dir) = support::redb_store();
+    let handler = Arc::new(CommandHandler::new(
+        Arc::clone(&store),
+        RetryPolicy::default(),
+    ));
+    let streams = workload(&handler).await;
+    let log = support::projection::read_log(store.as_ref(), &streams).await;
+    let expected = support::projection::fold_log(&log);
+    // The last event of each stream is always delivered, so every stream
+    // has a delivery after each of its lost ones.
+    let last: std::collections::HashMap<&str, u64> = log
+        .iter()
+        .map(|e| (e.stream_id.as_str(), e.version))
+        .collect();
+    let delivered: Vec<BusMessage> = log
+        .iter()
+        .enumerate()
+        .filter(|(n, e)| n % 7 != 3 || last[e.stream_id.as_str()] == e.version)
+        .map(|(_, e)| BusMessage::from_event(e))
+        .collect();
+    assert!(delivered.len() < log.len());
+
+    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
+    let projectors = Projectors::start(&bus, &store, 2, Writes::Checked).await;
+    for result in bus.publish(&delivered).await {
+        result.unwrap();
+    }
+    support::projection::wait_for_fold(projectors.documents.as_ref(), &expected, PATIENCE).await;
+    let filled = projectors
+        .metrics
+        .gap_fills
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(filled > 0, "gaps were filled from the log");
+    assert!(bus.dead_letters("projector", 10).await.unwrap().is_empty());
+}
+
+/// A document written back to an older body (a failover without
+/// durability, an operator's mistake): the next event of its stream
+/// brings it back from the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_document_heals_on_the_next_event() {
+    let (store, _dir) = support::redb_store();
+    let handler = Arc::new(CommandHandler::new(
+        Arc::clone(&store),
+        RetryPolicy::default(),
+    ));
+    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
+    let projectors = Projectors::start(&bus, &store, 1, Writes::Checked).await;
+    let increment = |n: u64| CounterCommand::Increment {
+        amount: Amount::parse(n).unwrap(),
+    };
+    let publish_all = async |from: usize| {
+        let log = support::projection::read_log(store.as_ref(), &["counter-c".into()]).await;
+        let messages: Vec<BusMessage> = log[from..].iter().map(BusMessage::from_event).collect();
+        for result in bus.publish(&messages).await {
+            result.unwrap();
+        }
+        log
+    };
+    for n in 1..=3 {
+        handler
+            .execute::<Counter>(command("c", increment(n)))
+            .await
+            .unwrap();
+    }
+    let log = publish_all(0).await;
+    support::projection::wait_for_fold(
+        projectors.documents.as_ref(),
+        &support::projection::fold_log(&log),
+        PATIENCE,
+    )
+    .await;
+
+    // Roll the document back to what it was after version 1, through the
+    // store's own API, then append one more event.
+    let old = serde_json::to_vec(&support::projection::fold_log(&log[..1])["counter::c"]).unwrap();
+    let now = projectors
+        .documents
+        .get("counter::c")
+        .await
+        .unwrap()
+        .unwrap();
+    projectors
+        .documents
+        .replace("counter::c", &old, now.cas)
+        .await
+        .unwrap();
+    handler
+        .execute::<Counter>(command("c", increment(10)))
+        .await
+        .unwrap();
+    let log = publish_all(3).await;
+    let expected = support::projection::fold_log(&log);
+    assert_eq!(expected["counter::c"]["count"], 16);
+    support::projection::wait_for_fold(projectors.documents.as_ref(), &expected, PATIENCE).await;
+}
+
+/// The document store stops answering under load: workers pause (no
+/// delivery attempt spent, nothing parked, the pause visible in metrics)
+/// and finish once it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_store_outage_is_waited_out_not_parked() {
+    let (store, _dir) = support::redb_store();
+    let handler = Arc::new(CommandHandler::new(
+        Arc::clone(&store),
+        RetryPolicy::default(),
+    ));
+    let streams = workload(&handler).await;
+    let log = support::projection::read_log(store.as_ref(), &streams).await;
+    let expected = support::projection::fold_log(&log);
+
+    let dir = tempfile::tempdir().unwrap();
+    let redb: Arc<dyn DocumentStore> =
+        Arc::new(RedbDocuments::open(dir.path().join("views.redb")).unwrap());
+    let outage = Arc::new(support::documents::Outage::new(redb));
+    outage.begin();
+    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
+    let documents: Arc<dyn DocumentStore> = outage.clone();
+    let projectors = Projectors::start_on(&bus, &store, documents, 2, Writes::Checked, dir).await;
+    let messages: Vec<BusMessage> = log.iter().map(BusMessage::from_event).collect();
+    for result in bus.publish(&messages).await {
+        result.unwrap();
+    }
+    let started = std::time::Instant::now();
+    while !projectors.metrics.is_paused() {
+        assert!(started.elapsed() < PATIENCE, "the workers never paused");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Well past what max_attempts hand-backs would take to park everything.
+    let refused_before = outage.refused();
+    while outage.refused() < refused_before + 20 {
+        assert!(started.elapsed() < PATIENCE, "the workers stopped trying");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    outage.end();
+    support::projection::wait_for_fold(projectors.documents.as_ref(), &expected, PATIENCE).await;
+    let metrics = &projectors.metrics;
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(
+        metrics.retries.load(relaxed),
+        0,
+        "no delivery attempt spent"
+    );
+    assert_eq!(metrics.parked.load(relaxed), 0, "nothing parked");
+    assert!(bus.dead_letters("projector", 10).await.unwrap().is_empty());
+    assert!(!metrics.is_paused());
 }

@@ -50,7 +50,11 @@ async fn a_projector_killed_mid_stream_and_restarted_still_equals_the_fold() {
 
     let views = tempfile::tempdir().unwrap();
     let views_path = views.path().join("views.redb");
+    // The log the projector fills gaps from: command-svc's read API.
+    let log = support::CommandService::start(Arc::clone(&store)).await;
     let args: Vec<String> = [
+        "--event-log",
+        &log.url(),
         "--listen",
         "127.0.0.1:0",
         "--event-bus",

@@ -51,10 +51,18 @@ struct Args {
     /// Deliveries of a failing event before it is parked.
     #[arg(long, env = "SCALEOUT_MAX_ATTEMPTS", default_value_t = 5)]
     max_attempts: u32,
-    /// How long an event waits for an earlier one of its stream before it
-    /// is handed back to the bus.
-    #[arg(long, env = "SCALEOUT_GAP_PATIENCE", default_value = "2s", value_parser = parse_duration)]
-    gap_patience: Duration,
+    /// The event log's read API (command-svc): where a document that lacks
+    /// earlier events of a stream reads them, and what the sweep follows.
+    #[arg(
+        long,
+        env = "SCALEOUT_EVENT_LOG",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    event_log: String,
+    /// How far the sweep trails the log: it brings up to date any document
+    /// whose delivery was lost or parked once events are this old.
+    #[arg(long, env = "SCALEOUT_SWEEP_DELAY", default_value = "5s", value_parser = parse_duration)]
+    sweep_delay: Duration,
     /// Test only: write read models with a naive GET then SET, without CAS
     /// or version checks, to show that the scale-out tests catch lost updates.
     #[arg(long, hide = true)]
@@ -87,13 +95,18 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(
         %address,
         event_bus = %redact(&args.event_bus),
+        event_log = %args.event_log,
         document_store = %args.documents,
         service_type = %args.service_type,
         "projector running; health on gRPC, metrics at http://{address}/metrics"
     );
+    let log = scaleout::grpc::RemoteLog::new(&args.event_log, Duration::from_secs(5))
+        .with_context(|| format!("event log {}", args.event_log))?;
     let service = scaleout::app::ProjectorService {
         bus,
         documents,
+        log: std::sync::Arc::new(log),
+        sweep_delay: args.sweep_delay,
         subscription: Subscription {
             service_type: args.service_type,
             bindings: vec!["#".into()],
@@ -104,7 +117,6 @@ async fn main() -> anyhow::Result<()> {
         workers: args.workers,
         config: ProjectorConfig {
             batch: usize::from(args.prefetch),
-            gap_patience: args.gap_patience,
             writes: if args.unsafe_naive_writes {
                 Writes::NaiveGetSet
             } else {

@@ -6,19 +6,20 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::RoutesBuilder;
 
-use super::{ServeError, relay_metrics, report_relay, serve_then_drain};
-use crate::bus::{EventBus, Subscription};
+use super::{ServeError, reference_types, serve_then_drain};
 use crate::command::{CommandHandler, RetryPolicy};
 use crate::config::ServerArgs;
 use crate::documents::DocumentStore;
 use crate::grpc::metrics::ExtraMetrics;
-use crate::grpc::{AdminApi, CommandApi, QueryApi, server};
+use crate::grpc::{CommandApi, QueryApi, ReadApi, ReadConfig, server};
+use crate::log::StoreLog;
 use crate::pb::command_service_server::SERVICE_NAME as COMMAND_SERVICE;
+use crate::projection::FollowConfig;
 use crate::projection::metrics::ProjectorMetrics;
 use crate::projection::runtime::{Projector, ProjectorConfig};
 use crate::query::Queries;
-use crate::relay::{Relay, RelayConfig};
 use crate::store::EventStore;
+use crate::store::redb::{Outbox, RedbStore};
 
 /// The embedded platform: every part in one process on one data directory.
 #[derive(Debug, Clone)]
@@ -30,12 +31,14 @@ pub struct Platform {
     pub max_wait: std::time::Duration,
 }
 
-/// The whole platform in one process: the command service with its outbox
-/// relay, an in-process bus, projectors and the query service, all on
-/// `listener` (both services, admin, health and reflection), until
-/// `stopping` is cancelled. It keeps everything in `data_dir`, so it picks
-/// up where it left off: events still in the outbox are published again and
-/// the projectors skip what they had applied.
+/// The whole platform in one process: the command service, the read API,
+/// a projector following the event log, and the query service, all on
+/// `listener` (with health and reflection), until `stopping` is cancelled.
+///
+/// There is no bus in between: the projector reads the log itself from a
+/// checkpoint kept with the read models, so a crash at any instant (even a
+/// SIGKILL between a commit and its projection) loses nothing: on restart
+/// it picks up at the checkpoint and skips what it had applied.
 pub async fn run_platform(
     listener: TcpListener,
     platform: Platform,
@@ -48,13 +51,16 @@ pub async fn run_platform(
         retry,
         max_wait,
     } = platform;
-    let store: Arc<dyn EventStore> = Arc::new(crate::store::redb::RedbStore::open(
-        data_dir.join("events.redb"),
-    )?);
-    let documents: Arc<dyn DocumentStore> = Arc::new(crate::documents::redb::RedbDocuments::open(
-        data_dir.join("views.redb"),
-    )?);
-    let bus: Arc<dyn EventBus> = Arc::new(crate::bus::memory::MemoryBus::new());
+    // Opening may repair a file after a crash: not on a runtime thread.
+    let (store, documents) = tokio::task::spawn_blocking(move || {
+        let store = RedbStore::open_with(data_dir.join("events.redb"), Outbox::Off)?;
+        let documents = crate::documents::redb::RedbDocuments::open(data_dir.join("views.redb"))?;
+        Ok::<_, PlatformError>((store, documents))
+    })
+    .await
+    .map_err(|e| PlatformError::Opening(e.to_string()))??;
+    let store: Arc<dyn EventStore> = Arc::new(store);
+    let documents: Arc<dyn DocumentStore> = Arc::new(documents);
 
     let handler = Arc::new(CommandHandler::new(Arc::clone(&store), retry));
     let limit = server_args.max_message_bytes;
@@ -64,11 +70,13 @@ pub async fn run_platform(
         .add_service(
             QueryApi::new(Queries::new(Arc::clone(&documents)), max_wait).into_service(limit),
         )
-        .add_service(AdminApi::new(Arc::clone(&bus)).into_service(limit));
-    let relay = Relay::new(Arc::clone(&store), Arc::clone(&bus), RelayConfig::default());
+        .add_service(
+            ReadApi::new(Arc::clone(&store), reference_types(), ReadConfig::default())
+                .into_service(limit),
+        );
     let projector_metrics = Arc::new(ProjectorMetrics::default());
-    let (relay_state, scraped) = (relay_metrics(relay.state()), Arc::clone(&projector_metrics));
-    let extra: ExtraMetrics = Arc::new(move || scraped.render() + &relay_state());
+    let scraped = Arc::clone(&projector_metrics);
+    let extra: ExtraMetrics = Arc::new(move || scraped.render());
     let (routes, health) = server::routes(
         services,
         &[COMMAND_SERVICE, QUERY_SERVICE],
@@ -78,41 +86,58 @@ pub async fn run_platform(
     .await?;
 
     let mut tasks = tokio::task::JoinSet::new();
-    let (probed_store, probed_documents) = (Arc::clone(&store), Arc::clone(&documents));
+    // Commands need only the event store; queries, and the platform as a
+    // whole, also a projector that keeps the views moving.
+    let probed_store = Arc::clone(&store);
     tasks.spawn(health.clone().follow(
-        vec![
-            COMMAND_SERVICE.to_owned(),
-            QUERY_SERVICE.to_owned(),
-            String::new(),
-        ],
-        "event store and document store",
+        vec![COMMAND_SERVICE.to_owned()],
+        "event store",
         server_args.health_interval,
         move || {
-            let (store, documents) = (Arc::clone(&probed_store), Arc::clone(&probed_documents));
+            let store = Arc::clone(&probed_store);
+            async move { store.ping().await }
+        },
+    ));
+    let (probed_store, probed_documents, probed_projector) = (
+        Arc::clone(&store),
+        Arc::clone(&documents),
+        Arc::clone(&projector_metrics),
+    );
+    tasks.spawn(health.clone().follow(
+        vec![QUERY_SERVICE.to_owned(), String::new()],
+        "event store, document store and projector",
+        server_args.health_interval,
+        move || {
+            let (store, documents, projector) = (
+                Arc::clone(&probed_store),
+                Arc::clone(&probed_documents),
+                Arc::clone(&probed_projector),
+            );
             async move {
                 store.ping().await.map_err(|e| e.to_string())?;
-                documents.ping().await.map_err(|e| e.to_string())
+                documents.ping().await.map_err(|e| e.to_string())?;
+                if projector.is_paused() {
+                    return Err("the projector is waiting for a dependency".to_owned());
+                }
+                Ok(())
             }
         },
     ));
-    // Subscribe before the relay starts, so the first events are routable.
-    let subscription = Subscription {
-        service_type: "projector".into(),
-        bindings: vec!["#".into()],
-        prefetch: 100,
-        max_attempts: 5,
-    };
     let projector = Projector::new(
         documents,
+        Arc::new(StoreLog(store)),
         crate::projection::views::reference(),
         projector_metrics,
         ProjectorConfig::default(),
     );
-    let subscriber = bus.subscribe(&subscription).await?;
+    let follow = FollowConfig {
+        name: "platform".into(),
+        settle_delay: std::time::Duration::ZERO,
+        poll: std::time::Duration::from_secs(1),
+        page: 500,
+    };
     let worker_stopping = stopping.child_token();
-    tasks.spawn(async move { projector.run(subscriber, worker_stopping).await });
-    tasks.spawn(report_relay(health.clone(), relay.state()));
-    tasks.spawn(relay.run(stopping.child_token()));
+    tasks.spawn(async move { projector.follow(follow, worker_stopping).await });
 
     Ok(serve_then_drain(listener, routes, health, &server_args, stopping, tasks).await?)
 }
@@ -126,8 +151,8 @@ pub enum PlatformError {
     Store(#[from] crate::store::StoreError),
     #[error("opening the read models: {0}")]
     Documents(#[from] crate::documents::DocumentError),
-    #[error("subscribing the projector: {0}")]
-    Bus(#[from] crate::bus::BusError),
+    #[error("opening the data directory: {0}")]
+    Opening(String),
 }
 
 impl From<tonic_reflection::server::Error> for PlatformError {

@@ -12,6 +12,8 @@ use crate::config::ServerArgs;
 use crate::documents::DocumentStore;
 use crate::grpc::metrics::ExtraMetrics;
 use crate::grpc::server;
+use crate::log::EventLog;
+use crate::projection::FollowConfig;
 use crate::projection::metrics::ProjectorMetrics;
 use crate::projection::runtime::{Projector, ProjectorConfig};
 
@@ -20,6 +22,10 @@ use crate::projection::runtime::{Projector, ProjectorConfig};
 pub struct ProjectorService {
     pub bus: Arc<dyn EventBus>,
     pub documents: Arc<dyn DocumentStore>,
+    /// Where gaps are filled from and the sweep reads (command-svc's read API).
+    pub log: Arc<dyn EventLog>,
+    /// How far the sweep trails the log (see [`FollowConfig::settle_delay`]).
+    pub sweep_delay: std::time::Duration,
     pub subscription: Subscription,
     /// Which read models this service type keeps; empty: all of them.
     pub projections: Vec<String>,
@@ -40,6 +46,8 @@ pub async fn run_projector(
     let ProjectorService {
         bus,
         documents,
+        log,
+        sweep_delay,
         subscription,
         projections,
         workers,
@@ -49,6 +57,7 @@ pub async fn run_projector(
     let metrics = Arc::new(ProjectorMetrics::default());
     let projector = Projector::new(
         Arc::clone(&documents),
+        log,
         crate::projection::views::named(&projections)?,
         Arc::clone(&metrics),
         config,
@@ -60,19 +69,41 @@ pub async fn run_projector(
         server::routes(services, &[PROJECTOR_HEALTH], Some(extra), stopping.clone()).await?;
 
     let mut tasks = tokio::task::JoinSet::new();
-    let (probed_bus, probed_documents) = (Arc::clone(&bus), Arc::clone(&documents));
+    let (probed_bus, probed_documents, probed_metrics) = (
+        Arc::clone(&bus),
+        Arc::clone(&documents),
+        Arc::clone(&metrics),
+    );
     tasks.spawn(health.clone().follow(
         vec![PROJECTOR_HEALTH.to_owned(), String::new()],
-        "event bus and document store",
+        "event bus, document store and event log",
         server_args.health_interval,
         move || {
-            let (bus, documents) = (Arc::clone(&probed_bus), Arc::clone(&probed_documents));
+            let (bus, documents, metrics) = (
+                Arc::clone(&probed_bus),
+                Arc::clone(&probed_documents),
+                Arc::clone(&probed_metrics),
+            );
             async move {
                 bus.ping().await.map_err(|e| e.to_string())?;
-                documents.ping().await.map_err(|e| e.to_string())
+                documents.ping().await.map_err(|e| e.to_string())?;
+                if metrics.is_paused() {
+                    return Err("a worker is waiting for a dependency".to_owned());
+                }
+                Ok(())
             }
         },
     ));
+    // Every instance sweeps (the checkpoint is shared, and folding twice is
+    // a skipped duplicate), so any one of them keeps the views whole.
+    let sweep = FollowConfig {
+        name: format!("{}-sweep", subscription.service_type),
+        settle_delay: sweep_delay,
+        poll: std::time::Duration::from_secs(1),
+        page: 500,
+    };
+    let (sweeper, sweep_stopping) = (projector.clone(), stopping.child_token());
+    tasks.spawn(async move { sweeper.follow(sweep, sweep_stopping).await });
     for _ in 0..workers.max(1) {
         let (bus, projector, subscription, stopping) = (
             Arc::clone(&bus),

@@ -1,5 +1,6 @@
 //! scaleout: the whole platform in one process on its embedded defaults
-//! (redb files in a data directory, an in-process bus), for a laptop.
+//! (redb files in a data directory, a projector following the log), for a
+//! laptop.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,12 +10,12 @@ use clap::Parser;
 use scaleout::command::RetryPolicy;
 use scaleout::config::{ServerArgs, TelemetryArgs, parse_duration};
 
-/// The scaleout platform, all in one process: commands, outbox relay,
-/// in-process bus, projectors and queries on one port.
+/// The scaleout platform, all in one process: commands, the read API, a
+/// projector following the event log, and queries on one port.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Address to serve gRPC on (commands, queries, admin, health, reflection).
+    /// Address to serve gRPC on (commands, queries, the read API, health, reflection).
     #[arg(long, env = "SCALEOUT_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
     /// Where the event store and the read models live (kept across restarts).

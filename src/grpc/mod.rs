@@ -10,6 +10,7 @@ mod health;
 pub mod metrics;
 mod query_service;
 mod read_service;
+mod remote_log;
 pub mod server;
 mod status;
 
@@ -18,4 +19,5 @@ pub use self::command_service::{CORRELATION_ID_HEADER, CommandApi};
 pub use self::health::{Health, check as check_health};
 pub use self::query_service::QueryApi;
 pub use self::read_service::{KnownTypes, MAX_PAGE, ReadApi, ReadConfig};
+pub use self::remote_log::RemoteLog;
 pub use self::status::{ERROR_DOMAIN, Violations};

@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 use crate::bus::BusMessage;
 use crate::domain::{CounterEvent, DomainEvent, FileEvent};
+use crate::store::RecordedEvent;
 
 /// The payload of any event of the reference domain.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,9 +23,6 @@ pub struct ProjectedEvent {
     pub version: u64,
     pub occurred_at: SystemTime,
     pub payload: Payload,
-    /// The encoded envelope it came in, kept so that a document can hold
-    /// the event until the events before it arrive.
-    pub envelope: Vec<u8>,
 }
 
 /// Why a message can never be projected: it is parked at once.
@@ -42,17 +40,18 @@ impl ProjectedEvent {
     pub fn from_envelope(bytes: &[u8]) -> Result<Self, Poison> {
         let envelope = <crate::pb::EventEnvelope as prost::Message>::decode(bytes)
             .map_err(|e| Poison(format!("undecodable body: {e}")))?;
-        let event_id = Uuid::parse_str(&envelope.event_id)
-            .map_err(|e| Poison(format!("invalid event id {:?}: {e}", envelope.event_id)))?;
-        let occurred_at = envelope
-            .occurred_at
-            .and_then(|t| SystemTime::try_from(t).ok())
-            .ok_or_else(|| Poison("missing or invalid occurred_at".into()))?;
-        if envelope.version == 0 {
+        let recorded =
+            RecordedEvent::from_envelope(0, envelope).map_err(|e| Poison(e.to_string()))?;
+        Self::from_recorded(&recorded)
+    }
+
+    /// Types an event read from the log.
+    pub fn from_recorded(event: &RecordedEvent) -> Result<Self, Poison> {
+        if event.version == 0 {
             return Err(Poison("version 0: versions start at 1".into()));
         }
-        let (event_type, payload) = (&envelope.event_type, &envelope.payload);
-        let payload = match envelope.stream_type.as_str() {
+        let (event_type, payload) = (&event.event_type, &event.payload);
+        let payload = match event.stream_type.as_str() {
             "file" => FileEvent::decode(event_type, payload).map(Payload::File),
             "counter" => CounterEvent::decode(event_type, payload).map(Payload::Counter),
             other => {
@@ -63,12 +62,11 @@ impl ProjectedEvent {
         }
         .map_err(|e| Poison(format!("unknown event: {e}")))?;
         Ok(Self {
-            event_id,
-            stream_id: envelope.stream_id,
-            version: envelope.version,
-            occurred_at,
+            event_id: event.event_id,
+            stream_id: event.stream_id.clone(),
+            version: event.version,
+            occurred_at: event.metadata.occurred_at,
             payload,
-            envelope: bytes.to_vec(),
         })
     }
 }

@@ -1,51 +1,39 @@
 //! Folding events into a stored document, with the per-stream bookkeeping
 //! that makes duplicates and gaps visible.
 //!
-//! An event that arrives before an earlier one of its stream is kept in the
-//! document (`_pending`) and applied the moment its predecessor is. So a
-//! delivery is settled as soon as its document is written, whatever order
-//! competing instances see events in, and waiting for a gap never ties up a
-//! consumer's prefetch or spends its delivery attempts.
+//! A document records the last version it applied of each stream that feeds
+//! it. An event at or below that is a duplicate; one further ahead than the
+//! next is a gap, which the runtime fills from the event log before it
+//! writes, so a document never waits on a delivery that may never come.
 
 use std::collections::BTreeMap;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
 use super::{Order, ProjectedEvent, Projection, Route};
 
-/// Events kept per stream before the document refuses more and lets the
-/// delivery wait instead (its predecessor is missing for a long while).
-const MAX_PENDING: usize = 1000;
-
 /// What a document looks like at rest: the view's own fields, plus the last
-/// version applied of every stream that fed it and the events that arrived
-/// ahead of their turn (base64 envelopes by version).
+/// version applied of every stream that fed it.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Stored<V> {
     #[serde(flatten)]
     view: V,
     #[serde(rename = "_applied", default)]
     applied: BTreeMap<String, u64>,
-    #[serde(
-        rename = "_pending",
-        default,
-        skip_serializing_if = "BTreeMap::is_empty"
-    )]
-    pending: BTreeMap<String, BTreeMap<u64, String>>,
 }
 
 /// What became of one event for one document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Applied,
-    /// Applied (or kept) before: skip it.
+    /// Applied before: skip it.
     Duplicate,
-    /// Ahead of its turn: kept in the document, applied with its predecessor.
-    Deferred,
-    /// Ahead of its turn and the document keeps no more: wait, then retry.
-    Gap,
+    /// Ahead of its turn: the document has applied its stream only up to
+    /// `missing_from - 1`, so the events from `missing_from` on must be
+    /// read from the log first.
+    Gap {
+        missing_from: u64,
+    },
 }
 
 /// The result of folding events into a document.
@@ -62,7 +50,8 @@ pub trait AnyProjection: Send + Sync {
     fn name(&self) -> &'static str;
     fn routes(&self, event: &ProjectedEvent) -> Vec<Route>;
     /// Folds `events` (any order, each with how it lines up) into the
-    /// document `body` (`None`: missing).
+    /// document `body` (`None`: missing). Events behind a gap are not
+    /// applied, and nothing after them in their stream is.
     fn fold(
         &self,
         key: &str,
@@ -78,38 +67,6 @@ pub trait AnyProjection: Send + Sync {
         body: Option<&[u8]>,
         events: &[(&ProjectedEvent, Order)],
     ) -> Result<Folded, serde_json::Error>;
-}
-
-/// Applies the kept events of `stream` that are now next in line.
-fn apply_pending<P: Projection>(
-    projection: &P,
-    key: &str,
-    stored: &mut Stored<P::View>,
-    stream: &str,
-) {
-    let Some(pending) = stored.pending.get_mut(stream) else {
-        return;
-    };
-    let mut last = stored.applied.get(stream).copied().unwrap_or(0);
-    while let Some(kept) = pending.remove(&(last + 1)) {
-        // A kept event decoded once already; one that no longer does is
-        // skipped rather than wedging its stream.
-        let bytes = BASE64.decode(kept).ok();
-        match bytes.and_then(|b| ProjectedEvent::from_envelope(&b).ok()) {
-            Some(event) => projection.apply(key, &mut stored.view, &event),
-            None => tracing::error!(
-                key,
-                stream,
-                version = last + 1,
-                "skipping an undecodable kept event"
-            ),
-        }
-        last += 1;
-    }
-    stored.applied.insert(stream.to_owned(), last);
-    if pending.is_empty() {
-        stored.pending.remove(stream);
-    }
 }
 
 impl<P: Projection> AnyProjection for P {
@@ -136,30 +93,23 @@ impl<P: Projection> AnyProjection for P {
             let (a, b) = (events[a].0, events[b].0);
             (&a.stream_id, a.version).cmp(&(&b.stream_id, b.version))
         });
-        let mut outcomes = vec![Outcome::Gap; events.len()];
+        let mut outcomes = vec![Outcome::Duplicate; events.len()];
         let mut changed = false;
         for index in order {
             let (event, line_up) = events[index];
             let stream = &event.stream_id;
             let last = stored.applied.get(stream).copied().unwrap_or(0);
-            let pending = stored.pending.get(stream);
-            let kept = pending.is_some_and(|p| p.contains_key(&event.version));
-            outcomes[index] = if event.version <= last || kept {
+            outcomes[index] = if event.version <= last {
                 Outcome::Duplicate
             } else if event.version == last + 1 || line_up == Order::Latest {
                 self.apply(key, &mut stored.view, event);
                 stored.applied.insert(stream.clone(), event.version);
-                apply_pending(self, key, &mut stored, stream);
                 changed = true;
                 Outcome::Applied
-            } else if pending.map_or(0, BTreeMap::len) < MAX_PENDING {
-                let envelope = BASE64.encode(&event.envelope);
-                let pending = stored.pending.entry(stream.clone()).or_default();
-                pending.insert(event.version, envelope);
-                changed = true;
-                Outcome::Deferred
             } else {
-                Outcome::Gap
+                Outcome::Gap {
+                    missing_from: last + 1,
+                }
             };
         }
         let body = changed.then(|| serde_json::to_vec(&stored)).transpose()?;
@@ -246,7 +196,7 @@ mod tests {
     }
 
     #[test]
-    fn duplicates_are_skipped_and_gaps_wait() {
+    fn duplicates_are_skipped_and_gaps_name_what_is_missing() {
         let first = CounterProjection
             .fold("counter::c", None, &seq(&[&increment("counter-c", 1, 5)]))
             .unwrap();
@@ -256,25 +206,23 @@ mod tests {
         let folded = CounterProjection
             .fold("counter::c", Some(&body), &seq(&[&again, &ahead]))
             .unwrap();
-        assert_eq!(folded.outcomes, [Outcome::Duplicate, Outcome::Deferred]);
-        let body = folded.body.expect("the early event is kept");
+        assert_eq!(
+            folded.outcomes,
+            [Outcome::Duplicate, Outcome::Gap { missing_from: 2 }]
+        );
+        assert!(folded.body.is_none(), "nothing applied, nothing to write");
         let filled = CounterProjection
             .fold(
                 "counter::c",
                 Some(&body),
-                &seq(&[&increment("counter-c", 2, 20)]),
+                &seq(&[&ahead, &increment("counter-c", 2, 20)]),
             )
             .unwrap();
-        assert_eq!(filled.outcomes, [Outcome::Applied]);
+        assert_eq!(filled.outcomes, [Outcome::Applied, Outcome::Applied]);
         let body = filled.body.unwrap();
-        assert_eq!(
-            count(&body),
-            5 + 20 + 7,
-            "the kept event applied with its predecessor"
-        );
+        assert_eq!(count(&body), 5 + 20 + 7);
         let stored: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(stored["_applied"]["counter-c"], 3);
-        assert!(stored.get("_pending").is_none(), "nothing left pending");
     }
 
     #[test]

@@ -16,8 +16,15 @@ pub struct ProjectorMetrics {
     pub retries: AtomicU64,
     /// Deliveries parked in the dead-letter queue.
     pub parked: AtomicU64,
-    /// Times a delivery waited for an earlier event of its stream.
-    pub gap_waits: AtomicU64,
+    /// Events the log follower applied: in the embedded platform all of
+    /// them; beside a bus, those whose delivery was lost or parked.
+    pub log_applied: AtomicU64,
+    /// Events the log follower found applied already.
+    pub log_skipped: AtomicU64,
+    /// Events read from the log to fill a gap a document had.
+    pub gap_fills: AtomicU64,
+    /// Workers paused right now because a dependency does not answer.
+    pub paused: AtomicU64,
     /// Milliseconds from an event's commit to its projection, last seen.
     pub lag_ms: AtomicU64,
 }
@@ -27,9 +34,15 @@ impl ProjectorMetrics {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Whether any worker is waiting out an outage: the projector is not
+    /// serving then, whatever its dependencies answer to a ping.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed) > 0
+    }
+
     /// The counters in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 7] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 10] = [
             (
                 "scaleout_projector_handled_total",
                 "counter",
@@ -61,10 +74,28 @@ impl ProjectorMetrics {
                 &self.parked,
             ),
             (
-                "scaleout_projector_gap_waits_total",
+                "scaleout_projector_log_applied_total",
                 "counter",
-                "Waits for an earlier event of a stream.",
-                &self.gap_waits,
+                "Events the log follower applied (a delivery lost, parked or not used).",
+                &self.log_applied,
+            ),
+            (
+                "scaleout_projector_log_skipped_total",
+                "counter",
+                "Events the log follower found applied already.",
+                &self.log_skipped,
+            ),
+            (
+                "scaleout_projector_gap_fills_total",
+                "counter",
+                "Events read from the log to fill a document's gap.",
+                &self.gap_fills,
+            ),
+            (
+                "scaleout_projector_paused_workers",
+                "gauge",
+                "Workers waiting out a dependency that does not answer.",
+                &self.paused,
             ),
             (
                 "scaleout_projector_lag_milliseconds",
@@ -97,6 +128,6 @@ mod tests {
         assert!(text.contains(
             "# TYPE scaleout_projector_handled_total counter\nscaleout_projector_handled_total 3\n"
         ));
-        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 7);
+        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 10);
     }
 }

@@ -4,14 +4,15 @@
 //! A [`Projection`] names the documents an event touches ([`Route`]s) and
 //! folds the event into each. The [`runtime`] does the rest, the same way for every read
 //! model: every document records the last version it applied of each source
-//! stream, so a duplicate is acked and skipped and a gap waits for the events
-//! before it; a document is read with its CAS and written back with it (a
+//! stream, so a duplicate is acked and skipped and a gap is filled from the
+//! event log; a document is read with its CAS and written back with it (a
 //! missing one is inserted, never written with CAS 0), and a lost race is
 //! read and folded again. Deliveries that touch the same document are folded
 //! into one write.
 
 mod event;
 mod fold;
+mod follow;
 pub mod metrics;
 pub mod runtime;
 pub mod views;
@@ -21,6 +22,7 @@ use serde::de::DeserializeOwned;
 
 pub use self::event::{Payload, Poison, ProjectedEvent};
 pub use self::fold::{AnyProjection, Folded, Outcome};
+pub use self::follow::FollowConfig;
 
 /// A document an event changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +35,7 @@ pub struct Route {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Order {
     /// The document sees every event of the stream: they apply one after
-    /// another, a duplicate is skipped and a gap waits for what is missing.
+    /// another, a duplicate is skipped and a gap is read from the event log.
     Sequence,
     /// The event carries everything the document keeps about its stream
     /// (e.g. a file's name and folder in a folder listing): the newest

@@ -4,31 +4,41 @@
 //! A worker takes what has arrived (up to a batch), groups the events by the
 //! document they change, and writes each document once: read it with its
 //! CAS, fold every event of the batch into it, write it back (insert when
-//! missing). A lost race reads and folds again, bounded, with jitter. Then
-//! each delivery is settled:
+//! missing). A document that has not seen the events before one of the
+//! batch's (a delivery lost, parked, still in flight elsewhere, or the
+//! document rolled back) gets them from the event log in the same write, so
+//! no view ever waits on a delivery. A lost race reads and folds again,
+//! bounded, with jitter. Then each delivery is settled:
 //!
 //! | what happened to it | settled |
 //! | --- | --- |
 //! | applied (or applied before) everywhere | ack |
-//! | an earlier event of its stream is missing | held and tried again, backing off, up to `gap_patience`; then handed back |
-//! | the store failed or CAS kept losing | handed back to the bus (counts as an attempt) |
+//! | the document store or the log did not answer, or CAS kept losing | kept, unsettled: the worker pauses with backoff (health NOT_SERVING) and tries again; no attempt is spent |
+//! | a document fails the same way every time (unreadable, refused as too large) | handed back (an attempt); parked once out of attempts |
 //! | it does not decode, or its type is unknown | parked at once |
 //!
-//! Holding a gap in the worker rather than handing it back keeps it from
-//! spending its bus attempts while it only waits for its turn.
+//! An outage is not poison: a frozen store pauses the worker, which holds
+//! its deliveries until the store answers, instead of spending their
+//! attempts and parking good events.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::ProjectorMetrics;
 use super::{AnyProjection, Order, Outcome, ProjectedEvent};
 use crate::bus::{Delivery, Subscriber};
 use crate::documents::{DocumentError, DocumentStore};
+use crate::log::EventLog;
+use crate::store::StoreError;
+
+/// Most events one gap fill reads from the log for one stream of one
+/// document; a longer gap (a document rolled far back) is filled over
+/// several writes.
+const MAX_GAP_FILL: usize = 10_000;
 
 /// How a projector worker paces itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,11 +46,11 @@ pub struct ProjectorConfig {
     /// Most deliveries folded together; match the subscription's prefetch.
     pub batch: usize,
     /// Reads and folds of one document after lost CAS races before the
-    /// deliveries are handed back.
+    /// worker backs off and tries the batch again.
     pub cas_retries: u32,
-    /// How long a delivery waits for an earlier event of its stream before
-    /// it is handed back to the bus.
-    pub gap_patience: Duration,
+    /// Bounds of the pause while a dependency does not answer, doubling.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
     pub writes: Writes,
 }
 
@@ -62,7 +72,8 @@ impl Default for ProjectorConfig {
         Self {
             batch: 100,
             cas_retries: 64,
-            gap_patience: Duration::from_secs(2),
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
             writes: Writes::Checked,
         }
     }
@@ -71,10 +82,11 @@ impl Default for ProjectorConfig {
 /// Projects deliveries into documents.
 #[derive(Clone)]
 pub struct Projector {
-    store: Arc<dyn DocumentStore>,
+    pub(super) store: Arc<dyn DocumentStore>,
+    pub(super) log: Arc<dyn EventLog>,
     projections: Arc<[Box<dyn AnyProjection>]>,
-    metrics: Arc<ProjectorMetrics>,
-    config: ProjectorConfig,
+    pub(super) metrics: Arc<ProjectorMetrics>,
+    pub(super) config: ProjectorConfig,
 }
 
 impl std::fmt::Debug for Projector {
@@ -82,6 +94,7 @@ impl std::fmt::Debug for Projector {
         let names: Vec<_> = self.projections.iter().map(|p| p.name()).collect();
         f.debug_struct("Projector")
             .field("store", &self.store)
+            .field("log", &self.log)
             .field("projections", &names)
             .field("config", &self.config)
             .finish()
@@ -92,30 +105,57 @@ impl std::fmt::Debug for Projector {
 struct Held {
     delivery: Delivery,
     event: ProjectedEvent,
-    /// When it first found a gap, if it has.
-    waiting_since: Option<Instant>,
-    /// When to try it again.
-    due: Instant,
-    waits: u32,
 }
 
-/// What a delivery's documents made of it.
-enum Verdict {
-    Applied,
+/// What a delivery's documents made of it, worst first.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Verdict {
     Duplicate,
-    Gap,
+    Applied,
+    /// The same failure will come back: spend an attempt.
     Failed(String),
+    /// A dependency did not answer: keep it and try again.
+    Paused(String),
+}
+
+/// Why a document could not be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum WriteError {
+    /// The store or the log did not answer, or the write kept losing races.
+    Transient(String),
+    /// The document or an event can never be folded as things are.
+    Permanent(String),
+}
+
+impl WriteError {
+    /// Only a document the store refuses for good is the delivery's fault;
+    /// a store that is down or failing (even misconfigured) is waited out,
+    /// so that no good event is parked because of it.
+    fn document(error: DocumentError) -> Self {
+        match error {
+            DocumentError::Rejected(_) => Self::Permanent(error.to_string()),
+            error => Self::Transient(error.to_string()),
+        }
+    }
+
+    /// A log that cannot be read is waited out in the same way.
+    fn log(error: StoreError) -> Self {
+        Self::Transient(error.to_string())
+    }
 }
 
 impl Projector {
+    /// Projects into `store`, reading gaps from `log`.
     pub fn new(
         store: Arc<dyn DocumentStore>,
+        log: Arc<dyn EventLog>,
         projections: Vec<Box<dyn AnyProjection>>,
         metrics: Arc<ProjectorMetrics>,
         config: ProjectorConfig,
     ) -> Self {
         Self {
             store,
+            log,
             projections: projections.into(),
             metrics,
             config,
@@ -129,53 +169,93 @@ impl Projector {
     /// Projects from `subscriber` until `stopping` is cancelled. Deliveries
     /// still held then are dropped unsettled, which hands them back.
     pub async fn run(&self, mut subscriber: Box<dyn Subscriber>, stopping: CancellationToken) {
-        let mut held: Vec<Held> = Vec::new();
         loop {
-            let next_due = held.iter().map(|h| h.due).min();
             let first = tokio::select! {
                 () = stopping.cancelled() => break,
                 delivery = subscriber.next() => match delivery {
-                    Some(delivery) => Some(delivery),
+                    Some(delivery) => delivery,
                     None => break,
                 },
-                () = sleep_until(next_due), if next_due.is_some() => None,
             };
-            let mut fresh: Vec<Delivery> = first.into_iter().collect();
-            while fresh.len() + held.len() < self.config.batch {
+            let mut fresh = vec![first];
+            while fresh.len() < self.config.batch {
                 match subscriber.next().now_or_never() {
                     Some(Some(delivery)) => fresh.push(delivery),
                     _ => break,
                 }
             }
-            let now = Instant::now();
-            let (due, later): (Vec<Held>, Vec<Held>) = held.into_iter().partition(|h| h.due <= now);
-            held = later;
-            let mut work = due;
+            let mut work = Vec::with_capacity(fresh.len());
             for delivery in fresh {
                 match ProjectedEvent::decode(&delivery.message) {
-                    Ok(event) => work.push(Held {
-                        delivery,
-                        event,
-                        waiting_since: None,
-                        due: now,
-                        waits: 0,
-                    }),
+                    Ok(event) => work.push(Held { delivery, event }),
                     Err(poison) => self.park(delivery, &poison.to_string()).await,
                 }
             }
-            if !work.is_empty() {
-                held.extend(self.project(work).await);
+            if !self.project_until_done(work, &stopping).await {
+                break;
             }
         }
     }
 
+    /// Projects `work`, pausing with backoff while a dependency does not
+    /// answer; `false` if stopped first.
+    async fn project_until_done(&self, mut work: Vec<Held>, stopping: &CancellationToken) -> bool {
+        let mut pauses = 0u32;
+        let finished = loop {
+            work = self.project(work).await;
+            let Some(reason) = work
+                .first()
+                .map(|held| held.delivery.message.message_id.clone())
+            else {
+                break true;
+            };
+            if pauses == 0 {
+                ProjectorMetrics::add(&self.metrics.paused, 1);
+                tracing::warn!(
+                    deliveries = work.len(),
+                    first = %reason,
+                    "a dependency does not answer; pausing this worker until it does"
+                );
+            }
+            pauses += 1;
+            tokio::select! {
+                () = stopping.cancelled() => break false,
+                () = tokio::time::sleep(self.backoff(pauses)) => {}
+            }
+        };
+        if pauses > 0 {
+            self.metrics
+                .paused
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            if finished {
+                tracing::info!(pauses, "dependencies answer again; worker resumed");
+            }
+        }
+        finished
+    }
+
     /// Folds `work` into its documents and settles what is done; returns
-    /// the deliveries that wait for a gap.
+    /// the deliveries that wait for a dependency to answer.
     async fn project(&self, work: Vec<Held>) -> Vec<Held> {
+        let events: Vec<&ProjectedEvent> = work.iter().map(|held| &held.event).collect();
+        let verdicts = self.verdicts(&events).await;
+        let mut waiting = Vec::new();
+        for (held, verdict) in work.into_iter().zip(verdicts) {
+            match verdict {
+                Verdict::Paused(_) => waiting.push(held),
+                verdict => self.settle(held, verdict).await,
+            }
+        }
+        waiting
+    }
+
+    /// Folds `events` into their documents, one write per document; says
+    /// what became of each event.
+    pub(super) async fn verdicts(&self, events: &[&ProjectedEvent]) -> Vec<Verdict> {
         let mut documents: HashMap<(usize, String), Vec<(usize, Order)>> = HashMap::new();
-        for (index, held) in work.iter().enumerate() {
+        for (index, event) in events.iter().enumerate() {
             for (projection, p) in self.projections.iter().enumerate() {
-                for route in p.routes(&held.event) {
+                for route in p.routes(event) {
                     documents
                         .entry((projection, route.key))
                         .or_default()
@@ -183,41 +263,32 @@ impl Projector {
                 }
             }
         }
-        let writes = documents.into_iter().map(|((projection, key), items)| {
-            let work = &work;
-            async move {
-                let events: Vec<_> = items
-                    .iter()
-                    .map(|&(i, order)| (&work[i].event, order))
-                    .collect();
+        let writes = documents
+            .into_iter()
+            .map(|((projection, key), items)| async move {
+                let batch: Vec<_> = items.iter().map(|&(i, order)| (events[i], order)).collect();
                 let written = self
-                    .write(self.projections[projection].as_ref(), &key, &events)
+                    .write(self.projections[projection].as_ref(), &key, &batch)
                     .await;
                 (items, written)
-            }
-        });
-        let mut verdicts: Vec<Verdict> = work.iter().map(|_| Verdict::Duplicate).collect();
+            });
+        let mut verdicts: Vec<Verdict> = events.iter().map(|_| Verdict::Duplicate).collect();
         for (items, written) in futures_util::future::join_all(writes).await {
             for (position, &(index, _)) in items.iter().enumerate() {
-                let verdict = &mut verdicts[index];
-                match &written {
-                    Err(reason) => *verdict = Verdict::Failed(reason.clone()),
-                    Ok(outcomes) => match (&*verdict, outcomes[position]) {
-                        (Verdict::Failed(_), _) | (_, Outcome::Duplicate) => {}
-                        (_, Outcome::Gap) => *verdict = Verdict::Gap,
-                        (Verdict::Gap, Outcome::Applied | Outcome::Deferred) => {}
-                        (_, Outcome::Applied | Outcome::Deferred) => *verdict = Verdict::Applied,
+                let verdict = match &written {
+                    Err(WriteError::Transient(reason)) => Verdict::Paused(reason.clone()),
+                    Err(WriteError::Permanent(reason)) => Verdict::Failed(reason.clone()),
+                    Ok(outcomes) => match outcomes[position] {
+                        Outcome::Applied => Verdict::Applied,
+                        Outcome::Duplicate => Verdict::Duplicate,
+                        // Filled only part of a long gap: the next round goes on.
+                        Outcome::Gap { .. } => Verdict::Paused("filling a long gap".into()),
                     },
-                }
+                };
+                verdicts[index] = verdicts[index].clone().max(verdict);
             }
         }
-        let mut waiting = Vec::new();
-        for (held, verdict) in work.into_iter().zip(verdicts) {
-            if let Some(held) = self.settle(held, verdict).await {
-                waiting.push(held);
-            }
-        }
-        waiting
+        verdicts
     }
 
     /// Reads, folds and writes one document with CAS until it sticks.
@@ -226,19 +297,33 @@ impl Projector {
         projection: &dyn AnyProjection,
         key: &str,
         events: &[(&ProjectedEvent, Order)],
-    ) -> Result<Vec<Outcome>, String> {
-        let failed = |e: &dyn std::fmt::Display| format!("{} {key}: {e}", projection.name());
+    ) -> Result<Vec<Outcome>, WriteError> {
+        let context = |e: WriteError| match e {
+            WriteError::Transient(m) => {
+                WriteError::Transient(format!("{} {key}: {m}", projection.name()))
+            }
+            WriteError::Permanent(m) => {
+                WriteError::Permanent(format!("{} {key}: {m}", projection.name()))
+            }
+        };
         if self.config.writes == Writes::NaiveGetSet {
             return self
                 .write_naively(projection, key, events)
                 .await
-                .map_err(|e| failed(&e));
+                .map_err(context);
         }
         for attempt in 0..=self.config.cas_retries {
-            let current = self.store.get(key).await.map_err(|e| failed(&e))?;
-            let folded = projection
-                .fold(key, current.as_ref().map(|d| d.body.as_slice()), events)
-                .map_err(|e| failed(&e))?;
+            let current = self
+                .store
+                .get(key)
+                .await
+                .map_err(WriteError::document)
+                .map_err(context)?;
+            let body = current.as_ref().map(|d| d.body.as_slice());
+            let folded = self
+                .fold_filling_gaps(projection, key, body, events)
+                .await
+                .map_err(context)?;
             let Some(body) = folded.body else {
                 return Ok(folded.outcomes);
             };
@@ -257,13 +342,60 @@ impl Projector {
                     let ceiling = 500u64 << attempt.min(7);
                     tokio::time::sleep(Duration::from_micros(fastrand::u64(0..=ceiling))).await;
                 }
-                Err(error) => return Err(failed(&error)),
+                Err(error) => return Err(context(WriteError::document(error))),
             }
         }
-        Err(failed(&format!(
+        Err(context(WriteError::Transient(format!(
             "still losing CAS races after {} tries",
             self.config.cas_retries + 1
-        )))
+        ))))
+    }
+
+    /// Folds `events` into `body`; where the document lacks events before
+    /// them, reads those from the log and folds them in too.
+    async fn fold_filling_gaps(
+        &self,
+        projection: &dyn AnyProjection,
+        key: &str,
+        body: Option<&[u8]>,
+        events: &[(&ProjectedEvent, Order)],
+    ) -> Result<super::Folded, WriteError> {
+        let unreadable =
+            |e: serde_json::Error| WriteError::Permanent(format!("unreadable document: {e}"));
+        let folded = projection.fold(key, body, events).map_err(unreadable)?;
+        // Per stream: the first version missing, and the newest one the batch has.
+        let mut gaps: HashMap<&str, (u64, u64)> = HashMap::new();
+        for ((event, _), outcome) in events.iter().zip(&folded.outcomes) {
+            if let Outcome::Gap { missing_from } = *outcome {
+                let gap = gaps.entry(&event.stream_id).or_insert((missing_from, 0));
+                gap.1 = gap.1.max(event.version);
+            }
+        }
+        if gaps.is_empty() {
+            return Ok(folded);
+        }
+        let mut filled = Vec::new();
+        for (stream, (from, before)) in gaps {
+            let wanted = usize::try_from(before - from)
+                .unwrap_or(usize::MAX)
+                .min(MAX_GAP_FILL);
+            let read = self
+                .log
+                .read_stream(stream, from, wanted)
+                .await
+                .map_err(WriteError::log)?;
+            for recorded in &read {
+                let event = ProjectedEvent::from_recorded(recorded)
+                    .map_err(|poison| WriteError::Permanent(format!("in the log: {poison}")))?;
+                filled.push(event);
+            }
+        }
+        ProjectorMetrics::add(&self.metrics.gap_fills, filled.len() as u64);
+        let mut all = events.to_vec();
+        all.extend(filled.iter().map(|event| (event, Order::Sequence)));
+        let mut refolded = projection.fold(key, body, &all).map_err(unreadable)?;
+        refolded.outcomes.truncate(events.len());
+        Ok(refolded)
     }
 
     /// GET, apply, SET: the body written is the one folded from the first
@@ -273,10 +405,11 @@ impl Projector {
         projection: &dyn AnyProjection,
         key: &str,
         events: &[(&ProjectedEvent, Order)],
-    ) -> Result<Vec<Outcome>, Box<dyn std::error::Error + Send + Sync>> {
-        let current = self.store.get(key).await?;
-        let folded =
-            projection.fold_unchecked(key, current.as_ref().map(|d| d.body.as_slice()), events)?;
+    ) -> Result<Vec<Outcome>, WriteError> {
+        let current = self.store.get(key).await.map_err(WriteError::document)?;
+        let folded = projection
+            .fold_unchecked(key, current.as_ref().map(|d| d.body.as_slice()), events)
+            .map_err(|e| WriteError::Permanent(e.to_string()))?;
         let body = folded.body.unwrap_or_default();
         let mut cas = current.map(|d| d.cas);
         loop {
@@ -291,22 +424,27 @@ impl Projector {
                     | DocumentError::CasMismatch(_)
                     | DocumentError::NotFound(_),
                 ) => {
-                    cas = self.store.get(key).await?.map(|d| d.cas);
+                    cas = self
+                        .store
+                        .get(key)
+                        .await
+                        .map_err(WriteError::document)?
+                        .map(|d| d.cas);
                 }
                 other => {
-                    other?;
+                    other.map_err(WriteError::document)?;
                     return Ok(folded.outcomes);
                 }
             }
         }
     }
 
-    /// Acks, holds, hands back or parks one delivery; returns it if held.
-    async fn settle(&self, mut held: Held, verdict: Verdict) -> Option<Held> {
+    /// Acks, hands back or parks one delivery.
+    async fn settle(&self, held: Held, verdict: Verdict) {
         let metrics = &self.metrics;
         match verdict {
             Verdict::Applied | Verdict::Duplicate => {
-                let counter = if matches!(verdict, Verdict::Applied) {
+                let counter = if verdict == Verdict::Applied {
                     if let Ok(lag) = SystemTime::now().duration_since(held.event.occurred_at) {
                         let lag = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
                         metrics
@@ -322,27 +460,9 @@ impl Projector {
                     // The bus will deliver it again; it will be a duplicate.
                     tracing::warn!(%error, "ack failed");
                 }
-                None
             }
-            Verdict::Gap => {
-                let now = Instant::now();
-                let since = *held.waiting_since.get_or_insert(now);
-                if now.duration_since(since) < self.config.gap_patience {
-                    ProjectorMetrics::add(&metrics.gap_waits, 1);
-                    held.due = now + Duration::from_millis(2 << held.waits.min(5));
-                    held.waits += 1;
-                    return Some(held);
-                }
-                let reason = format!(
-                    "waited {:?} for the events of {} before version {}",
-                    self.config.gap_patience, held.event.stream_id, held.event.version
-                );
+            Verdict::Failed(reason) | Verdict::Paused(reason) => {
                 self.hand_back(held.delivery, &reason).await;
-                None
-            }
-            Verdict::Failed(reason) => {
-                self.hand_back(held.delivery, &reason).await;
-                None
             }
         }
     }
@@ -372,11 +492,13 @@ impl Projector {
             tracing::warn!(%error, "could not park a delivery; the bus will redeliver it");
         }
     }
-}
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
+    /// Exponential from `backoff_min` to `backoff_max`, jittered.
+    pub(super) fn backoff(&self, pauses: u32) -> Duration {
+        self.config
+            .backoff_min
+            .saturating_mul(1 << pauses.min(16))
+            .min(self.config.backoff_max)
+            .mul_f64(0.5 + fastrand::f64() / 2.0)
     }
 }

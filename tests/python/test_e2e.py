@@ -30,13 +30,15 @@ def split_deployment():
     bus = ["--event-bus", RABBITMQ_URL, "--event-bus-prefix", prefix]
     processes = [couchbase]
     try:
-        # Projectors first: their queue must exist before events are relayed.
-        processes += [Process("projector", "--listen", "127.0.0.1:0", *bus, *documents) for _ in range(2)]
+        # Events wait in the outbox until the projectors' queue exists.
         command = Process(
             "command-svc", "--listen", "127.0.0.1:0", "--event-store", POSTGRES_URL, "--postgres-schema", schema, *bus
         )
+        processes.append(command)
+        log = ["--event-log", f"http://{command.address}"]
+        processes += [Process("projector", "--listen", "127.0.0.1:0", *bus, *documents, *log) for _ in range(2)]
         query = Process("query-svc", "--listen", "127.0.0.1:0", *documents)
-        processes += [command, query]
+        processes.append(query)
         yield command, query
         for process in processes[::-1]:
             assert process.stop() == 0, f"{process.name} did not stop cleanly"

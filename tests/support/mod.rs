@@ -245,7 +245,10 @@ impl Process {
         let mut child = std::process::Command::new(workspace_binary(binary))
             .args(args)
             .env("SCALEOUT_LOG_FORMAT", "text")
-            .env("RUST_LOG", "warn,command_svc=info,projector=info")
+            .env(
+                "RUST_LOG",
+                "warn,command_svc=info,projector=info,query_svc=info,scaleout=info",
+            )
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
@@ -283,6 +286,12 @@ impl Process {
         }
     }
 
+    /// SIGKILL, and waits for it to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// A plain HTTP GET of `path` on the process's address.
     pub async fn http_get(&self, path: &str) -> String {
         http_get(&self.addr, path).await
@@ -291,8 +300,7 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 

@@ -1,0 +1,217 @@
+//! Reading the whole log: `read_all` pages and a gRPC subscription from 0,
+//! beside a raw sequential scan of the same store in the same run.
+//!
+//! 100,000 events over 1,000 streams, on redb and on PostgreSQL. The raw
+//! scan is the least any reader must do: walk the rows in position order and
+//! decode each envelope (redb: the `log` table straight from redb;
+//! PostgreSQL: one streamed `SELECT … ORDER BY position`).
+//!
+//! `cargo bench --bench log` (needs PostgreSQL; `scripts/test.sh` starts it).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::StreamExt;
+use prost::Message;
+use scaleout::grpc::{KnownTypes, ReadApi, ReadConfig};
+use scaleout::pb::read_service_client::ReadServiceClient;
+use scaleout::pb::{self, subscribe_response::Kind};
+use scaleout::store::postgres::{PostgresConfig, PostgresStore};
+use scaleout::store::redb::RedbStore;
+use scaleout::store::{
+    AppendRequest, EventMetadata, EventStore, ExpectedVersion, LogFilter, NewEvent,
+};
+use uuid::Uuid;
+
+const STREAMS: usize = 1_000;
+const PER_STREAM: usize = 100;
+const EVENTS: usize = STREAMS * PER_STREAM;
+
+/// Every stream's events, appended 100 at a time by 16 writers at once.
+async fn fill(store: &Arc<dyn EventStore>) {
+    let mut writers = tokio::task::JoinSet::new();
+    for writer in 0..16 {
+        let store = Arc::clone(store);
+        writers.spawn(async move {
+            for stream in (writer..STREAMS).step_by(16) {
+                let events: Vec<NewEvent> = (0..PER_STREAM)
+                    .map(|n| NewEvent {
+                        event_id: Uuid::now_v7(),
+                        event_type: "scaleout.v1.CounterIncremented".into(),
+                        payload: format!("counter {stream} #{n}").into_bytes(),
+                    })
+                    .collect();
+                let append = AppendRequest {
+                    stream_id: format!("counter-{stream}"),
+                    stream_type: "counter".into(),
+                    expected: ExpectedVersion::NoStream,
+                    events: events.try_into().unwrap(),
+                    request_id: None,
+                    metadata: EventMetadata {
+                        occurred_at: SystemTime::now(),
+                        correlation_id: Uuid::now_v7(),
+                        causation_id: Uuid::now_v7(),
+                    },
+                };
+                store.append(append).await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.unwrap();
+    }
+}
+
+/// `read_all` in pages of 1,000 from position 0 to the head.
+async fn read_all(store: &dyn EventStore) -> Duration {
+    let started = Instant::now();
+    let (mut from, mut read) = (0, 0);
+    loop {
+        let page = store
+            .read_all(from, 1_000, &LogFilter::all())
+            .await
+            .unwrap();
+        read += page.events.len();
+        from = page.next_position;
+        if from > page.head {
+            break;
+        }
+    }
+    assert_eq!(read, EVENTS);
+    started.elapsed()
+}
+
+/// A gRPC subscription from 0 until it has caught up.
+async fn subscribe(store: Arc<dyn EventStore>) -> Duration {
+    let api = ReadApi::new(store, KnownTypes::default(), ReadConfig::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(api.into_service(1 << 20))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut client = ReadServiceClient::connect(url).await.unwrap();
+    let started = Instant::now();
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            from_position: 0,
+            filter: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut read = 0;
+    while let Some(message) = stream.next().await {
+        match message.unwrap().kind.unwrap() {
+            Kind::Event(_) => read += 1,
+            Kind::Checkpoint(checkpoint) if checkpoint.caught_up => break,
+            Kind::Checkpoint(_) => {}
+        }
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(read, EVENTS);
+    server.abort();
+    elapsed
+}
+
+fn report(store: &str, raw: Duration, read_all: Duration, subscribe: Duration) {
+    let rate = |d: Duration| EVENTS as f64 / d.as_secs_f64();
+    println!(
+        "{store:<11} raw scan {:>9.0}/s   read_all {:>9.0}/s ({:.2}x)   subscribe (gRPC) {:>9.0}/s ({:.2}x)",
+        rate(raw),
+        rate(read_all),
+        raw.as_secs_f64() / read_all.as_secs_f64(),
+        rate(subscribe),
+        raw.as_secs_f64() / subscribe.as_secs_f64(),
+    );
+}
+
+async fn redb() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.redb");
+    let store: Arc<dyn EventStore> = Arc::new(RedbStore::open(&path).unwrap());
+    fill(&store).await;
+    drop(store);
+
+    // The raw scan: redb's own iterator over the log table, each envelope decoded.
+    let raw = {
+        use redb::{ReadableDatabase, ReadableTable};
+        const LOG: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
+        let db = redb::Database::open(&path).unwrap();
+        let started = Instant::now();
+        let txn = db.begin_read().unwrap();
+        let log = txn.open_table(LOG).unwrap();
+        let mut read = 0;
+        for entry in log.iter().unwrap() {
+            let (_, bytes) = entry.unwrap();
+            std::hint::black_box(pb::EventEnvelope::decode(bytes.value()).unwrap());
+            read += 1;
+        }
+        assert_eq!(read, EVENTS);
+        started.elapsed()
+    };
+    let store: Arc<dyn EventStore> = Arc::new(RedbStore::open(&path).unwrap());
+    let read_all = read_all(store.as_ref()).await;
+    let subscribe = subscribe(store).await;
+    report("redb", raw, read_all, subscribe);
+}
+
+async fn postgres() {
+    let schema = format!("bench_log_{}", Uuid::now_v7().simple());
+    let config = PostgresConfig::new(&common::postgres_url()).with_schema(schema.clone());
+    let store: Arc<dyn EventStore> = Arc::new(PostgresStore::connect(config).await.unwrap());
+    fill(&store).await;
+
+    // The raw scan: one streamed query, each row's columns read.
+    let raw = {
+        let (client, connection) =
+            tokio_postgres::connect(&common::postgres_url(), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let started = Instant::now();
+        let rows = client
+            .query_raw(
+                &format!(
+                    "SELECT position, stream_id, version, stream_type, event_id, event_type, \
+                     payload, occurred_at, correlation_id, causation_id, request_id \
+                     FROM {schema}.events ORDER BY position"
+                ),
+                std::iter::empty::<i64>(),
+            )
+            .await
+            .unwrap();
+        futures_util::pin_mut!(rows);
+        let mut read = 0;
+        while let Some(row) = rows.next().await {
+            let row = row.unwrap();
+            std::hint::black_box((
+                row.get::<_, i64>(0),
+                row.get::<_, &str>(1),
+                row.get::<_, &[u8]>(6),
+                row.get::<_, Uuid>(4),
+            ));
+            read += 1;
+        }
+        assert_eq!(read, EVENTS);
+        started.elapsed()
+    };
+    let read_all = read_all(store.as_ref()).await;
+    let subscribe = subscribe(Arc::clone(&store)).await;
+    report("PostgreSQL", raw, read_all, subscribe);
+    drop(store);
+    common::drop_schema(&schema).await;
+}
+
+#[tokio::main]
+async fn main() {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "scaleout log benchmark: {cores} cores, {EVENTS} events over {STREAMS} streams, pages of 1,000\n"
+    );
+    redb().await;
+    postgres().await;
+}

@@ -117,10 +117,22 @@ async fn subscribe(store: Arc<dyn EventStore>) -> Duration {
     elapsed
 }
 
-fn report(store: &str, raw: Duration, read_all: Duration, subscribe: Duration) {
+/// Each measurement is taken this many times, interleaved, and the median
+/// reported: one run on two shared cores says little.
+const ROUNDS: usize = 5;
+
+/// Medians of `runs` (raw, read_all, subscribe) and their ratios to raw.
+fn report(store: &str, mut runs: Vec<(Duration, Duration, Duration)>) {
     let rate = |d: Duration| EVENTS as f64 / d.as_secs_f64();
+    let median = |mut values: Vec<Duration>| {
+        values.sort();
+        values[values.len() / 2]
+    };
+    let raw = median(runs.iter().map(|r| r.0).collect());
+    let read_all = median(runs.iter().map(|r| r.1).collect());
+    let subscribe = median(runs.drain(..).map(|r| r.2).collect());
     println!(
-        "{store:<11} raw scan {:>9.0}/s   read_all {:>9.0}/s ({:.2}x)   subscribe (gRPC) {:>9.0}/s ({:.2}x)",
+        "{store:<11} raw scan {:>9.0}/s   read_all {:>9.0}/s ({:.2}x)   subscribe (gRPC) {:>9.0}/s ({:.2}x)   medians of {ROUNDS}",
         rate(raw),
         rate(read_all),
         raw.as_secs_f64() / read_all.as_secs_f64(),
@@ -136,27 +148,42 @@ async fn redb() {
     fill(&store).await;
     drop(store);
 
-    // The raw scan: redb's own iterator over the log table, each envelope decoded.
-    let raw = {
-        use redb::{ReadableDatabase, ReadableTable};
-        const LOG: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
-        let db = redb::Database::open(&path).unwrap();
-        let started = Instant::now();
-        let txn = db.begin_read().unwrap();
-        let log = txn.open_table(LOG).unwrap();
-        let mut read = 0;
-        for entry in log.iter().unwrap() {
-            let (_, bytes) = entry.unwrap();
-            std::hint::black_box(pb::EventEnvelope::decode(bytes.value()).unwrap());
-            read += 1;
+    let mut runs = Vec::new();
+    for _ in 0..ROUNDS {
+        let raw = redb_raw_scan(&path);
+        let store: Arc<dyn EventStore> = Arc::new(RedbStore::open(&path).unwrap());
+        let read_all = read_all(store.as_ref()).await;
+        let subscribe = subscribe(store).await;
+        runs.push((raw, read_all, subscribe));
+    }
+    report("redb", runs);
+}
+
+/// redb's own iterator over the log table, each envelope decoded.
+fn redb_raw_scan(path: &std::path::Path) -> Duration {
+    use redb::{ReadableDatabase, ReadableTable};
+    const LOG: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
+    // The last round's store closes once its server's tasks have wound down.
+    let db = loop {
+        match redb::Database::open(path) {
+            Ok(db) => break db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(error) => panic!("opening {}: {error}", path.display()),
         }
-        assert_eq!(read, EVENTS);
-        started.elapsed()
     };
-    let store: Arc<dyn EventStore> = Arc::new(RedbStore::open(&path).unwrap());
-    let read_all = read_all(store.as_ref()).await;
-    let subscribe = subscribe(store).await;
-    report("redb", raw, read_all, subscribe);
+    let started = Instant::now();
+    let txn = db.begin_read().unwrap();
+    let log = txn.open_table(LOG).unwrap();
+    let mut read = 0;
+    for entry in log.iter().unwrap() {
+        let (_, bytes) = entry.unwrap();
+        std::hint::black_box(pb::EventEnvelope::decode(bytes.value()).unwrap());
+        read += 1;
+    }
+    assert_eq!(read, EVENTS);
+    started.elapsed()
 }
 
 async fn postgres() {
@@ -165,45 +192,53 @@ async fn postgres() {
     let store: Arc<dyn EventStore> = Arc::new(PostgresStore::connect(config).await.unwrap());
     fill(&store).await;
 
-    // The raw scan: one streamed query, each row's columns read.
-    let raw = {
-        let (client, connection) =
-            tokio_postgres::connect(&common::postgres_url(), tokio_postgres::NoTls)
-                .await
-                .unwrap();
-        tokio::spawn(connection);
-        let started = Instant::now();
-        let rows = client
-            .query_raw(
-                &format!(
-                    "SELECT position, stream_id, version, stream_type, event_id, event_type, \
-                     payload, occurred_at, correlation_id, causation_id, request_id \
-                     FROM {schema}.events ORDER BY position"
-                ),
-                std::iter::empty::<i64>(),
-            )
-            .await
-            .unwrap();
-        futures_util::pin_mut!(rows);
-        let mut read = 0;
-        while let Some(row) = rows.next().await {
-            let row = row.unwrap();
-            std::hint::black_box((
-                row.get::<_, i64>(0),
-                row.get::<_, &str>(1),
-                row.get::<_, &[u8]>(6),
-                row.get::<_, Uuid>(4),
-            ));
-            read += 1;
-        }
-        assert_eq!(read, EVENTS);
-        started.elapsed()
-    };
-    let read_all = read_all(store.as_ref()).await;
-    let subscribe = subscribe(Arc::clone(&store)).await;
-    report("PostgreSQL", raw, read_all, subscribe);
+    let mut runs = Vec::new();
+    for _ in 0..ROUNDS {
+        let raw = postgres_raw_scan(&schema).await;
+        let read_all = read_all(store.as_ref()).await;
+        let subscribe = subscribe(Arc::clone(&store)).await;
+        runs.push((raw, read_all, subscribe));
+    }
+    report("PostgreSQL", runs);
     drop(store);
     common::drop_schema(&schema).await;
+}
+
+/// One streamed query in position order, each row's columns read.
+async fn postgres_raw_scan(schema: &str) -> Duration {
+    let (client, connection) =
+        tokio_postgres::connect(&common::postgres_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let started = Instant::now();
+    let rows = client
+        .query_raw(
+            &format!(
+                "SELECT position, stream_id, version, stream_type, event_id, event_type, \
+                 payload, occurred_at, correlation_id, causation_id, request_id \
+                 FROM {schema}.events ORDER BY position"
+            ),
+            std::iter::empty::<i64>(),
+        )
+        .await
+        .unwrap();
+    futures_util::pin_mut!(rows);
+    let mut read = 0;
+    while let Some(row) = rows.next().await {
+        let row = row.unwrap();
+        std::hint::black_box((
+            row.get::<_, i64>(0),
+            row.get::<_, &str>(1),
+            row.get::<_, i64>(2),
+            row.get::<_, &[u8]>(6),
+            row.get::<_, Uuid>(4),
+            row.get::<_, SystemTime>(7),
+        ));
+        read += 1;
+    }
+    assert_eq!(read, EVENTS);
+    started.elapsed()
 }
 
 #[tokio::main]

@@ -222,6 +222,10 @@ impl pb::read_service_server::ReadService for ReadApi {
     }
 }
 
+/// Steps read ahead of the one being sent: reading the next page overlaps
+/// sending this one, and a slow client holds up at most this many pages.
+const READ_AHEAD: usize = 2;
+
 /// Feeds one subscription until the client goes away (`None`), or it ends
 /// with a status: the client was too slow or the log failed (the client
 /// resumes from its last position).
@@ -231,11 +235,25 @@ async fn feed(
     config: ReadConfig,
 ) -> Option<Status> {
     use pb::subscribe_response::Kind;
+    let (read, mut steps) = mpsc::channel(READ_AHEAD);
+    // Ends with the feed (`steps` dropped), even while waiting at the head.
+    tokio::spawn(async move {
+        loop {
+            let step = tokio::select! {
+                () = read.closed() => return,
+                step = follower.next() => step,
+            };
+            let failed = step.is_err();
+            if read.send(step).await.is_err() || failed {
+                return;
+            }
+        }
+    });
     let mut live = false;
     loop {
         let step = tokio::select! {
             () = sender.closed() => return None,
-            step = follower.next() => step,
+            step = steps.recv() => step?,
         };
         let step = match step {
             Ok(step) => step,
@@ -251,13 +269,18 @@ async fn feed(
         live = step.caught_up;
         for kind in messages {
             let message = pb::SubscribeResponse { kind: Some(kind) };
+            // Only a full buffer arms a timer.
+            let message = match sender.try_send(message) {
+                Ok(()) => continue,
+                Err(mpsc::error::TrySendError::Closed(_)) => return None,
+                Err(mpsc::error::TrySendError::Full(message)) => message,
+            };
             match sender.send_timeout(message, config.slow_subscriber).await {
                 Ok(()) => {}
                 Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
                     return Some(status::subscriber_too_slow(
                         config.buffer,
                         config.slow_subscriber,
-                        follower.position(),
                     ));
                 }
                 Err(mpsc::error::SendTimeoutError::Closed(_)) => return None,

@@ -189,7 +189,7 @@ impl From<QueryError> for Status {
 
 /// A subscriber that left its buffer full for too long: its subscription
 /// ends; it may resume from its last position.
-pub(crate) fn subscriber_too_slow(buffer: usize, waited: std::time::Duration, next: u64) -> Status {
+pub(crate) fn subscriber_too_slow(buffer: usize, waited: std::time::Duration) -> Status {
     Status::with_error_details(
         Code::ResourceExhausted,
         format!(
@@ -202,7 +202,6 @@ pub(crate) fn subscriber_too_slow(buffer: usize, waited: std::time::Duration, ne
             HashMap::from([
                 ("buffered".to_owned(), buffer.to_string()),
                 ("waited_ms".to_owned(), waited.as_millis().to_string()),
-                ("feed_position".to_owned(), next.to_string()),
             ]),
         ),
     )
@@ -351,7 +350,7 @@ mod tests {
 
     #[test]
     fn a_slow_subscriber_is_resource_exhausted_with_error_info() {
-        let status = subscriber_too_slow(8, std::time::Duration::from_millis(1500), 42);
+        let status = subscriber_too_slow(8, std::time::Duration::from_millis(1500));
         assert_eq!(status.code(), Code::ResourceExhausted);
         let info = status.get_details_error_info().unwrap();
         assert_eq!(info.reason, "SUBSCRIBER_TOO_SLOW");

@@ -15,6 +15,7 @@ pub mod postgres;
 pub mod redb;
 mod types;
 
+use self::types::page_window;
 use std::sync::Arc;
 
 use async_trait::async_trait;

@@ -29,7 +29,7 @@ use super::group_commit::{self, Batches, Pending, Submitter};
 use super::plan::{BatchState, Planned, plan};
 use super::{
     AppendOutcome, AppendRequest, AppendResult, EventMetadata, EventStore, LogFilter, LogPage,
-    MAX_SCAN, NewEvent, RecordedEvent, RequestId, StoreError,
+    NewEvent, RecordedEvent, RequestId, StoreError, page_window,
 };
 
 /// How long opening a connection (and preparing its statements) or a ping
@@ -194,24 +194,18 @@ impl EventStore for PostgresStore {
             .await
             .map_err(Failure::from)?;
         let head = to_u64(head_row.try_get(0).map_err(Failure::from)?)?;
-        let from = from_position.max(1);
-        // Positions are dense, so an unfiltered page needs exactly `limit`
-        // of them; a tight range keeps the plan an index range scan even
-        // before the table has statistics.
-        let window = if filter.is_all() {
-            limit as u64
-        } else {
-            MAX_SCAN
-        };
-        let last = head.min(from.saturating_add(window.max(1) - 1));
+        // A tight range keeps the plan an index range scan, even before the
+        // table has statistics.
+        let (from, window) = page_window(from_position, limit, filter, head);
         let mut page = LogPage {
             events: Vec::new(),
             next_position: from,
             head,
         };
-        if from > last || limit == 0 {
+        let Some(window) = window else {
             return Ok(page);
-        }
+        };
+        let last = *window.end();
         let params: [Param; 5] = [
             &saturating_i64(from),
             &saturating_i64(last),

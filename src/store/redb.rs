@@ -22,8 +22,8 @@ use uuid::Uuid;
 use super::group_commit::{self, Batches, Pending, Submitter};
 use super::plan::{BatchState, Planned, plan};
 use super::{
-    AppendOutcome, AppendRequest, AppendResult, EventStore, LogFilter, LogPage, MAX_SCAN,
-    RecordedEvent, RequestId, StoreError,
+    AppendOutcome, AppendRequest, AppendResult, EventStore, LogFilter, LogPage, RecordedEvent,
+    RequestId, StoreError, page_window,
 };
 use crate::pb;
 
@@ -164,23 +164,18 @@ impl EventStore for RedbStore {
         self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let head = head(&txn)?;
-            let from = from_position.max(1);
-            let last = if filter.is_all() {
-                head
-            } else {
-                head.min(from.saturating_add(MAX_SCAN - 1))
-            };
+            let (from, window) = page_window(from_position, limit, &filter, head);
             let mut page = LogPage {
                 events: Vec::new(),
                 next_position: from,
                 head,
             };
-            if from > last || limit == 0 {
+            let Some(window) = window else {
                 return Ok(page);
-            }
+            };
             let log = txn.open_table(LOG).map_err(backend)?;
-            page.next_position = last + 1;
-            for entry in log.range(from..=last).map_err(backend)? {
+            page.next_position = window.end() + 1;
+            for entry in log.range(window).map_err(backend)? {
                 let (position, bytes) = entry.map_err(backend)?;
                 let event = decode_event(position.value(), bytes.value())?;
                 if filter.accepts(&event.stream_type, &event.event_type) {

@@ -209,3 +209,24 @@ pub struct LogPage {
     /// The last committed position when the page was read (0: empty log).
     pub head: u64,
 }
+
+/// The positions one page of the log may cover, decided once for every
+/// backend: from `from_position` (0 reads as 1) up to the head, at most
+/// `limit` positions unfiltered (positions are dense, so those hold the page)
+/// and [`super::MAX_SCAN`] filtered. `None` when the page covers nothing.
+pub(crate) fn page_window(
+    from_position: u64,
+    limit: usize,
+    filter: &LogFilter,
+    head: u64,
+) -> (u64, Option<std::ops::RangeInclusive<u64>>) {
+    let from = from_position.max(1);
+    let width = if filter.is_all() {
+        limit as u64
+    } else {
+        super::MAX_SCAN
+    };
+    let last = head.min(from.saturating_add(width.saturating_sub(1)));
+    let range = (limit > 0 && from <= last).then_some(from..=last);
+    (from, range)
+}

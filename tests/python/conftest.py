@@ -21,7 +21,7 @@ def binary(name: str) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def pb(tmp_path_factory):
-    """The generated scaleout.v1 modules: pb.command, pb.query, pb.common, pb.health."""
+    """The generated scaleout.v1 modules: pb.command, pb.query, pb.read, pb.common (and their _grpc stubs)."""
     out = tmp_path_factory.mktemp("generated")
     from grpc_tools import protoc
     import grpc_tools
@@ -40,6 +40,8 @@ def pb(tmp_path_factory):
         command_grpc = importlib.import_module("scaleout.v1.command_service_pb2_grpc")
         query = importlib.import_module("scaleout.v1.query_service_pb2")
         query_grpc = importlib.import_module("scaleout.v1.query_service_pb2_grpc")
+        read = importlib.import_module("scaleout.v1.read_service_pb2")
+        read_grpc = importlib.import_module("scaleout.v1.read_service_pb2_grpc")
 
     return Modules
 

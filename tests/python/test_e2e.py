@@ -125,6 +125,44 @@ def scenario(pb, command_channel, query_channel):
     assert rest.next_page_token == ""
 
 
+def read_the_log(pb, channel):
+    """The event log through the generated client: the whole log in pages,
+    one stream, then a subscription that catches up and follows a new event."""
+    reader = pb.read_grpc.ReadServiceStub(channel)
+    commands = pb.command_grpc.CommandServiceStub(channel)
+    events, position = [], 0
+    while True:
+        page = reader.ReadAll(pb.read.ReadAllRequest(from_position=position, limit=1000))
+        events += page.events
+        position = page.next_position
+        if position > page.head_position:
+            break
+    assert [e.position for e in events] == list(range(1, len(events) + 1))
+    hits = [e.event for e in events if e.event.stream_id == "counter-hits"]
+    assert [e.version for e in hits] == list(range(1, 1001))
+    stream = reader.ReadStream(pb.read.ReadStreamRequest(stream_id="file-f1", from_version=2, limit=10))
+    assert [e.event.version for e in stream.events] == list(range(2, 12)) and not stream.end_of_stream
+
+    subscription = reader.Subscribe(
+        pb.read.SubscribeRequest(from_position=len(events) - 4, filter=pb.read.LogFilter(stream_types=["counter"])),
+        timeout=30,
+    )
+    seen = []
+    for message in subscription:
+        if message.HasField("event"):
+            seen.append(message.event.position)
+            if message.event.event.stream_id == "counter-live":
+                break
+        elif message.checkpoint.caught_up and not any(p > len(events) for p in seen):
+            commands.IncrementCounter(pb.command.IncrementCounterRequest(counter_id="live"))
+    subscription.cancel()
+    assert seen[0] >= len(events) - 4 and seen == sorted(seen) and seen[-1] > len(events)
+
+    with pytest.raises(grpc.RpcError) as refused:
+        reader.ReadAll(pb.read.ReadAllRequest(limit=5000))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "1000" in refused.value.details()
+
+
 def grpcurl(address, *args, data=None):
     command = ["grpcurl", "-plaintext", *(["-d", data] if data else []), address, *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
@@ -134,8 +172,10 @@ def grpcurl(address, *args, data=None):
 
 def check_with_grpcurl(command_address, query_address):
     listed = grpcurl(command_address, "list") + grpcurl(query_address, "list")
-    for service in ("scaleout.v1.CommandService", "scaleout.v1.QueryService", "grpc.health.v1.Health"):
+    for service in ("scaleout.v1.CommandService", "scaleout.v1.QueryService", "scaleout.v1.ReadService", "grpc.health.v1.Health"):
         assert service in listed, listed
+    logged = json.loads(grpcurl(command_address, "scaleout.v1.ReadService/ReadAll", data=json.dumps({"limit": 2})))
+    assert [e["position"] for e in logged["events"]] == ["1", "2"]
     created = json.loads(
         grpcurl(
             command_address,
@@ -159,6 +199,7 @@ def check_with_grpcurl(command_address, query_address):
 def test_split_deployment_end_to_end(pb, split_deployment):
     command, query = split_deployment
     scenario(pb, command.channel(), query.channel())
+    read_the_log(pb, command.channel())
     check_with_grpcurl(command.address, query.address)
 
 
@@ -166,4 +207,5 @@ def test_embedded_platform_end_to_end(pb, embedded_platform):
     platform, _ = embedded_platform
     channel = platform.channel()
     scenario(pb, channel, channel)
+    read_the_log(pb, channel)
     check_with_grpcurl(platform.address, platform.address)

@@ -4,6 +4,10 @@
 //! deployment (command-svc on PostgreSQL + RabbitMQ, two projectors and
 //! query-svc on Couchbase through the KV test server; all in this process).
 //!
+//! Then, on the split deployment at 1,000 commands/s, the document store
+//! frozen for 20 s: how long after it answers again until every view shows
+//! every command acknowledged by then.
+//!
 //! `cargo bench --bench e2e` (needs PostgreSQL and RabbitMQ).
 
 mod common;
@@ -127,7 +131,83 @@ async fn embedded(rate: u32) {
     served.await.unwrap().unwrap();
 }
 
-async fn split(rate: u32) {
+/// Open loop at `rate` while the document store freezes for `freeze` (from
+/// 1 s in, with 5 s of load after it): the time from the thaw until every
+/// view shows every command acknowledged by the thaw.
+async fn measure_freeze(
+    commands: Channel,
+    queries: Channel,
+    faults: couchbase_kv_server::Faults,
+    rate: u32,
+    freeze: Duration,
+) {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let acked: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let sending = {
+        let (acked, commands) = (Arc::clone(&acked), commands.clone());
+        let lasts = freeze + Duration::from_secs(6);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
+            let mut tasks = JoinSet::new();
+            let started = Instant::now();
+            let mut sent = 0u64;
+            while started.elapsed() < lasts {
+                ticker.tick().await;
+                let mut commands = CommandServiceClient::new(commands.clone());
+                let (acked, counter_id) = (Arc::clone(&acked), format!("{run}-{}", sent % 100));
+                sent += 1;
+                tasks.spawn(async move {
+                    let request = pb::IncrementCounterRequest {
+                        counter_id: counter_id.clone(),
+                        ..Default::default()
+                    };
+                    let result = commands.increment_counter(request).await.expect("command");
+                    let version = result.into_inner().result.unwrap().version;
+                    let mut acked = acked.lock().unwrap();
+                    let highest = acked.entry(counter_id).or_default();
+                    *highest = (*highest).max(version);
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+            sent
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    faults.set(couchbase_kv_server::Fault::Freeze);
+    tokio::time::sleep(freeze).await;
+    let during = acked.lock().unwrap().values().sum::<u64>();
+    faults.clear();
+    let thawed = Instant::now();
+    let wanted = acked.lock().unwrap().clone();
+    let mut queries = QueryServiceClient::new(queries);
+    for (counter_id, version) in wanted {
+        loop {
+            let mut read = tonic::Request::new(pb::GetCounterRequest {
+                counter_id: counter_id.clone(),
+                min_version: version,
+            });
+            read.set_timeout(Duration::from_secs(10));
+            if queries.get_counter(read).await.is_ok() {
+                break;
+            }
+            assert!(
+                thawed.elapsed() < Duration::from_secs(120),
+                "never caught up"
+            );
+        }
+    }
+    let caught_up = thawed.elapsed();
+    let sent = sending.await.unwrap();
+    println!(
+        "split, document store frozen {freeze:?} at {rate} cmd/s: {during} commands acknowledged by the thaw, \
+         every view caught up {:.2} s after it ({sent} commands in all)",
+        caught_up.as_secs_f64()
+    );
+}
+
+async fn split(rate: u32, freeze: Option<Duration>) {
     let run = uuid::Uuid::now_v7().simple().to_string();
     let (pg_url, amqp) = (common::postgres_url(), common::rabbitmq_url());
     let schema = format!("e2e_{run}");
@@ -211,13 +291,11 @@ async fn split(rate: u32) {
         drop(scaleout::app::run_query_service(query_listener, query, query_stopping).await)
     });
 
-    measure(
-        "split (PostgreSQL, RabbitMQ, CB)",
-        channel(&command_url).await,
-        channel(&query_url).await,
-        rate,
-    )
-    .await;
+    let (commands, queries) = (channel(&command_url).await, channel(&query_url).await);
+    match freeze {
+        None => measure("split (PostgreSQL, RabbitMQ, CB)", commands, queries, rate).await,
+        Some(freeze) => measure_freeze(commands, queries, couchbase.faults(), rate, freeze).await,
+    }
     stopping.cancel();
     services.abort_all();
 
@@ -231,6 +309,7 @@ async fn main() {
     println!("scaleout end-to-end lag: {cores} cores, open loop, {RUN:?} per run, 100 counters\n");
     for rate in [100, 1000] {
         embedded(rate).await;
-        split(rate).await;
+        split(rate, None).await;
     }
+    split(1000, Some(Duration::from_secs(20))).await;
 }

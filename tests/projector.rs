@@ -503,3 +503,157 @@ async fn a_document_store_outage_is_waited_out_not_parked() {
     assert!(bus.dead_letters("projector", 10).await.unwrap().is_empty());
     assert!(!metrics.is_paused());
 }
+
+/// Forged increments whose total would overflow: the one that would is
+/// parked with the reason, the document skips it, and the stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_would_overflow_a_total_is_parked_and_skipped() {
+    use scaleout::domain::DomainEvent;
+    let (store, _dir) = support::redb_store();
+    for amount in [1u64 << 63, 1 << 63, 5] {
+        let event = scaleout::domain::CounterEvent::Incremented(scaleout::pb::CounterIncremented {
+            counter_id: "big".into(),
+            amount,
+        });
+        let append = scaleout::store::AppendRequest {
+            stream_id: "counter-big".into(),
+            stream_type: "counter".into(),
+            expected: scaleout::store::ExpectedVersion::Any,
+            events: vec![scaleout::store::NewEvent {
+                event_id: uuid::Uuid::now_v7(),
+                event_type: event.event_type(),
+                payload: event.encode(),
+            }]
+            .try_into()
+            .unwrap(),
+            request_id: None,
+            metadata: scaleout::store::EventMetadata {
+                occurred_at: std::time::SystemTime::now(),
+                correlation_id: uuid::Uuid::now_v7(),
+                causation_id: uuid::Uuid::now_v7(),
+            },
+        };
+        store.append(append).await.unwrap();
+    }
+    let log = support::projection::read_log(store.as_ref(), &["counter-big".into()]).await;
+    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
+    let projectors = Projectors::start(&bus, &store, 1, Writes::Checked).await;
+    let messages: Vec<BusMessage> = log.iter().map(BusMessage::from_event).collect();
+    for result in bus.publish(&messages).await {
+        result.unwrap();
+    }
+    let started = std::time::Instant::now();
+    let parked = loop {
+        let parked = bus.dead_letters("projector", 10).await.unwrap();
+        if !parked.is_empty() {
+            break parked;
+        }
+        assert!(started.elapsed() < PATIENCE, "nothing was parked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].message.message_id, log[1].event_id.to_string());
+    assert!(
+        parked[0].reason.contains("overflows"),
+        "{}",
+        parked[0].reason
+    );
+    let expected = support::projection::fold_log(&log);
+    assert_eq!(expected["counter::big"]["count"], (1u64 << 63) + 5);
+    support::projection::wait_for_fold(projectors.documents.as_ref(), &expected, PATIENCE).await;
+}
+
+/// A projection that panics on some events (a bug in application code):
+/// those deliveries are parked after their attempts with the panic as the
+/// reason, and the worker goes on projecting everything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_that_panics_fails_its_documents_not_the_worker() {
+    struct Fragile;
+    impl scaleout::projection::Projection for Fragile {
+        type View = serde_json::Value;
+        const NAME: &'static str = "fragile";
+        fn routes(
+            &self,
+            event: &scaleout::projection::ProjectedEvent,
+        ) -> Vec<scaleout::projection::Route> {
+            vec![scaleout::projection::Route::sequence(format!(
+                "fragile::{}",
+                event.stream_id
+            ))]
+        }
+        fn apply(
+            &self,
+            _key: &str,
+            view: &mut serde_json::Value,
+            event: &scaleout::projection::ProjectedEvent,
+        ) -> Result<(), scaleout::projection::Refused> {
+            assert!(event.stream_id != "counter-bad", "a bug in this projection");
+            *view = serde_json::json!({ "version": event.version });
+            Ok(())
+        }
+    }
+    let (store, _dir) = support::redb_store();
+    let handler = Arc::new(CommandHandler::new(
+        Arc::clone(&store),
+        RetryPolicy::default(),
+    ));
+    for id in ["bad", "good"] {
+        let increment = CounterCommand::Increment {
+            amount: Amount::parse(1).unwrap(),
+        };
+        handler
+            .execute::<Counter>(command(id, increment))
+            .await
+            .unwrap();
+    }
+    let log = support::projection::read_log(
+        store.as_ref(),
+        &["counter-bad".into(), "counter-good".into()],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let documents: Arc<dyn DocumentStore> =
+        Arc::new(RedbDocuments::open(dir.path().join("views.redb")).unwrap());
+    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
+    let projector = Projector::new(
+        Arc::clone(&documents),
+        Arc::new(StoreLog(Arc::clone(&store))),
+        vec![Box::new(Fragile)],
+        Arc::new(ProjectorMetrics::default()),
+        ProjectorConfig::default(),
+    );
+    let subscriber = bus.subscribe(&subscription()).await.unwrap();
+    let stopping = CancellationToken::new();
+    let worker = tokio::spawn({
+        let stopping = stopping.clone();
+        async move { projector.run(subscriber, stopping).await }
+    });
+    let messages: Vec<BusMessage> = log.iter().map(BusMessage::from_event).collect();
+    for result in bus.publish(&messages).await {
+        result.unwrap();
+    }
+    let started = std::time::Instant::now();
+    let parked = loop {
+        let parked = bus.dead_letters("projector", 10).await.unwrap();
+        if !parked.is_empty() {
+            break parked;
+        }
+        assert!(started.elapsed() < PATIENCE, "nothing was parked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        parked[0].reason.contains("panicked"),
+        "{}",
+        parked[0].reason
+    );
+    assert!(
+        documents
+            .get("fragile::counter-good")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(!worker.is_finished(), "the worker is still running");
+    stopping.cancel();
+    worker.await.unwrap();
+}

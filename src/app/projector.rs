@@ -111,14 +111,58 @@ pub async fn run_projector(
             subscription.clone(),
             stopping.child_token(),
         );
-        tasks.spawn(async move {
-            if let Some(subscriber) = subscribe(bus.as_ref(), &subscription, &stopping).await {
-                projector.run(subscriber, stopping).await;
+        let metrics = Arc::clone(&metrics);
+        tasks.spawn(supervise(metrics, stopping.clone(), move || {
+            let (bus, projector, subscription, stopping) = (
+                Arc::clone(&bus),
+                projector.clone(),
+                subscription.clone(),
+                stopping.clone(),
+            );
+            async move {
+                if let Some(subscriber) = subscribe(bus.as_ref(), &subscription, &stopping).await {
+                    projector.run(subscriber, stopping).await;
+                }
             }
-        });
+        }));
     }
 
     serve_then_drain(listener, routes, health, &server_args, stopping, tasks).await
+}
+
+/// Runs a worker, and again whenever it ends before `stopping` (a panic in
+/// it, say), with a growing pause counted as a paused worker meanwhile, so
+/// health says NOT_SERVING instead of serving with nobody consuming. Its
+/// unsettled deliveries go back to the queue, whose delivery limit parks a
+/// message that kills every worker it reaches.
+async fn supervise<F, Fut>(metrics: Arc<ProjectorMetrics>, stopping: CancellationToken, worker: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        let ended = tokio::spawn(worker()).await;
+        if stopping.is_cancelled() {
+            return;
+        }
+        match ended {
+            Err(error) if error.is_panic() => {
+                tracing::error!(%error, ?pause, "a projector worker panicked; restarting it")
+            }
+            _ => tracing::error!(?pause, "a projector worker stopped; restarting it"),
+        }
+        ProjectorMetrics::add(&metrics.worker_restarts, 1);
+        ProjectorMetrics::add(&metrics.paused, 1);
+        tokio::select! {
+            () = stopping.cancelled() => {}
+            () = tokio::time::sleep(pause) => {}
+        }
+        metrics
+            .paused
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        pause = (pause * 2).min(std::time::Duration::from_secs(5));
+    }
 }
 
 /// Subscribes, retrying with backoff while the bus is away; `None` once stopping.
@@ -138,5 +182,46 @@ async fn subscribe(
             () = tokio::time::sleep(pause) => {}
         }
         pause = (pause * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_worker_that_panics_is_restarted_and_counted() {
+        let metrics = Arc::new(ProjectorMetrics::default());
+        let stopping = CancellationToken::new();
+        let (starts, running) = (Arc::new(AtomicU32::new(0)), CancellationToken::new());
+        let supervised = tokio::spawn(supervise(Arc::clone(&metrics), stopping.clone(), {
+            let (starts, running, stopping) =
+                (Arc::clone(&starts), running.clone(), stopping.clone());
+            move || {
+                let (starts, running, stopping) =
+                    (Arc::clone(&starts), running.clone(), stopping.clone());
+                async move {
+                    if starts.fetch_add(1, Ordering::SeqCst) < 2 {
+                        panic!("a bug in a worker");
+                    }
+                    running.cancel();
+                    stopping.cancelled().await;
+                }
+            }
+        }));
+        tokio::time::timeout(std::time::Duration::from_secs(10), running.cancelled())
+            .await
+            .expect("the third start runs");
+        assert_eq!(metrics.worker_restarts.load(Ordering::SeqCst), 2);
+        assert!(!metrics.is_paused(), "serving again once it runs");
+        stopping.cancel();
+        supervised.await.unwrap();
+        assert_eq!(
+            starts.load(Ordering::SeqCst),
+            3,
+            "not restarted after stopping"
+        );
     }
 }

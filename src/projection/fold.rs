@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Order, ProjectedEvent, Projection, Route};
+use super::{Order, ProjectedEvent, Projection, Refused, Route};
 
 /// What a document looks like at rest: the view's own fields, plus the last
 /// version applied of every stream that fed it.
@@ -23,9 +23,12 @@ struct Stored<V> {
 }
 
 /// What became of one event for one document.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Applied,
+    /// The projection refused it (see [`Projection::apply`]): skipped, and
+    /// counted as applied so the stream goes on; its delivery is parked.
+    Refused(Refused),
     /// Applied before: skip it.
     Duplicate,
     /// Ahead of its turn: the document has applied its stream only up to
@@ -102,10 +105,13 @@ impl<P: Projection> AnyProjection for P {
             outcomes[index] = if event.version <= last {
                 Outcome::Duplicate
             } else if event.version == last + 1 || line_up == Order::Latest {
-                self.apply(key, &mut stored.view, event);
+                let applied = self.apply(key, &mut stored.view, event);
                 stored.applied.insert(stream.clone(), event.version);
                 changed = true;
-                Outcome::Applied
+                match applied {
+                    Ok(()) => Outcome::Applied,
+                    Err(refused) => Outcome::Refused(refused),
+                }
             } else {
                 Outcome::Gap {
                     missing_from: last + 1,
@@ -127,7 +133,8 @@ impl<P: Projection> AnyProjection for P {
             .transpose()?
             .unwrap_or_default();
         for (event, _) in events {
-            self.apply(key, &mut stored.view, event);
+            // A naive writer does not look at what the projection says either.
+            let _ = self.apply(key, &mut stored.view, event);
         }
         Ok(Folded {
             body: Some(serde_json::to_vec(&stored)?),
@@ -191,7 +198,7 @@ mod tests {
         let folded = CounterProjection
             .fold("counter::c", None, &seq(&[&v3, &v1, &v2]))
             .unwrap();
-        assert_eq!(folded.outcomes, [Outcome::Applied; 3]);
+        assert_eq!(folded.outcomes, vec![Outcome::Applied; 3]);
         assert_eq!(count(&folded.body.unwrap()), 111);
     }
 
@@ -248,6 +255,30 @@ mod tests {
             [Outcome::Duplicate],
             "older than what was applied"
         );
+    }
+
+    #[test]
+    fn an_increment_that_would_overflow_is_refused_and_skipped() {
+        let (big, again, small) = (
+            increment("counter-c", 1, 1 << 63),
+            increment("counter-c", 2, 1 << 63),
+            increment("counter-c", 3, 5),
+        );
+        let folded = CounterProjection
+            .fold("counter::c", None, &seq(&[&big, &again, &small]))
+            .unwrap();
+        let [applied, refused, after] = &folded.outcomes[..] else {
+            panic!("three outcomes: {:?}", folded.outcomes);
+        };
+        assert_eq!((applied, after), (&Outcome::Applied, &Outcome::Applied));
+        assert!(
+            matches!(refused, Outcome::Refused(reason) if reason.0.contains("overflows")),
+            "{refused:?}"
+        );
+        let body = folded.body.unwrap();
+        assert_eq!(count(&body), (1 << 63) + 5, "the refused event is skipped");
+        let stored: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(stored["_applied"]["counter-c"], 3, "and the stream goes on");
     }
 
     #[test]

@@ -139,6 +139,10 @@ impl Projector {
                 match verdict {
                     Verdict::Applied => ProjectorMetrics::add(&self.metrics.log_applied, 1),
                     Verdict::Duplicate => ProjectorMetrics::add(&self.metrics.log_skipped, 1),
+                    Verdict::Refused(reason) => {
+                        ProjectorMetrics::add(&self.metrics.parked, 1);
+                        tracing::error!(%reason, stream = %event.stream_id, version = event.version, "a projection refused an event; the views skip it");
+                    }
                     Verdict::Failed(reason) | Verdict::Paused(reason) => {
                         if pauses == 0 {
                             tracing::warn!(%reason, stream = %event.stream_id, version = event.version, "cannot project yet; retrying");

@@ -23,8 +23,11 @@ pub struct ProjectorMetrics {
     pub log_skipped: AtomicU64,
     /// Events read from the log to fill a gap a document had.
     pub gap_fills: AtomicU64,
-    /// Workers paused right now because a dependency does not answer.
+    /// Workers paused right now because a dependency does not answer, or
+    /// waiting to be restarted.
     pub paused: AtomicU64,
+    /// Workers restarted after they ended unexpectedly (a panic).
+    pub worker_restarts: AtomicU64,
     /// Milliseconds from an event's commit to its projection, last seen.
     pub lag_ms: AtomicU64,
 }
@@ -42,7 +45,7 @@ impl ProjectorMetrics {
 
     /// The counters in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 10] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 11] = [
             (
                 "scaleout_projector_handled_total",
                 "counter",
@@ -98,6 +101,12 @@ impl ProjectorMetrics {
                 &self.paused,
             ),
             (
+                "scaleout_projector_worker_restarts_total",
+                "counter",
+                "Workers restarted after ending unexpectedly.",
+                &self.worker_restarts,
+            ),
+            (
                 "scaleout_projector_lag_milliseconds",
                 "gauge",
                 "Commit-to-projection lag of the last event.",
@@ -128,6 +137,6 @@ mod tests {
         assert!(text.contains(
             "# TYPE scaleout_projector_handled_total counter\nscaleout_projector_handled_total 3\n"
         ));
-        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 10);
+        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 11);
     }
 }

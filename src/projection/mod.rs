@@ -73,6 +73,19 @@ pub trait Projection: Send + Sync + 'static {
     fn routes(&self, event: &ProjectedEvent) -> Vec<Route>;
 
     /// Folds `event` into the document at `key`. Called once per event and
-    /// document, in stream order; never fails (the log is the truth).
-    fn apply(&self, key: &str, view: &mut Self::View, event: &ProjectedEvent);
+    /// document, in stream order. An event the view cannot take (a total
+    /// that would overflow) is refused, leaving the view as it was: the fold
+    /// skips it, the same way every time, and its delivery is parked with
+    /// the reason so that someone sees it.
+    fn apply(
+        &self,
+        key: &str,
+        view: &mut Self::View,
+        event: &ProjectedEvent,
+    ) -> Result<(), Refused>;
 }
+
+/// Why a projection could not fold an event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);

@@ -107,11 +107,14 @@ struct Held {
     event: ProjectedEvent,
 }
 
-/// What a delivery's documents made of it, worst first.
+/// What a delivery's documents made of it, worst last.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum Verdict {
     Duplicate,
     Applied,
+    /// A projection refused it (see [`super::Projection::apply`]): the
+    /// documents skipped it; park it with the reason.
+    Refused(String),
     /// The same failure will come back: spend an attempt.
     Failed(String),
     /// A dependency did not answer: keep it and try again.
@@ -278,9 +281,10 @@ impl Projector {
                 let verdict = match &written {
                     Err(WriteError::Transient(reason)) => Verdict::Paused(reason.clone()),
                     Err(WriteError::Permanent(reason)) => Verdict::Failed(reason.clone()),
-                    Ok(outcomes) => match outcomes[position] {
+                    Ok(outcomes) => match &outcomes[position] {
                         Outcome::Applied => Verdict::Applied,
                         Outcome::Duplicate => Verdict::Duplicate,
+                        Outcome::Refused(refused) => Verdict::Refused(refused.to_string()),
                         // Filled only part of a long gap: the next round goes on.
                         Outcome::Gap { .. } => Verdict::Paused("filling a long gap".into()),
                     },
@@ -360,9 +364,7 @@ impl Projector {
         body: Option<&[u8]>,
         events: &[(&ProjectedEvent, Order)],
     ) -> Result<super::Folded, WriteError> {
-        let unreadable =
-            |e: serde_json::Error| WriteError::Permanent(format!("unreadable document: {e}"));
-        let folded = projection.fold(key, body, events).map_err(unreadable)?;
+        let folded = guarded_fold(projection, key, body, events)?;
         // Per stream: the first version missing, and the newest one the batch has.
         let mut gaps: HashMap<&str, (u64, u64)> = HashMap::new();
         for ((event, _), outcome) in events.iter().zip(&folded.outcomes) {
@@ -393,7 +395,7 @@ impl Projector {
         ProjectorMetrics::add(&self.metrics.gap_fills, filled.len() as u64);
         let mut all = events.to_vec();
         all.extend(filled.iter().map(|event| (event, Order::Sequence)));
-        let mut refolded = projection.fold(key, body, &all).map_err(unreadable)?;
+        let mut refolded = guarded_fold(projection, key, body, &all)?;
         refolded.outcomes.truncate(events.len());
         Ok(refolded)
     }
@@ -461,6 +463,7 @@ impl Projector {
                     tracing::warn!(%error, "ack failed");
                 }
             }
+            Verdict::Refused(reason) => self.park(held.delivery, &reason).await,
             Verdict::Failed(reason) | Verdict::Paused(reason) => {
                 self.hand_back(held.delivery, &reason).await;
             }
@@ -501,4 +504,26 @@ impl Projector {
             .min(self.config.backoff_max)
             .mul_f64(0.5 + fastrand::f64() / 2.0)
     }
+}
+
+/// A projection's fold, with a panic in it (a bug in application code)
+/// turned into a failure of this document rather than the end of the worker.
+fn guarded_fold(
+    projection: &dyn AnyProjection,
+    key: &str,
+    body: Option<&[u8]>,
+    events: &[(&ProjectedEvent, Order)],
+) -> Result<super::Folded, WriteError> {
+    let folded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        projection.fold(key, body, events)
+    }))
+    .map_err(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_owned());
+        WriteError::Permanent(format!("the projection panicked: {message}"))
+    })?;
+    folded.map_err(|e| WriteError::Permanent(format!("unreadable document: {e}")))
 }

@@ -7,7 +7,7 @@ use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Payload, ProjectedEvent, Projection, Route};
+use super::{Payload, ProjectedEvent, Projection, Refused, Route};
 use crate::domain::{CounterEvent, FileEvent};
 
 pub fn file_key(file_id: &str) -> String {
@@ -101,10 +101,23 @@ impl Projection for FileViewProjection {
             .collect()
     }
 
-    fn apply(&self, _key: &str, view: &mut FileView, event: &ProjectedEvent) {
+    fn apply(
+        &self,
+        _key: &str,
+        view: &mut FileView,
+        event: &ProjectedEvent,
+    ) -> Result<(), Refused> {
         let Some((_, file_event)) = file_event(event) else {
-            return;
+            return Ok(());
         };
+        if let FileEvent::CommentAdded(_) = file_event {
+            view.comment_count = view.comment_count.checked_add(1).ok_or_else(|| {
+                Refused(format!(
+                    "file {}: the comment count overflows",
+                    view.file_id
+                ))
+            })?;
+        }
         view.version = event.version;
         match file_event {
             FileEvent::Created(created) => {
@@ -115,8 +128,9 @@ impl Projection for FileViewProjection {
             FileEvent::Renamed(renamed) => view.name.clone_from(&renamed.new_name),
             FileEvent::Moved(moved) => view.folder_id.clone_from(&moved.to_folder_id),
             FileEvent::Deleted(_) => view.deleted = true,
-            FileEvent::CommentAdded(_) => view.comment_count += 1,
+            FileEvent::CommentAdded(_) => {}
         }
+        Ok(())
     }
 }
 
@@ -155,9 +169,14 @@ impl Projection for FolderProjection {
             .collect()
     }
 
-    fn apply(&self, key: &str, view: &mut FolderListing, event: &ProjectedEvent) {
+    fn apply(
+        &self,
+        key: &str,
+        view: &mut FolderListing,
+        event: &ProjectedEvent,
+    ) -> Result<(), Refused> {
         let Some((file_id, file_event)) = file_event(event) else {
-            return;
+            return Ok(());
         };
         let folder_id = key.strip_prefix("folder::").unwrap_or(key);
         view.folder_id = folder_id.to_owned();
@@ -166,12 +185,13 @@ impl Projection for FolderProjection {
             FileEvent::Renamed(e) => Some(&e.new_name),
             FileEvent::Moved(e) => (e.to_folder_id == folder_id).then_some(&e.name),
             FileEvent::Deleted(_) => None,
-            FileEvent::CommentAdded(_) => return,
+            FileEvent::CommentAdded(_) => return Ok(()),
         };
         match listed {
             Some(name) => view.files.insert(file_id.to_owned(), name.clone()),
             None => view.files.remove(file_id),
         };
+        Ok(())
     }
 }
 
@@ -208,9 +228,14 @@ impl Projection for CommentsProjection {
             .collect()
     }
 
-    fn apply(&self, _key: &str, view: &mut CommentThread, event: &ProjectedEvent) {
+    fn apply(
+        &self,
+        _key: &str,
+        view: &mut CommentThread,
+        event: &ProjectedEvent,
+    ) -> Result<(), Refused> {
         let Some((file_id, file_event)) = file_event(event) else {
-            return;
+            return Ok(());
         };
         view.file_id = file_id.to_owned();
         view.version = event.version;
@@ -226,6 +251,7 @@ impl Projection for CommentsProjection {
                 posted_at_ms,
             });
         }
+        Ok(())
     }
 }
 
@@ -254,12 +280,23 @@ impl Projection for CounterProjection {
         }
     }
 
-    fn apply(&self, _key: &str, view: &mut CounterView, event: &ProjectedEvent) {
+    fn apply(
+        &self,
+        _key: &str,
+        view: &mut CounterView,
+        event: &ProjectedEvent,
+    ) -> Result<(), Refused> {
         if let Payload::Counter(CounterEvent::Incremented(e)) = &event.payload {
+            view.count = view.count.checked_add(e.amount).ok_or_else(|| {
+                Refused(format!(
+                    "counter {}: adding {} to {} overflows",
+                    e.counter_id, e.amount, view.count
+                ))
+            })?;
             view.counter_id.clone_from(&e.counter_id);
-            view.count += e.amount;
             view.version = event.version;
         }
+        Ok(())
     }
 }
 

@@ -229,6 +229,59 @@ async fn poison_is_parked_with_its_reason_and_replay_brings_it_back(bus: Arc<dyn
     assert!(bus.dead_letters("parking", 10).await.unwrap().is_empty());
 }
 
+/// Asking about a service type that never subscribed is NotFound, and
+/// declares nothing (asking twice is still NotFound).
+async fn admin_calls_for_an_unknown_service_type_find_nothing(bus: Arc<dyn EventBus>) {
+    for _ in 0..2 {
+        assert!(matches!(
+            bus.dead_letters("never-subscribed", 10).await,
+            Err(BusError::UnknownServiceType(name)) if name == "never-subscribed"
+        ));
+        assert!(matches!(
+            bus.replay_dead_letters("never-subscribed").await,
+            Err(BusError::UnknownServiceType(_))
+        ));
+    }
+}
+
+/// A replay moves what was parked when it started, even while a consumer
+/// parks every replayed message again at once: it reports that many and
+/// returns instead of chasing its own tail.
+async fn a_replay_moves_what_was_parked_when_it_started(bus: Arc<dyn EventBus>) {
+    let mut subscriber = bus
+        .subscribe(&subscription("reparking", &["#"]))
+        .await
+        .unwrap();
+    let poison: Vec<BusMessage> = (1..=5)
+        .map(|n| message("file", "scaleout.v1.FileCreated", n))
+        .collect();
+    publish_all(bus.as_ref(), &poison).await;
+    for _ in 0..5 {
+        next(&mut subscriber)
+            .await
+            .dead_letter("poison")
+            .await
+            .unwrap();
+    }
+    let reparking = tokio::spawn(async move {
+        loop {
+            next(&mut subscriber)
+                .await
+                .dead_letter("poison again")
+                .await
+                .unwrap();
+        }
+    });
+    let replayed = tokio::time::timeout(
+        Duration::from_secs(20),
+        bus.replay_dead_letters("reparking"),
+    )
+    .await
+    .expect("the replay returns");
+    assert_eq!(replayed.unwrap(), 5);
+    reparking.abort();
+}
+
 async fn prefetch_bounds_unsettled_deliveries(bus: Arc<dyn EventBus>) {
     let mut small = subscription("bounded", &["#"]);
     small.prefetch = 2;
@@ -294,6 +347,8 @@ macro_rules! all_cases {
             poison_is_parked_with_its_reason_and_replay_brings_it_back,
             prefetch_bounds_unsettled_deliveries,
             a_subscriber_that_goes_away_hands_back_what_it_held,
+            admin_calls_for_an_unknown_service_type_find_nothing,
+            a_replay_moves_what_was_parked_when_it_started,
         );
     };
 }

@@ -117,17 +117,16 @@ impl EventBus for MemoryBus {
         service_type: &str,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, BusError> {
-        Ok(self
-            .queues()
+        self.queues()
             .get(service_type)
             .map(|queue| queue.dead.iter().take(limit).cloned().collect())
-            .unwrap_or_default())
+            .ok_or_else(|| BusError::UnknownServiceType(service_type.to_owned()))
     }
 
     async fn replay_dead_letters(&self, service_type: &str) -> Result<usize, BusError> {
         let mut queues = self.queues();
         let Some(queue) = queues.get_mut(service_type) else {
-            return Ok(0);
+            return Err(BusError::UnknownServiceType(service_type.to_owned()));
         };
         let replayed = queue.dead.len();
         for dead in queue.dead.drain(..) {

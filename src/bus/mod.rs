@@ -36,6 +36,10 @@ pub enum BusError {
     /// The broker refused the message (a negative confirm).
     #[error("the broker refused message {0}")]
     Nacked(String),
+    /// No consumer of this service type has ever subscribed: it has no
+    /// queues, and asking about it creates none.
+    #[error("no service type {0} has subscribed to this bus")]
+    UnknownServiceType(String),
     #[error("event bus failure: {0}")]
     Backend(String),
 }
@@ -79,15 +83,17 @@ pub trait EventBus: Send + Sync + std::fmt::Debug + 'static {
     -> Result<Box<dyn Subscriber>, BusError>;
 
     /// Up to `limit` messages parked for a service type, oldest first,
-    /// left where they are.
+    /// left where they are; [`BusError::UnknownServiceType`] for a service
+    /// type that never subscribed.
     async fn dead_letters(
         &self,
         service_type: &str,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, BusError>;
 
-    /// Moves every parked message of a service type back to its queue, with
-    /// a fresh attempt count; returns how many.
+    /// Moves the messages parked for a service type when the call starts
+    /// back to its queue, with a fresh attempt count; returns how many. What
+    /// is parked again meanwhile stays parked (no chasing its own tail).
     async fn replay_dead_letters(&self, service_type: &str) -> Result<usize, BusError>;
 
     /// Checks that the bus answers, for health reporting.

@@ -362,10 +362,12 @@ impl EventBus for RabbitBus {
         limit: usize,
     ) -> Result<Vec<DeadLetter>, BusError> {
         let channel = self.inner.channel().await?;
-        let queue = self
-            .inner
-            .declare_dead_letter_queue(&channel, service_type)
-            .await?;
+        let (queue, _) = existing_queue(
+            &channel,
+            &self.inner.config.dead_letter_queue(service_type),
+            service_type,
+        )
+        .await?;
         let mut parked = Vec::new();
         let mut last_tag = None;
         while parked.len() < limit {
@@ -392,15 +394,18 @@ impl EventBus for RabbitBus {
 
     async fn replay_dead_letters(&self, service_type: &str) -> Result<usize, BusError> {
         let channel = self.inner.channel().await?;
-        let dead_queue = self
-            .inner
-            .declare_dead_letter_queue(&channel, service_type)
-            .await?;
+        let (dead_queue, parked) = existing_queue(
+            &channel,
+            &self.inner.config.dead_letter_queue(service_type),
+            service_type,
+        )
+        .await?;
         let queue = self.inner.config.queue(service_type);
         let mut replayed = 0;
-        while let Some(got) =
-            bounded(channel.basic_get(dead_queue.as_str().into(), BasicGetOptions::default()))
-                .await?
+        while replayed < parked as usize
+            && let Some(got) =
+                bounded(channel.basic_get(dead_queue.as_str().into(), BasicGetOptions::default()))
+                    .await?
         {
             let message = message(&got.delivery);
             // Straight to the service's queue (default exchange), attempts afresh.
@@ -685,6 +690,38 @@ async fn bounded<T>(operation: impl Future<Output = lapin::Result<T>>) -> Result
             ))
         })?
         .map_err(unavailable)
+}
+
+/// A queue that exists, with the messages it holds: looked up passively,
+/// so asking about an unknown service type declares nothing.
+async fn existing_queue(
+    channel: &Channel,
+    queue: &str,
+    service_type: &str,
+) -> Result<(String, u32), BusError> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        channel.queue_declare(queue.into(), passive, FieldTable::default()),
+    )
+    .await
+    .map_err(|_| {
+        BusError::Unavailable(format!(
+            "no answer from RabbitMQ within {CONNECT_TIMEOUT:?}"
+        ))
+    })?;
+    match declared {
+        Ok(declared) => Ok((queue.to_owned(), declared.message_count())),
+        Err(error) => match error.kind() {
+            lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404 => {
+                Err(BusError::UnknownServiceType(service_type.to_owned()))
+            }
+            _ => Err(unavailable(error)),
+        },
+    }
 }
 
 fn unavailable(error: lapin::Error) -> BusError {

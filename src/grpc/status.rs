@@ -136,6 +136,16 @@ impl From<StoreError> for Status {
 impl From<BusError> for Status {
     fn from(error: BusError) -> Self {
         match error {
+            BusError::UnknownServiceType(ref service_type) => Status::with_error_details(
+                Code::NotFound,
+                error.to_string(),
+                ErrorDetails::with_resource_info(
+                    "service_type",
+                    service_type.clone(),
+                    "",
+                    "never subscribed",
+                ),
+            ),
             BusError::Unavailable(_) => Status::with_error_details(
                 Code::Unavailable,
                 error.to_string(),
@@ -319,6 +329,12 @@ mod tests {
         assert_eq!(
             Status::from(BusError::Nacked("k".into())).code(),
             Code::Internal
+        );
+        let unknown = Status::from(BusError::UnknownServiceType("nope".into()));
+        assert_eq!(unknown.code(), Code::NotFound);
+        assert_eq!(
+            unknown.get_details_resource_info().unwrap().resource_name,
+            "nope"
         );
     }
 

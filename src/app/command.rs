@@ -62,8 +62,14 @@ pub async fn run_command_service(
     }
     let relay = bus.map(|bus| Relay::new(Arc::clone(&store), bus, relay));
     let extra = relay.as_ref().map(|relay| relay_metrics(relay.state()));
-    let (routes, health) =
-        server::routes(services, &[COMMAND_SERVICE], extra, stopping.clone()).await?;
+    let (routes, health) = server::routes(
+        services,
+        &[COMMAND_SERVICE],
+        extra,
+        &server_args,
+        stopping.clone(),
+    )
+    .await?;
 
     let mut tasks = tokio::task::JoinSet::new();
     let probed = Arc::clone(&store);

@@ -81,6 +81,7 @@ pub async fn run_platform(
         services,
         &[COMMAND_SERVICE, QUERY_SERVICE],
         Some(extra),
+        &server_args,
         stopping.clone(),
     )
     .await?;

@@ -65,8 +65,14 @@ pub async fn run_projector(
     let scraped = Arc::clone(&metrics);
     let extra: ExtraMetrics = Arc::new(move || scraped.render());
     let services = RoutesBuilder::default();
-    let (routes, health) =
-        server::routes(services, &[PROJECTOR_HEALTH], Some(extra), stopping.clone()).await?;
+    let (routes, health) = server::routes(
+        services,
+        &[PROJECTOR_HEALTH],
+        Some(extra),
+        &server_args,
+        stopping.clone(),
+    )
+    .await?;
 
     let mut tasks = tokio::task::JoinSet::new();
     let (probed_bus, probed_documents, probed_metrics) = (

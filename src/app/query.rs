@@ -37,8 +37,14 @@ pub async fn run_query_service(
     let api = QueryApi::new(Queries::new(Arc::clone(&documents)), max_wait);
     let mut services = RoutesBuilder::default();
     services.add_service(api.into_service(server_args.max_message_bytes));
-    let (routes, health) =
-        server::routes(services, &[QUERY_SERVICE], None, stopping.clone()).await?;
+    let (routes, health) = server::routes(
+        services,
+        &[QUERY_SERVICE],
+        None,
+        &server_args,
+        stopping.clone(),
+    )
+    .await?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(health.clone().follow(
         vec![QUERY_SERVICE.to_owned(), String::new()],

@@ -13,6 +13,7 @@ mod read_service;
 mod remote_log;
 pub mod server;
 mod status;
+mod wire_status;
 
 pub use self::admin_service::AdminApi;
 pub use self::command_service::{CORRELATION_ID_HEADER, CommandApi};

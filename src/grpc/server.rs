@@ -23,6 +23,7 @@ pub async fn routes(
     services: RoutesBuilder,
     service_names: &[&str],
     extra_metrics: Option<ExtraMetrics>,
+    args: &ServerArgs,
     stopping: CancellationToken,
 ) -> Result<(Routes, Health), tonic_reflection::server::Error> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -54,6 +55,11 @@ pub async fn routes(
                 async move { metrics.render() }
             }),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            args.request_timeout,
+            super::wire_status::enforce,
+        ))
+        // Outermost, so that it counts the statuses as corrected.
         .layer(axum::middleware::from_fn_with_state(metrics, track));
     Ok((Routes::from(router), health))
 }
@@ -78,7 +84,6 @@ pub async fn serve(
     Server::builder()
         // HTTP/1.1 too, for plain GETs such as a projector's /metrics.
         .accept_http1(true)
-        .timeout(args.request_timeout)
         .concurrency_limit_per_connection(args.max_concurrent_requests)
         .max_concurrent_streams(u32::try_from(args.max_concurrent_requests).ok())
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

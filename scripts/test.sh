@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of scaleout, starting the services the tests need when they
 # are not running (PostgreSQL and RabbitMQ, installed with apt-get on a fresh
-# Debian machine).
+# Debian machine, as is mmdebstrap for the image test).
 #
 #   scripts/test.sh            lints, then every test
 #   scripts/test.sh --no-lint  tests only
@@ -22,6 +22,7 @@ step "services"
 ensure_build_deps
 ensure_postgres
 ensure_rabbitmq
+ensure_mmdebstrap
 ensure_python_tools
 export SCALEOUT_TEST_POSTGRES_URL="${SCALEOUT_TEST_POSTGRES_URL:-$POSTGRES_URL}"
 export PATH="$PWD/target/py/bin:$PATH"
@@ -46,7 +47,7 @@ cargo build --workspace --bins --locked
 step "cargo test"
 cargo test --workspace --locked 2>&1 | tee "$log"
 
-step "pytest (generated Python client, compose checks, end to end)"
+step "pytest (generated Python client, compose checks, the image's runtime stage, end to end)"
 (cd tests/python && pytest -q -p no:cacheprovider) 2>&1 | tee -a "$log"
 
 # One closing line for the whole run, summed over every test binary and pytest.

@@ -18,23 +18,42 @@ RABBITMQ_URL = os.environ.get("SCALEOUT_TEST_RABBITMQ_URL", "amqp://guest:guest@
 
 
 class Process:
-    """A binary that prints its address once serving; stopped with SIGTERM."""
+    """A binary that prints its address once serving; stopped with SIGTERM.
 
-    def __init__(self, name, *args, ready=r"address=(\S+)"):
-        env = dict(os.environ, SCALEOUT_LOG_FORMAT="text", RUST_LOG="warn,command_svc=info,projector=info,query_svc=info,scaleout=info")
+    `launch` runs it some other way than the workspace's build: the command
+    line up to the arguments (its last process must exec the binary, so that
+    SIGTERM reaches it), with `env` instead of this process's environment."""
+
+    def __init__(self, name, *args, ready=r"address=(\S+)", launch=None, env=None):
+        env = dict(
+            os.environ if env is None else env,
+            SCALEOUT_LOG_FORMAT="text",
+            RUST_LOG="warn,command_svc=info,projector=info,query_svc=info,scaleout=info",
+        )
         self.name = name
         self.child = subprocess.Popen(
-            [binary(name), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            [*(launch or [binary(name)]), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
         self.address = None
-        deadline = time.monotonic() + 60
-        for line in self.child.stdout:
-            found = re.search(ready, line)
-            if found:
-                self.address = found.group(1)
-                break
-            assert time.monotonic() < deadline, f"{name} did not start in time"
-        assert self.address, f"{name} exited before saying where it serves"
+        log = []
+        started = time.monotonic()
+        # One that has not said it within a minute is killed, which ends the loop.
+        watchdog = threading.Timer(60, self.child.kill)
+        watchdog.start()
+        try:
+            for line in self.child.stdout:
+                found = re.search(ready, line)
+                if found:
+                    self.address = found.group(1)
+                    break
+                log.append(line)
+        finally:
+            watchdog.cancel()
+        if not self.address:
+            self.child.kill()
+            code = self.child.wait()
+            why = "ran 60s" if time.monotonic() - started >= 60 else f"exited with {code}"
+            raise AssertionError(f"{name} {why} before saying where it serves:\n{''.join(log[-20:])}")
         # Keep draining the log so the process never blocks on a full pipe.
         threading.Thread(target=lambda: [None for _ in self.child.stdout], daemon=True).start()
 

@@ -47,8 +47,23 @@ impl fmt::Display for Id {
     }
 }
 
-/// Parses free text of `min..=max` characters with no control characters.
-fn text(value: &str, max: usize) -> Result<String, Invalid> {
+/// Whether line breaks and tabs are part of the text (a comment's), or
+/// not (a name's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lines {
+    Allowed,
+    Refused,
+}
+
+/// Parses free text of 1 to `max` characters, none of them one that
+/// renders as something other than what is stored:
+/// - control characters (C0, DEL, C1: NUL, ANSI escapes), except line
+///   breaks and tabs where `lines` allows them;
+/// - bidirectional embeddings, overrides and isolates (U+202A–U+202E,
+///   U+2066–U+2069), which reorder the text after them on screen;
+/// - zero-width and direction marks (U+200B–U+200F, U+2060, U+FEFF), which
+///   make two names that look alike differ.
+fn text(value: &str, max: usize, lines: Lines) -> Result<String, Invalid> {
     let chars = value.chars().count();
     if value.trim().is_empty() {
         return Err(Invalid("must not be empty or blank".into()));
@@ -58,10 +73,22 @@ fn text(value: &str, max: usize) -> Result<String, Invalid> {
             "must be at most {max} characters, got {chars}"
         )));
     }
+    let line_break = |c: char| matches!(c, '\n' | '\r' | '\t');
+    if let Some(bad) = value.chars().find(|&c| {
+        (c.is_control() && !(lines == Lines::Allowed && line_break(c)))
+            || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2060}' | '\u{FEFF}')
+    }) {
+        return Err(Invalid(format!(
+            "must not contain U+{:04X} (control, bidirectional or invisible characters are refused)",
+            u32::from(bad)
+        )));
+    }
     Ok(value.to_owned())
 }
 
-/// A file name: 1 to 255 characters, no `/`, no control characters, not `.` or `..`.
+/// A file name: 1 to 255 characters, none refused by `text`, no line
+/// breaks, no `/`, not `.` or `..`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileName(String);
 
@@ -69,12 +96,9 @@ impl FileName {
     pub const MAX_LEN: usize = 255;
 
     pub fn parse(value: &str) -> Result<Self, Invalid> {
-        let name = text(value, Self::MAX_LEN)?;
+        let name = text(value, Self::MAX_LEN, Lines::Refused)?;
         if name.contains('/') {
             return Err(Invalid("must not contain '/'".into()));
-        }
-        if name.chars().any(char::is_control) {
-            return Err(Invalid("must not contain control characters".into()));
         }
         if name == "." || name == ".." {
             return Err(Invalid(format!("must not be {name:?}")));
@@ -87,7 +111,7 @@ impl FileName {
     }
 }
 
-/// A comment's author: 1 to 64 characters, no control characters.
+/// A comment's author: 1 to 64 characters, none refused by `text`, no line breaks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Author(String);
 
@@ -95,11 +119,7 @@ impl Author {
     pub const MAX_LEN: usize = 64;
 
     pub fn parse(value: &str) -> Result<Self, Invalid> {
-        let author = text(value, Self::MAX_LEN)?;
-        if author.chars().any(char::is_control) {
-            return Err(Invalid("must not contain control characters".into()));
-        }
-        Ok(Self(author))
+        text(value, Self::MAX_LEN, Lines::Refused).map(Self)
     }
 
     pub fn as_str(&self) -> &str {
@@ -107,7 +127,8 @@ impl Author {
     }
 }
 
-/// A comment's text: 1 to 4,000 characters (line breaks allowed).
+/// A comment's text: 1 to 4,000 characters, none refused by `text`; line
+/// breaks and tabs allowed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommentText(String);
 
@@ -115,7 +136,7 @@ impl CommentText {
     pub const MAX_LEN: usize = 4000;
 
     pub fn parse(value: &str) -> Result<Self, Invalid> {
-        text(value, Self::MAX_LEN).map(Self)
+        text(value, Self::MAX_LEN, Lines::Allowed).map(Self)
     }
 
     pub fn as_str(&self) -> &str {
@@ -169,6 +190,32 @@ mod tests {
         }
         assert!(FileName::parse(&"é".repeat(255)).is_ok());
         assert!(FileName::parse(&"é".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn text_refuses_what_renders_otherwise_than_it_is_stored() {
+        let refused = [
+            "nul\u{0}",
+            "ansi \u{1b}[31mred",
+            "del\u{7f}",
+            "c1\u{85}",
+            "evil\u{202E}txt.exe",
+            "isolate\u{2066}x",
+            "zero\u{200B}width",
+            "mark\u{200F}",
+            "\u{FEFF}bom",
+        ];
+        for bad in refused {
+            assert!(FileName::parse(bad).is_err(), "name {bad:?}");
+            assert!(Author::parse(bad).is_err(), "author {bad:?}");
+            assert!(CommentText::parse(bad).is_err(), "comment {bad:?}");
+        }
+        let refusal = FileName::parse("evil\u{202E}txt.exe").unwrap_err();
+        assert!(refusal.0.contains("U+202E"), "{refusal}");
+        assert!(CommentText::parse("two\nlines\twith a tab").is_ok());
+        assert!(FileName::parse("two\nlines").is_err());
+        assert!(Author::parse("tab\there").is_err());
+        assert!(CommentText::parse("emoji 👍 and العربية").is_ok());
     }
 
     #[test]

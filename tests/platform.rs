@@ -144,6 +144,7 @@ async fn the_embedded_platform_reads_its_writes_and_keeps_them_across_restarts()
         .list_comments(pb::ListCommentsRequest {
             file_id: "f1".into(),
             min_version: last,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -201,5 +202,90 @@ async fn the_embedded_platform_reads_its_writes_and_keeps_them_across_restarts()
     behind.min_version = again.version;
     let counter = queries.get_counter(behind).await.unwrap().into_inner();
     assert_eq!(counter.count, increments + 1, "the read models kept theirs");
+    platform.stop().await;
+}
+
+/// A long thread comes in pages: 50 by default, and never more than 1 MiB
+/// of comments whatever the page size, so that default clients (4 MiB) can
+/// read it; following the tokens yields every comment once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_comment_thread_is_paged_and_bounded_in_bytes() {
+    use prost::Message;
+    let data = tempfile::tempdir().unwrap();
+    let platform = start(data.path()).await;
+    let channel = platform.channel().await;
+    let mut commands = CommandServiceClient::new(channel.clone());
+    let mut queries = QueryServiceClient::new(channel);
+    commands
+        .create_file(pb::CreateFileRequest {
+            file_id: "long".into(),
+            name: "long.txt".into(),
+            folder_id: "docs".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut version = 0;
+    for n in 0..300 {
+        version = commands
+            .add_comment(pb::AddCommentRequest {
+                file_id: "long".into(),
+                author: "ann".into(),
+                text: format!("{n:04} {}", "x".repeat(3995)),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+            .unwrap()
+            .version;
+    }
+    let first = queries
+        .list_comments(pb::ListCommentsRequest {
+            file_id: "long".into(),
+            min_version: version,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.comments.len(), 50, "the default page size");
+
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = queries
+            .list_comments(pb::ListCommentsRequest {
+                file_id: "long".into(),
+                min_version: version,
+                page_size: 500,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            page.encoded_len() <= (1 << 20) + 64 * 1024,
+            "{} bytes",
+            page.encoded_len()
+        );
+        seen.extend(page.comments.iter().map(|c| c.text[..4].to_owned()));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    let expected: Vec<String> = (0..300).map(|n| format!("{n:04}")).collect();
+    assert_eq!(seen, expected);
+    let forged = queries
+        .list_comments(pb::ListCommentsRequest {
+            file_id: "long".into(),
+            page_token: "not-a-token!".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), Code::InvalidArgument);
     platform.stop().await;
 }

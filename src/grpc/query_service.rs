@@ -15,6 +15,31 @@ use crate::query::Queries;
 
 const DEFAULT_PAGE_SIZE: u32 = 50;
 const MAX_PAGE_SIZE: u32 = 500;
+/// A page of comments ends before this much text, so that a response stays
+/// well inside the 4 MiB that gRPC clients accept by default, whatever the
+/// page size (a comment may hold 4,000 characters).
+const MAX_PAGE_BYTES: usize = 1 << 20;
+
+fn page_size(asked: u32) -> Result<u32, String> {
+    match asked {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n <= MAX_PAGE_SIZE => Ok(n),
+        n => Err(format!("must be at most {MAX_PAGE_SIZE}, got {n}")),
+    }
+}
+
+/// What a page token says to continue after; `None` for the first page.
+fn page_token(token: &str) -> Result<Option<String>, &'static str> {
+    match token {
+        "" => Ok(None),
+        token => TOKEN
+            .decode(token)
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .map(Some)
+            .ok_or("is not a token this service returned"),
+    }
+}
 
 /// The query service over [`Queries`].
 #[derive(Debug, Clone)]
@@ -84,24 +109,10 @@ impl pb::query_service_server::QueryService for QueryApi {
         let deadline = self.deadline(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
-        let page_size = match body.page_size {
-            0 => Ok(DEFAULT_PAGE_SIZE),
-            n if n <= MAX_PAGE_SIZE => Ok(n),
-            n => Err(format!("must be at most {MAX_PAGE_SIZE}, got {n}")),
-        };
-        let after = match body.page_token.as_str() {
-            "" => Ok(None),
-            token => TOKEN
-                .decode(token)
-                .ok()
-                .and_then(|bytes| String::from_utf8(bytes).ok())
-                .map(Some)
-                .ok_or("is not a token this service returned"),
-        };
         let (Some(folder_id), Some(page_size), Some(after)) = (
             violations.check("folder_id", Id::parse(&body.folder_id)),
-            violations.check("page_size", page_size),
-            violations.check("page_token", after),
+            violations.check("page_size", page_size(body.page_size)),
+            violations.check("page_token", page_token(&body.page_token)),
         ) else {
             return Err(violations.into_status());
         };
@@ -145,25 +156,56 @@ impl pb::query_service_server::QueryService for QueryApi {
         let deadline = self.deadline(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
-        let Some(file_id) = violations.check("file_id", Id::parse(&body.file_id)) else {
+        let skip = page_token(&body.page_token).and_then(|after| {
+            after.map_or(Ok(0), |after| {
+                after
+                    .parse::<usize>()
+                    .map_err(|_| "is not a token this service returned")
+            })
+        });
+        let (Some(file_id), Some(page_size), Some(skip)) = (
+            violations.check("file_id", Id::parse(&body.file_id)),
+            violations.check("page_size", page_size(body.page_size)),
+            violations.check("page_token", skip),
+        ) else {
             return Err(violations.into_status());
         };
         let thread = self
             .queries
             .comments(file_id.as_str(), body.min_version, deadline)
             .await?;
+        // Comments are only ever appended, so a position in the thread is a
+        // stable place to continue from.
+        let total = thread.comments.len();
+        let mut bytes = 0;
+        let comments: Vec<pb::Comment> = thread
+            .comments
+            .into_iter()
+            .skip(skip)
+            .take(page_size as usize)
+            .enumerate()
+            // At least one, so that paging always moves on.
+            .take_while(|(n, c)| {
+                bytes += c.text.len() + c.author.len() + c.comment_id.len() + 16;
+                *n == 0 || bytes <= MAX_PAGE_BYTES
+            })
+            .map(|(_, c)| pb::Comment {
+                comment_id: c.comment_id,
+                author: c.author,
+                text: c.text,
+                posted_at_ms: c.posted_at_ms,
+            })
+            .collect();
+        let next = skip + comments.len();
+        let next_page_token = if next < total {
+            TOKEN.encode(next.to_string())
+        } else {
+            String::new()
+        };
         Ok(Response::new(pb::ListCommentsResponse {
-            comments: thread
-                .comments
-                .into_iter()
-                .map(|c| pb::Comment {
-                    comment_id: c.comment_id,
-                    author: c.author,
-                    text: c.text,
-                    posted_at_ms: c.posted_at_ms,
-                })
-                .collect(),
+            comments,
             version: thread.version,
+            next_page_token,
         }))
     }
 

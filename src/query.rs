@@ -3,7 +3,8 @@
 //!
 //! Read models trail the event log. A caller that just wrote passes the
 //! stream versions its commands returned; a read waits, polling with
-//! backoff, until the document has applied them (its `_applied` map), and
+//! backoff (1 ms doubling to [`MAX_POLL`]), until the document has applied
+//! them (its `_applied` map), and
 //! gives up at the deadline with [`QueryError::NotCaughtUp`] rather than
 //! answer with a view that is older than what the caller knows happened.
 
@@ -16,6 +17,12 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use crate::documents::{DocumentError, DocumentStore};
+
+/// The longest pause between two reads of a document a caller waits on:
+/// a waiter costs at most 10 reads a second once the view is slow to catch
+/// up, while one that is a few milliseconds behind is still read again
+/// within them (the pauses double from 1 ms).
+const MAX_POLL: Duration = Duration::from_millis(100);
 use crate::projection::views::{
     CommentThread, CounterView, FileView, FolderListing, comments_key, counter_key, file_key,
     folder_key,
@@ -162,7 +169,7 @@ impl Queries {
                         id: id.to_owned(),
                     });
                 }
-                (Some((stream, version)), _) if Instant::now() + pause >= deadline => {
+                (Some((stream, version)), _) if Instant::now() >= deadline => {
                     return Err(QueryError::NotCaughtUp {
                         kind,
                         id: id.to_owned(),
@@ -172,8 +179,9 @@ impl Queries {
                     });
                 }
                 (Some(_), _) => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(10));
+                    // One last read at the deadline, not a pause early.
+                    tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;
+                    pause = (pause * 2).min(MAX_POLL);
                 }
             }
         }

@@ -1,0 +1,76 @@
+//! A read that waits for a version the view has not reached costs a bounded
+//! number of document reads: the pauses between them back off.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use scaleout::documents::redb::RedbDocuments;
+use scaleout::documents::{Cas, Document, DocumentError, DocumentStore};
+use scaleout::query::{Queries, QueryError};
+
+/// A real store that counts the reads made of it.
+#[derive(Debug)]
+struct Counted {
+    inner: RedbDocuments,
+    reads: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl DocumentStore for Counted {
+    async fn get(&self, key: &str) -> Result<Option<Document>, DocumentError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.get(key).await
+    }
+    async fn insert(&self, key: &str, body: &[u8]) -> Result<Cas, DocumentError> {
+        self.inner.insert(key, body).await
+    }
+    async fn replace(&self, key: &str, body: &[u8], cas: Cas) -> Result<Cas, DocumentError> {
+        self.inner.replace(key, body, cas).await
+    }
+    async fn remove(&self, key: &str, cas: Cas) -> Result<(), DocumentError> {
+        self.inner.remove(key, cas).await
+    }
+    async fn ping(&self) -> Result<(), DocumentError> {
+        self.inner.ping().await
+    }
+}
+
+#[tokio::test]
+async fn waiting_for_a_version_backs_off_and_still_answers_at_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Counted {
+        inner: RedbDocuments::open(dir.path().join("views.redb")).unwrap(),
+        reads: AtomicU64::new(0),
+    });
+    let body = br#"{"counter_id":"c","count":1,"version":1,"_applied":{"counter-c":1}}"#;
+    store.insert("counter::c", body).await.unwrap();
+    let queries = Queries::new(store.clone());
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_secs(1);
+    let answer = queries.counter("c", 2, deadline).await;
+    assert!(
+        matches!(
+            answer,
+            Err(QueryError::NotCaughtUp {
+                wanted: 2,
+                current: 1,
+                ..
+            })
+        ),
+        "{answer:?}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1),
+        "gave up early: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_millis(1500),
+        "overslept: {waited:?}"
+    );
+    // 1 ms doubling to 100 ms over one second: 8 pauses up to 128 ms, then
+    // about 9 more; a 10 ms poll would read about 100 times.
+    let reads = store.reads.load(Ordering::SeqCst);
+    assert!(reads <= 20, "{reads} reads in one second of waiting");
+}

@@ -55,6 +55,13 @@ pub async fn run_command_service(
             )
             .into_service(limit),
         );
+    let mut served = vec![
+        COMMAND_SERVICE,
+        crate::pb::read_service_server::SERVICE_NAME,
+    ];
+    if bus.is_some() {
+        served.push(crate::pb::admin_service_server::SERVICE_NAME);
+    }
     if let Some(bus) = &bus {
         services.add_service(
             AdminApi::new(Arc::clone(bus)).into_service(server_args.max_message_bytes),
@@ -64,6 +71,7 @@ pub async fn run_command_service(
     let extra = relay.as_ref().map(|relay| relay_metrics(relay.state()));
     let (routes, health) = server::routes(
         services,
+        &served,
         &[COMMAND_SERVICE],
         extra,
         &server_args,

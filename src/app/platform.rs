@@ -79,6 +79,11 @@ pub async fn run_platform(
     let extra: ExtraMetrics = Arc::new(move || scraped.render());
     let (routes, health) = server::routes(
         services,
+        &[
+            COMMAND_SERVICE,
+            QUERY_SERVICE,
+            crate::pb::read_service_server::SERVICE_NAME,
+        ],
         &[COMMAND_SERVICE, QUERY_SERVICE],
         Some(extra),
         &server_args,

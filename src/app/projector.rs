@@ -67,6 +67,7 @@ pub async fn run_projector(
     let services = RoutesBuilder::default();
     let (routes, health) = server::routes(
         services,
+        &[],
         &[PROJECTOR_HEALTH],
         Some(extra),
         &server_args,

@@ -40,6 +40,7 @@ pub async fn run_query_service(
     let (routes, health) = server::routes(
         services,
         &[QUERY_SERVICE],
+        &[QUERY_SERVICE],
         None,
         &server_args,
         stopping.clone(),

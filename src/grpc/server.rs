@@ -17,10 +17,13 @@ use crate::pb;
 
 /// Health, reflection (v1 and v1alpha: grpcurl from PyPI speaks only
 /// v1alpha) and Prometheus metrics at `/metrics` beside the given services'
-/// routes. Reflection also serves the
-/// `google.rpc` error details, so that grpcurl prints them decoded.
+/// routes. Reflection lists `served` (the full names of what `services`
+/// holds), health and itself, and also serves the `google.rpc` error
+/// details, so that grpcurl prints them decoded; `service_names` are the
+/// services health reports on.
 pub async fn routes(
     services: RoutesBuilder,
+    served: &[&str],
     service_names: &[&str],
     extra_metrics: Option<ExtraMetrics>,
     args: &ServerArgs,
@@ -32,17 +35,26 @@ pub async fn routes(
     for service in service_names.iter().chain(&[""]) {
         health.report(service, false).await;
     }
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+    // Only what this server serves: a listed service that answers
+    // UNIMPLEMENTED would only mislead.
+    let reflection = |itself: &str| {
+        served
+            .iter()
+            .copied()
+            .chain(["grpc.health.v1.Health", itself])
+            .fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET),
+                |builder, name| builder.with_service_name(name),
+            )
     };
     let mut routes = services;
     routes
         .add_service(health_service)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?);
+        .add_service(reflection("grpc.reflection.v1.ServerReflection").build_v1()?)
+        .add_service(reflection("grpc.reflection.v1alpha.ServerReflection").build_v1alpha()?);
     let metrics = Arc::new(RpcMetrics::new(extra_metrics));
     let scraped = Arc::clone(&metrics);
     let router = routes

@@ -116,11 +116,6 @@ impl Follower {
         }
     }
 
-    /// The position the next step starts from: a checkpoint.
-    pub fn position(&self) -> u64 {
-        self.next
-    }
-
     /// The next step: events if any have committed past the position,
     /// otherwise (once) a step saying the head is reached, otherwise it
     /// waits for a commit. Cancel-safe: a step that was not returned was not

@@ -206,7 +206,7 @@ impl Projector {
         let mut pauses = 0u32;
         let finished = loop {
             work = self.project(work).await;
-            let Some(reason) = work
+            let Some(first) = work
                 .first()
                 .map(|held| held.delivery.message.message_id.clone())
             else {
@@ -216,7 +216,7 @@ impl Projector {
                 ProjectorMetrics::add(&self.metrics.paused, 1);
                 tracing::warn!(
                     deliveries = work.len(),
-                    first = %reason,
+                    first = %first,
                     "a dependency does not answer; pausing this worker until it does"
                 );
             }

@@ -103,7 +103,7 @@ fn one_event(stream_id: String) -> AppendRequest {
         stream_type: "bench".into(),
         expected: ExpectedVersion::Any,
         events: NewEvents::try_from(vec![event]).unwrap(),
-        request_id: None,
+        request_key: None,
         metadata: EventMetadata {
             occurred_at: SystemTime::now(),
             correlation_id: Uuid::now_v7(),

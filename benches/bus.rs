@@ -179,7 +179,7 @@ async fn fill(store: &Arc<dyn EventStore>) {
                     stream_type: "counter".into(),
                     expected: ExpectedVersion::Any,
                     events: vec![event].try_into().unwrap(),
-                    request_id: None,
+                    request_key: None,
                     metadata: EventMetadata {
                         occurred_at: SystemTime::now(),
                         correlation_id: Uuid::now_v7(),

@@ -73,7 +73,7 @@ async fn increments(hot: bool, dir: &std::path::Path) -> (Arc<dyn EventStore>, V
                     ExpectedVersion::Any
                 },
                 events: events.try_into().unwrap(),
-                request_id: None,
+                request_key: None,
                 metadata: EventMetadata {
                     occurred_at: SystemTime::now(),
                     correlation_id: Uuid::now_v7(),

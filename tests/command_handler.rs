@@ -16,7 +16,7 @@ fn command<C>(id: &str, command: C, expected: Option<ExpectedVersion>) -> Comman
         aggregate_id: Id::parse(id).unwrap(),
         command,
         expected,
-        request_id: None,
+        request_key: None,
         correlation_id: None,
     }
 }

@@ -261,6 +261,68 @@ async fn a_repeated_request_id_returns_the_first_response_and_writes_once() {
     assert_eq!(reused.code(), Code::InvalidArgument);
 }
 
+/// A RenameFile that reuses a CreateFile's id must not be answered with the
+/// creation's result while the rename silently never happens.
+#[tokio::test]
+async fn a_request_id_reused_for_a_different_request_is_refused_and_writes_nothing() {
+    let (store, _dir) = redb_store();
+    let service = CommandService::start(store.clone()).await;
+    let mut client = service.client().await;
+    let request_id = uuid::Uuid::new_v4().to_string();
+    client
+        .create_file(pb::CreateFileRequest {
+            request_id: request_id.clone(),
+            file_id: "f1".into(),
+            name: "a.txt".into(),
+            folder_id: "root".into(),
+        })
+        .await
+        .unwrap();
+    let rename = pb::RenameFileRequest {
+        request_id: request_id.clone(),
+        file_id: "f1".into(),
+        new_name: "b.txt".into(),
+        ..Default::default()
+    };
+    let reused = client.rename_file(rename.clone()).await.unwrap_err();
+    assert_eq!(reused.code(), Code::InvalidArgument, "{reused:?}");
+    let violation = &reused.get_details_bad_request().unwrap().field_violations[0];
+    assert_eq!(violation.field, "request_id");
+    assert!(
+        violation.description.contains("different request"),
+        "{violation:?}"
+    );
+
+    // Same method, same file, other content: also a different request.
+    let other_name = client
+        .create_file(pb::CreateFileRequest {
+            request_id,
+            file_id: "f1".into(),
+            name: "other.txt".into(),
+            folder_id: "root".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(other_name.code(), Code::InvalidArgument);
+    assert_eq!(
+        store
+            .read_stream("file-f1", 1, usize::MAX)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // With its own id the rename goes through.
+    client
+        .rename_file(pb::RenameFileRequest {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            ..rename
+        })
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn health_reports_serving_and_reflection_v1_lists_the_services() {
     use tonic_health::pb::health_check_response::ServingStatus;

@@ -36,7 +36,7 @@ fn padded_increments(stream: &str, count: usize, padding: usize) -> AppendReques
         stream_type: "counter".into(),
         expected: ExpectedVersion::Any,
         events: events.try_into().unwrap(),
-        request_id: None,
+        request_key: None,
         metadata: EventMetadata {
             occurred_at: SystemTime::now(),
             correlation_id: Uuid::now_v7(),

@@ -102,7 +102,7 @@ fn command<C>(id: &str, command: C) -> Command<C> {
         aggregate_id: Id::parse(id).unwrap(),
         command,
         expected: None,
-        request_id: None,
+        request_key: None,
         correlation_id: None,
     }
 }
@@ -526,7 +526,7 @@ async fn an_event_that_would_overflow_a_total_is_parked_and_skipped() {
             }]
             .try_into()
             .unwrap(),
-            request_id: None,
+            request_key: None,
             metadata: scaleout::store::EventMetadata {
                 occurred_at: std::time::SystemTime::now(),
                 correlation_id: uuid::Uuid::now_v7(),

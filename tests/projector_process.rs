@@ -86,7 +86,7 @@ async fn a_projector_killed_mid_stream_and_restarted_still_equals_the_fold() {
                         amount: Amount::parse(1 + t).unwrap(),
                     },
                     expected: None,
-                    request_id: None,
+                    request_key: None,
                     correlation_id: None,
                 };
                 handler.execute::<Counter>(command).await.unwrap();

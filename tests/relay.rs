@@ -117,7 +117,7 @@ async fn append_events(store: Arc<dyn EventStore>, total: usize, tag: &str) -> V
                     }]
                     .try_into()
                     .unwrap(),
-                    request_id: None,
+                    request_key: None,
                     metadata: EventMetadata {
                         occurred_at: std::time::SystemTime::now(),
                         correlation_id: Uuid::now_v7(),

@@ -98,7 +98,7 @@ async fn experiment(rounds: &[u64], naive: bool) -> Vec<(u64, u64)> {
                             amount: Amount::parse(1).unwrap(),
                         },
                         expected: None,
-                        request_id: None,
+                        request_key: None,
                         correlation_id: None,
                     };
                     handler.execute::<Counter>(command).await.unwrap();

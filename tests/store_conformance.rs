@@ -14,7 +14,8 @@ use scaleout::store::postgres::{PostgresConfig, PostgresStore};
 use scaleout::store::redb::RedbStore;
 use scaleout::store::{
     AppendOutcome, AppendRequest, AppendResult, EventMetadata, EventStore, ExpectedVersion,
-    LogFilter, LogPage, NewEvent, RecordedEvent, RequestId, StoreError,
+    Fingerprint, LogFilter, LogPage, NewEvent, RecordedEvent, RecordedRequest, RequestId,
+    RequestKey, StoreError,
 };
 use tokio::sync::Barrier;
 use uuid::Uuid;
@@ -37,7 +38,7 @@ fn append(stream: &str, expected: ExpectedVersion, events: usize) -> AppendReque
         stream_type: "test".into(),
         expected,
         events: events.try_into().expect("at least one event"),
-        request_id: None,
+        request_key: None,
         metadata: EventMetadata {
             // Whole microseconds: PostgreSQL keeps no finer time.
             occurred_at: UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
@@ -47,9 +48,26 @@ fn append(stream: &str, expected: ExpectedVersion, events: usize) -> AppendReque
     }
 }
 
-fn with_request_id(mut request: AppendRequest, request_id: RequestId) -> AppendRequest {
-    request.request_id = Some(request_id);
+/// The request under an idempotency key: the same `content` stands for the
+/// same request (a retry), another for a different one.
+fn with_key(mut request: AppendRequest, request_id: RequestId, content: &str) -> AppendRequest {
+    request.request_key = Some(RequestKey {
+        id: request_id,
+        fingerprint: Fingerprint::of("test.Append", content.as_bytes()),
+    });
     request
+}
+
+fn with_request_id(request: AppendRequest, request_id: RequestId) -> AppendRequest {
+    with_key(request, request_id, "the request")
+}
+
+/// What a store should have recorded for an append under [`with_request_id`].
+fn recorded(result: AppendResult) -> RecordedRequest {
+    RecordedRequest {
+        result,
+        fingerprint: Some(Fingerprint::of("test.Append", b"the request")),
+    }
 }
 
 fn event_ids(request: &AppendRequest) -> Vec<Uuid> {
@@ -110,7 +128,7 @@ fn assert_records(recorded: &[RecordedEvent], request: &AppendRequest, first_ver
         assert_eq!(event.event_type, sent.event_type);
         assert_eq!(event.payload, sent.payload);
         assert_eq!(event.metadata, request.metadata);
-        assert_eq!(event.request_id, request.request_id);
+        assert_eq!(event.request_id, request.request_key.map(|key| key.id));
     }
 }
 
@@ -257,7 +275,7 @@ async fn request_id_replays(store: Arc<dyn EventStore>) {
     let first = appended(store, with_request_id(append("s", NoStream, 2), request_id)).await;
     assert_eq!(
         store.find_request(request_id).await.unwrap(),
-        Some(first.clone())
+        Some(recorded(first.clone()))
     );
 
     // A retry (fresh event ids, an expectation that no longer holds) writes nothing.
@@ -304,8 +322,8 @@ async fn concurrent_duplicates_append_once(store: Arc<dyn EventStore>) {
     assert_eq!(versions(&events), [1]);
     assert_eq!(result.event_ids, [events[0].event_id]);
     assert_eq!(
-        store.find_request(request_id).await.unwrap().as_ref(),
-        Some(result)
+        store.find_request(request_id).await.unwrap(),
+        Some(recorded(result.clone()))
     );
 }
 
@@ -325,7 +343,41 @@ async fn request_id_reused_on_another_stream(store: Arc<dyn EventStore>) {
     }
     assert!(read(store, "b").await.is_empty());
     assert_eq!(store.read_outbox(100).await.unwrap().len(), 1);
-    assert_eq!(store.find_request(request_id).await.unwrap(), Some(first));
+    assert_eq!(
+        store.find_request(request_id).await.unwrap(),
+        Some(recorded(first))
+    );
+}
+
+async fn request_id_reused_for_a_different_request(store: Arc<dyn EventStore>) {
+    let store = &*store;
+    let request_id = RequestId(Uuid::new_v4());
+    let first = appended(store, with_key(append("a", Any, 1), request_id, "create")).await;
+    // The same stream, but another request: in a later batch, and in the same one.
+    let later = store
+        .append(with_key(append("a", Any, 1), request_id, "rename"))
+        .await;
+    let id = Uuid::new_v4();
+    let (together, reused) = tokio::join!(
+        store.append(with_key(append("b", Any, 1), RequestId(id), "create")),
+        store.append(with_key(append("b", Any, 1), RequestId(id), "rename")),
+    );
+    for outcome in [later, reused] {
+        assert!(
+            matches!(outcome, Err(StoreError::RequestIdReused { .. })),
+            "expected RequestIdReused, got {outcome:?}"
+        );
+    }
+    together.expect("the first use of an id appends");
+    assert_eq!(versions(&read(store, "a").await), [1]);
+    assert_eq!(versions(&read(store, "b").await), [1]);
+    assert_eq!(
+        store.find_request(request_id).await.unwrap(),
+        Some(RecordedRequest {
+            result: first,
+            fingerprint: Some(Fingerprint::of("test.Append", b"create")),
+        })
+    );
 }
 
 async fn outbox_matches_events(store: Arc<dyn EventStore>) {
@@ -705,6 +757,7 @@ conformance!(
     request_id_replays,
     concurrent_duplicates_append_once,
     request_id_reused_on_another_stream,
+    request_id_reused_for_a_different_request,
     outbox_matches_events,
     read_stream_from_a_version,
     read_stream_takes_a_limit,
@@ -736,7 +789,7 @@ async fn redb_reopened_store_has_everything() {
     assert_eq!(store.read_outbox(100).await.unwrap(), outbox);
     assert_eq!(
         store.find_request(request_id).await.unwrap(),
-        Some(result.clone())
+        Some(recorded(result.clone()))
     );
     let retry = with_request_id(append("b", Any, 1), request_id);
     assert_eq!(
@@ -792,6 +845,52 @@ async fn postgres_instances_share_one_schema() {
         assert_eq!(outbox.len(), 20 * 6 + 1);
         let ids: HashSet<Uuid> = outbox.iter().map(|e| e.event_id).collect();
         assert_eq!(ids.len(), outbox.len());
+    })
+    .await;
+}
+
+/// A schema whose requests were recorded before fingerprints were kept: the
+/// column is added on connect, and such a request replays on its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_requests_recorded_before_fingerprints_still_replay() {
+    in_postgres_schema(|schema| async move {
+        let config = PostgresConfig::new(&postgres_url()).with_schema(schema.clone());
+        let request_id = RequestId(Uuid::new_v4());
+        let first = {
+            let store = PostgresStore::connect(config.clone())
+                .await
+                .expect("connect");
+            appended(&store, with_request_id(append("a", Any, 1), request_id)).await
+        };
+        let (admin, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(connection);
+        admin
+            .batch_execute(&format!(
+                "ALTER TABLE {schema}.requests DROP COLUMN fingerprint"
+            ))
+            .await
+            .expect("back to the first layout");
+
+        let store = PostgresStore::connect(config).await.expect("reconnect");
+        assert_eq!(
+            store.find_request(request_id).await.unwrap(),
+            Some(RecordedRequest {
+                result: first.clone(),
+                fingerprint: None,
+            })
+        );
+        let any_request = with_key(append("a", Any, 1), request_id, "whatever it was");
+        assert_eq!(
+            store.append(any_request).await.unwrap(),
+            AppendOutcome::Replayed(first)
+        );
+        let elsewhere = with_request_id(append("b", Any, 1), request_id);
+        assert!(matches!(
+            store.append(elsewhere).await,
+            Err(StoreError::RequestIdReused { .. })
+        ));
     })
     .await;
 }

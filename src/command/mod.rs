@@ -27,7 +27,7 @@ use crate::domain::values::Id;
 use crate::domain::{Aggregate, DomainError, DomainEvent, UnknownEvent};
 use crate::store::{
     AppendOutcome, AppendRequest, AppendResult, EventMetadata, EventStore, ExpectedVersion,
-    NewEvent, NewEvents, RequestId, StoreError,
+    NewEvent, NewEvents, RequestKey, StoreError,
 };
 
 /// A command for the aggregate `aggregate_id`, with what the caller expects.
@@ -37,7 +37,9 @@ pub struct Command<C> {
     pub command: C,
     /// `None` lets the server decide on the latest state (and retry).
     pub expected: Option<ExpectedVersion>,
-    pub request_id: Option<RequestId>,
+    /// Makes the command idempotent: sent again, it is answered with the
+    /// first result; its id reused for another request is refused.
+    pub request_key: Option<RequestKey>,
     /// Shared by everything one user action causes; a new one when `None`.
     pub correlation_id: Option<Uuid>,
 }
@@ -84,16 +86,16 @@ impl CommandHandler {
         &self.store
     }
 
-    /// Decides and appends `command`; a repeated request id returns the first result.
+    /// Decides and appends `command`; a repeated request returns the first result.
     pub async fn execute<A: Aggregate>(
         &self,
         command: Command<A::Command>,
     ) -> Result<AppendOutcome, CommandError> {
         let stream_id = A::stream_id(command.aggregate_id.as_str());
-        if let Some(request_id) = command.request_id
-            && let Some(first) = self.store.find_request(request_id).await?
+        if let Some(key) = command.request_key
+            && let Some(first) = self.store.find_request(key.id).await?
         {
-            return replay(request_id, &stream_id, first);
+            return Ok(AppendOutcome::Replayed(first.replay(key, &stream_id)?));
         }
         let _turn = self.locks.lock(&stream_id).await;
         let retryable = !matches!(command.expected, Some(ExpectedVersion::Exact(_)));
@@ -101,7 +103,9 @@ impl CommandHandler {
         let metadata = EventMetadata {
             occurred_at: SystemTime::now(),
             correlation_id: command.correlation_id.unwrap_or_else(Uuid::now_v7),
-            causation_id: command.request_id.map_or_else(Uuid::now_v7, |id| id.0),
+            causation_id: command
+                .request_key
+                .map_or_else(Uuid::now_v7, |key| key.id.0),
         };
         let mut attempt = 0;
         let mut known = self.states.take::<A>(&stream_id);
@@ -132,7 +136,7 @@ impl CommandHandler {
                     // The decision holds for exactly the state it was made on.
                     expected: ExpectedVersion::Exact(version),
                     events,
-                    request_id: command.request_id,
+                    request_key: command.request_key,
                     metadata: metadata.clone(),
                 })
                 .await;
@@ -188,22 +192,6 @@ impl CommandHandler {
             version = recorded.version;
         }
         Ok((state, version))
-    }
-}
-
-fn replay(
-    request_id: RequestId,
-    stream_id: &str,
-    first: AppendResult,
-) -> Result<AppendOutcome, CommandError> {
-    if first.stream_id == stream_id {
-        Ok(AppendOutcome::Replayed(first))
-    } else {
-        Err(StoreError::RequestIdReused {
-            request_id,
-            first_stream: first.stream_id,
-        }
-        .into())
     }
 }
 

@@ -10,7 +10,7 @@ use crate::command::{Command, CommandHandler};
 use crate::domain::values::{Amount, Author, CommentText, FileName, Id};
 use crate::domain::{Aggregate, Counter, CounterCommand, File, FileCommand};
 use crate::pb::{self, command_service_server::CommandServiceServer};
-use crate::store::{AppendResult, ExpectedVersion, RequestId};
+use crate::store::{AppendResult, ExpectedVersion, Fingerprint, RequestId, RequestKey};
 
 /// The metadata key a caller may set to tie its commands together.
 pub const CORRELATION_ID_HEADER: &str = "x-correlation-id";
@@ -54,13 +54,18 @@ fn envelope<T>(request: &Request<T>) -> Envelope {
     Envelope { correlation_id }
 }
 
-fn parse_request_id(value: &str) -> Result<Option<RequestId>, String> {
-    if value.is_empty() {
+/// The request's idempotency key: its `request_id`, when set, and a
+/// fingerprint of the whole request, so that the id reused for a different
+/// request is refused instead of answered with the first one's result.
+fn request_key<M: prost::Name>(body: &M, request_id: &str) -> Result<Option<RequestKey>, String> {
+    if request_id.is_empty() {
         return Ok(None);
     }
-    Uuid::parse_str(value)
-        .map(|id| Some(RequestId(id)))
-        .map_err(|e| format!("must be a UUID: {e}"))
+    let id = Uuid::parse_str(request_id).map_err(|e| format!("must be a UUID: {e}"))?;
+    Ok(Some(RequestKey {
+        id: RequestId(id),
+        fingerprint: Fingerprint::of(&M::full_name(), &body.encode_to_vec()),
+    }))
 }
 
 /// `None` (unset or `any`) lets the server decide on the latest state.
@@ -91,8 +96,8 @@ impl pb::command_service_server::CommandService for CommandApi {
         let Envelope { correlation_id } = envelope(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
-        let (Some(request_id), Some(file_id), Some(name), Some(folder_id)) = (
-            violations.check("request_id", parse_request_id(&body.request_id)),
+        let (Some(request_key), Some(file_id), Some(name), Some(folder_id)) = (
+            violations.check("request_id", request_key(&body, &body.request_id)),
             violations.check("file_id", Id::parse(&body.file_id)),
             violations.check("name", FileName::parse(&body.name)),
             violations.check("folder_id", Id::parse(&body.folder_id)),
@@ -104,7 +109,7 @@ impl pb::command_service_server::CommandService for CommandApi {
                 aggregate_id: file_id,
                 command: FileCommand::Create { name, folder_id },
                 expected: None,
-                request_id,
+                request_key,
                 correlation_id,
             })
             .await?;
@@ -118,8 +123,8 @@ impl pb::command_service_server::CommandService for CommandApi {
         let Envelope { correlation_id } = envelope(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
-        let (Some(request_id), Some(file_id), Some(new_name)) = (
-            violations.check("request_id", parse_request_id(&body.request_id)),
+        let (Some(request_key), Some(file_id), Some(new_name)) = (
+            violations.check("request_id", request_key(&body, &body.request_id)),
             violations.check("file_id", Id::parse(&body.file_id)),
             violations.check("new_name", FileName::parse(&body.new_name)),
         ) else {
@@ -130,7 +135,7 @@ impl pb::command_service_server::CommandService for CommandApi {
                 aggregate_id: file_id,
                 command: FileCommand::Rename { new_name },
                 expected: parse_expected(body.expected_version),
-                request_id,
+                request_key,
                 correlation_id,
             })
             .await?;
@@ -144,8 +149,8 @@ impl pb::command_service_server::CommandService for CommandApi {
         let Envelope { correlation_id } = envelope(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
-        let (Some(request_id), Some(file_id), Some(to_folder_id)) = (
-            violations.check("request_id", parse_request_id(&body.request_id)),
+        let (Some(request_key), Some(file_id), Some(to_folder_id)) = (
+            violations.check("request_id", request_key(&body, &body.request_id)),
             violations.check("file_id", Id::parse(&body.file_id)),
             violations.check("to_folder_id", Id::parse(&body.to_folder_id)),
         ) else {
@@ -156,7 +161,7 @@ impl pb::command_service_server::CommandService for CommandApi {
                 aggregate_id: file_id,
                 command: FileCommand::Move { to_folder_id },
                 expected: parse_expected(body.expected_version),
-                request_id,
+                request_key,
                 correlation_id,
             })
             .await?;
@@ -170,8 +175,8 @@ impl pb::command_service_server::CommandService for CommandApi {
         let Envelope { correlation_id } = envelope(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
-        let (Some(request_id), Some(file_id)) = (
-            violations.check("request_id", parse_request_id(&body.request_id)),
+        let (Some(request_key), Some(file_id)) = (
+            violations.check("request_id", request_key(&body, &body.request_id)),
             violations.check("file_id", Id::parse(&body.file_id)),
         ) else {
             return Err(violations.into_status());
@@ -181,7 +186,7 @@ impl pb::command_service_server::CommandService for CommandApi {
                 aggregate_id: file_id,
                 command: FileCommand::Delete,
                 expected: parse_expected(body.expected_version),
-                request_id,
+                request_key,
                 correlation_id,
             })
             .await?;
@@ -195,8 +200,8 @@ impl pb::command_service_server::CommandService for CommandApi {
         let Envelope { correlation_id } = envelope(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
-        let (Some(request_id), Some(file_id), Some(author), Some(text)) = (
-            violations.check("request_id", parse_request_id(&body.request_id)),
+        let (Some(request_key), Some(file_id), Some(author), Some(text)) = (
+            violations.check("request_id", request_key(&body, &body.request_id)),
             violations.check("file_id", Id::parse(&body.file_id)),
             violations.check("author", Author::parse(&body.author)),
             violations.check("text", CommentText::parse(&body.text)),
@@ -208,7 +213,7 @@ impl pb::command_service_server::CommandService for CommandApi {
                 aggregate_id: file_id,
                 command: FileCommand::AddComment { author, text },
                 expected: parse_expected(body.expected_version),
-                request_id,
+                request_key,
                 correlation_id,
             })
             .await?;
@@ -222,8 +227,8 @@ impl pb::command_service_server::CommandService for CommandApi {
         let Envelope { correlation_id } = envelope(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
-        let (Some(request_id), Some(counter_id), Some(amount)) = (
-            violations.check("request_id", parse_request_id(&body.request_id)),
+        let (Some(request_key), Some(counter_id), Some(amount)) = (
+            violations.check("request_id", request_key(&body, &body.request_id)),
             violations.check("counter_id", Id::parse(&body.counter_id)),
             violations.check("amount", Amount::parse(body.amount.unwrap_or(1))),
         ) else {
@@ -234,7 +239,7 @@ impl pb::command_service_server::CommandService for CommandApi {
                 aggregate_id: counter_id,
                 command: CounterCommand::Increment { amount },
                 expected: parse_expected(body.expected_version),
-                request_id,
+                request_key,
                 correlation_id,
             })
             .await?;

@@ -23,7 +23,8 @@ use tokio::sync::Notify;
 
 pub use self::types::{
     AppendOutcome, AppendRequest, AppendResult, EmptyAppend, EventMetadata, ExpectedVersion,
-    LogFilter, LogPage, NewEvent, NewEvents, RecordedEvent, RequestId,
+    Fingerprint, LogFilter, LogPage, NewEvent, NewEvents, RecordedEvent, RecordedRequest,
+    RequestId, RequestKey,
 };
 
 /// Most positions a filtered [`EventStore::read_all`] looks at in one call,
@@ -42,8 +43,11 @@ pub enum StoreError {
         /// The stream's current version; 0 when it does not exist.
         actual: u64,
     },
-    /// The request id was first used for another stream: a client bug, not a retry.
-    #[error("request id {request_id} was already used for stream {first_stream}")]
+    /// The request id was first used for a different request (another
+    /// stream, or other content): a client bug, not a retry.
+    #[error(
+        "request id {request_id} was already used for a different request (on stream {first_stream})"
+    )]
     RequestIdReused {
         request_id: RequestId,
         first_stream: String,
@@ -62,8 +66,10 @@ pub enum StoreError {
 pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
     /// Appends the events atomically if the stream is at the expected version.
     ///
-    /// With a request id already recorded for this stream, writes nothing and
-    /// returns the first append's result as [`AppendOutcome::Replayed`].
+    /// With a request key already recorded for the same request, writes
+    /// nothing and returns the first append's result as
+    /// [`AppendOutcome::Replayed`]; its id recorded for a different request
+    /// is [`StoreError::RequestIdReused`].
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError>;
 
     /// Reads up to `limit` of a stream's events with a version of at least
@@ -90,9 +96,11 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
         filter: &LogFilter,
     ) -> Result<LogPage, StoreError>;
 
-    /// The result recorded for a request id, if any.
-    async fn find_request(&self, request_id: RequestId)
-    -> Result<Option<AppendResult>, StoreError>;
+    /// What was recorded for a request id, if anything.
+    async fn find_request(
+        &self,
+        request_id: RequestId,
+    ) -> Result<Option<RecordedRequest>, StoreError>;
 
     /// The outbox rows not yet published, oldest first, at most `limit`.
     async fn read_outbox(&self, limit: usize) -> Result<Vec<RecordedEvent>, StoreError>;

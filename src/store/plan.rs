@@ -9,15 +9,15 @@
 
 use std::collections::HashMap;
 
-use super::{AppendOutcome, AppendRequest, AppendResult, RequestId, StoreError};
+use super::{AppendOutcome, AppendRequest, AppendResult, RecordedRequest, RequestId, StoreError};
 
 /// The state a batch is decided against, as loaded inside the transaction.
 #[derive(Debug, Default)]
 pub(crate) struct BatchState {
     /// Current version per stream; a stream missing here is at version 0.
     pub versions: HashMap<String, u64>,
-    /// Results already recorded for request ids of the batch.
-    pub requests: HashMap<RequestId, AppendResult>,
+    /// What is already recorded for the request ids of the batch.
+    pub requests: HashMap<RequestId, RecordedRequest>,
 }
 
 /// The decision for one append.
@@ -57,16 +57,12 @@ pub(crate) fn plan<'a>(
 }
 
 fn plan_one(request: &AppendRequest, state: &mut BatchState) -> Planned {
-    if let Some(request_id) = request.request_id
-        && let Some(first) = state.requests.get(&request_id)
+    if let Some(key) = request.request_key
+        && let Some(first) = state.requests.get(&key.id)
     {
-        return if first.stream_id == request.stream_id {
-            Planned::Replay(first.clone())
-        } else {
-            Planned::Reject(StoreError::RequestIdReused {
-                request_id,
-                first_stream: first.stream_id.clone(),
-            })
+        return match first.clone().replay(key, &request.stream_id) {
+            Ok(result) => Planned::Replay(result),
+            Err(error) => Planned::Reject(error),
         };
     }
     let actual = state.versions.get(&request.stream_id).copied().unwrap_or(0);
@@ -89,8 +85,14 @@ fn plan_one(request: &AppendRequest, state: &mut BatchState) -> Planned {
             .map(|event| event.event_id)
             .collect(),
     };
-    if let Some(request_id) = request.request_id {
-        state.requests.insert(request_id, result.clone());
+    if let Some(key) = request.request_key {
+        state.requests.insert(
+            key.id,
+            RecordedRequest {
+                result: result.clone(),
+                fingerprint: Some(key.fingerprint),
+            },
+        );
     }
     Planned::Write {
         first_version: actual + 1,
@@ -105,7 +107,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::store::{EventMetadata, ExpectedVersion, NewEvent};
+    use crate::store::{EventMetadata, ExpectedVersion, Fingerprint, NewEvent, RequestKey};
 
     fn append(stream: &str, expected: ExpectedVersion, events: usize) -> AppendRequest {
         let events: Vec<NewEvent> = (0..events)
@@ -120,7 +122,7 @@ mod tests {
             stream_type: "test".into(),
             expected,
             events: events.try_into().unwrap(),
-            request_id: None,
+            request_key: None,
             metadata: EventMetadata {
                 occurred_at: SystemTime::now(),
                 correlation_id: Uuid::now_v7(),
@@ -179,21 +181,56 @@ mod tests {
     }
 
     #[test]
-    fn a_request_id_seen_earlier_in_the_batch_replays() {
-        let request_id = RequestId(Uuid::new_v4());
+    fn a_request_key_seen_earlier_in_the_batch_replays() {
+        let key = RequestKey {
+            id: RequestId(Uuid::new_v4()),
+            fingerprint: Fingerprint::of("test.Append", b"a"),
+        };
         let mut first = append("a", ExpectedVersion::NoStream, 1);
-        first.request_id = Some(request_id);
+        first.request_key = Some(key);
         let again = first.clone();
         let mut elsewhere = append("b", ExpectedVersion::Any, 1);
-        elsewhere.request_id = Some(request_id);
-        let planned = plan(&[first, again, elsewhere], BatchState::default());
+        elsewhere.request_key = Some(key);
+        let mut different = append("a", ExpectedVersion::Any, 1);
+        different.request_key = Some(RequestKey {
+            fingerprint: Fingerprint::of("test.Append", b"other"),
+            ..key
+        });
+        let planned = plan(&[first, again, elsewhere, different], BatchState::default());
         let Planned::Write { result, .. } = &planned[0] else {
             panic!("first append should write: {planned:?}")
         };
         assert!(matches!(&planned[1], Planned::Replay(replayed) if replayed == result));
-        assert!(matches!(
-            &planned[2],
-            Planned::Reject(StoreError::RequestIdReused { first_stream, .. }) if first_stream == "a"
-        ));
+        for reused in &planned[2..] {
+            assert!(matches!(
+                reused,
+                Planned::Reject(StoreError::RequestIdReused { first_stream, .. }) if first_stream == "a"
+            ));
+        }
+    }
+
+    #[test]
+    fn a_request_recorded_without_a_fingerprint_replays_on_its_stream() {
+        let id = RequestId(Uuid::new_v4());
+        let mut state = BatchState::default();
+        let recorded = AppendResult {
+            stream_id: "a".into(),
+            version: 1,
+            event_ids: vec![Uuid::now_v7()],
+        };
+        state.requests.insert(
+            id,
+            RecordedRequest {
+                result: recorded.clone(),
+                fingerprint: None,
+            },
+        );
+        let mut again = append("a", ExpectedVersion::Any, 1);
+        again.request_key = Some(RequestKey {
+            id,
+            fingerprint: Fingerprint::of("test.Append", b"anything"),
+        });
+        let planned = plan(&[again], state);
+        assert!(matches!(&planned[0], Planned::Replay(replayed) if *replayed == recorded));
     }
 }

@@ -28,8 +28,8 @@ use uuid::Uuid;
 use super::group_commit::{self, Batches, Pending, Submitter};
 use super::plan::{BatchState, Planned, plan};
 use super::{
-    AppendOutcome, AppendRequest, AppendResult, EventMetadata, EventStore, LogFilter, LogPage,
-    NewEvent, RecordedEvent, RequestId, StoreError, page_window,
+    AppendOutcome, AppendRequest, AppendResult, EventMetadata, EventStore, Fingerprint, LogFilter,
+    LogPage, NewEvent, RecordedEvent, RecordedRequest, RequestId, StoreError, page_window,
 };
 
 /// How long opening a connection (and preparing its statements) or a ping
@@ -229,14 +229,14 @@ impl EventStore for PostgresStore {
     async fn find_request(
         &self,
         request_id: RequestId,
-    ) -> Result<Option<AppendResult>, StoreError> {
+    ) -> Result<Option<RecordedRequest>, StoreError> {
         let reader = self.reader().await?;
         let row = reader
             .client
             .query_opt(&reader.find_request, &[&request_id.0])
             .await
             .map_err(Failure::from)?;
-        Ok(row.as_ref().map(append_result).transpose()?)
+        Ok(row.as_ref().map(recorded_request).transpose()?)
     }
 
     async fn read_outbox(&self, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -400,6 +400,8 @@ async fn migrate(connector: &Connector, schema: &str) -> Result<(), StoreError> 
             version    bigint NOT NULL,
             event_ids  uuid[] NOT NULL
         );
+        -- NULL for requests recorded before fingerprints were kept.
+        ALTER TABLE "{schema}".requests ADD COLUMN IF NOT EXISTS fingerprint bytea NULL;
         "#
     ))
     .await
@@ -440,7 +442,10 @@ impl Reader {
                 ))
                 .await?;
             let find_request = client
-                .prepare("SELECT stream_id, version, event_ids FROM requests WHERE request_id = $1")
+                .prepare(
+                    "SELECT stream_id, version, event_ids, fingerprint FROM requests \
+                     WHERE request_id = $1",
+                )
                 .await?;
             let read_outbox = client
                 .prepare(&format!(
@@ -490,39 +495,42 @@ impl Writer {
                     .await?,
                 find_requests: client
                     .prepare(
-                        "SELECT stream_id, version, event_ids, request_id FROM requests \
-                         WHERE request_id = ANY($1)",
+                        "SELECT stream_id, version, event_ids, fingerprint, request_id \
+                         FROM requests WHERE request_id = ANY($1)",
                     )
                     .await?,
                 // Numbers the events from the log head, which it advances and
                 // holds locked until COMMIT (see the module doc); sent last.
                 insert_events: client
                     .prepare(
-                        "WITH head AS (
+                        "WITH input AS (
+                            SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[],
+                                $4::uuid[], $5::text[], $6::bytea[], $7::timestamptz[],
+                                $8::uuid[], $9::uuid[], $10::uuid[], $11::bytea[])
+                                WITH ORDINALITY AS e(stream_id, version, stream_type, event_id,
+                                    event_type, payload, occurred_at, correlation_id,
+                                    causation_id, request_id, fingerprint, n)
+                        ), head AS (
                             UPDATE log SET head = head + cardinality($1::text[])
                             RETURNING head - cardinality($1::text[]) AS base
                         ), written AS (
                             INSERT INTO events (position, stream_id, version, stream_type,
                                 event_id, event_type, payload, occurred_at, correlation_id,
                                 causation_id, request_id)
-                            SELECT head.base + e.n, stream_id, version, stream_type, event_id,
+                            SELECT head.base + n, stream_id, version, stream_type, event_id,
                                 event_type, payload, occurred_at, correlation_id, causation_id,
                                 request_id
-                            FROM head, unnest($1::text[], $2::bigint[], $3::text[], $4::uuid[],
-                                $5::text[], $6::bytea[], $7::timestamptz[], $8::uuid[],
-                                $9::uuid[], $10::uuid[])
-                                WITH ORDINALITY AS e(stream_id, version, stream_type, event_id,
-                                    event_type, payload, occurred_at, correlation_id,
-                                    causation_id, request_id, n)
-                            RETURNING position, stream_id, version, event_id, request_id
+                            FROM head, input
+                            RETURNING position
                         ), outboxed AS (
                             INSERT INTO outbox (position) SELECT position FROM written
                         )
-                        INSERT INTO requests (request_id, stream_id, version, event_ids)
+                        INSERT INTO requests (request_id, stream_id, version, event_ids,
+                            fingerprint)
                         SELECT request_id, stream_id, max(version),
-                            array_agg(event_id ORDER BY version)
-                        FROM written WHERE request_id IS NOT NULL
-                        GROUP BY request_id, stream_id",
+                            array_agg(event_id ORDER BY version), fingerprint
+                        FROM input WHERE request_id IS NOT NULL
+                        GROUP BY request_id, stream_id, fingerprint",
                     )
                     .await?,
                 upsert_streams: client
@@ -567,8 +575,8 @@ impl Writer {
         let statements = &self.statements;
         let stream_ids: Vec<&str> = requests().map(|r| r.stream_id.as_str()).collect();
         let request_ids: Vec<Uuid> = requests()
-            .filter_map(|r| r.request_id)
-            .map(|id| id.0)
+            .filter_map(|r| r.request_key)
+            .map(|key| key.id.0)
             .collect();
 
         let txn = self.client.transaction().await?;
@@ -588,7 +596,7 @@ impl Writer {
         }
         for row in found? {
             let request_id = RequestId(row.try_get("request_id")?);
-            state.requests.insert(request_id, append_result(&row)?);
+            state.requests.insert(request_id, recorded_request(&row)?);
         }
         let planned = plan(requests(), state);
 
@@ -647,6 +655,7 @@ struct EventColumns<'a> {
     correlation_id: Vec<Uuid>,
     causation_id: Vec<Uuid>,
     request_id: Vec<Option<Uuid>>,
+    fingerprint: Vec<Option<&'a [u8]>>,
 }
 
 impl<'a> EventColumns<'a> {
@@ -660,10 +669,13 @@ impl<'a> EventColumns<'a> {
         self.occurred_at.push(request.metadata.occurred_at);
         self.correlation_id.push(request.metadata.correlation_id);
         self.causation_id.push(request.metadata.causation_id);
-        self.request_id.push(request.request_id.map(|id| id.0));
+        let key = request.request_key.as_ref();
+        self.request_id.push(key.map(|key| key.id.0));
+        self.fingerprint
+            .push(key.map(|key| key.fingerprint.0.as_slice()));
     }
 
-    fn params(&self) -> [Param<'_>; 10] {
+    fn params(&self) -> [Param<'_>; 11] {
         [
             &self.stream_id,
             &self.version,
@@ -675,6 +687,7 @@ impl<'a> EventColumns<'a> {
             &self.correlation_id,
             &self.causation_id,
             &self.request_id,
+            &self.fingerprint,
         ]
     }
 }
@@ -766,11 +779,20 @@ fn recorded(row: &Row) -> Result<RecordedEvent, Failure> {
     })
 }
 
-fn append_result(row: &Row) -> Result<AppendResult, Failure> {
-    Ok(AppendResult {
-        stream_id: row.try_get("stream_id")?,
-        version: to_u64(row.try_get("version")?)?,
-        event_ids: row.try_get("event_ids")?,
+fn recorded_request(row: &Row) -> Result<RecordedRequest, Failure> {
+    let fingerprint = match row.try_get::<_, Option<&[u8]>>("fingerprint")? {
+        None => None,
+        Some(bytes) => Some(Fingerprint(bytes.try_into().map_err(|_| {
+            Failure::Backend(format!("a request fingerprint of {} bytes", bytes.len()))
+        })?)),
+    };
+    Ok(RecordedRequest {
+        result: AppendResult {
+            stream_id: row.try_get("stream_id")?,
+            version: to_u64(row.try_get("version")?)?,
+            event_ids: row.try_get("event_ids")?,
+        },
+        fingerprint,
     })
 }
 

@@ -22,8 +22,8 @@ use uuid::Uuid;
 use super::group_commit::{self, Batches, Pending, Submitter};
 use super::plan::{BatchState, Planned, plan};
 use super::{
-    AppendOutcome, AppendRequest, AppendResult, EventStore, LogFilter, LogPage, RecordedEvent,
-    RequestId, StoreError, page_window,
+    AppendOutcome, AppendRequest, AppendResult, EventStore, Fingerprint, LogFilter, LogPage,
+    RecordedEvent, RecordedRequest, RequestId, StoreError, page_window,
 };
 use crate::pb;
 
@@ -37,6 +37,9 @@ const STREAM_INDEX: TableDefinition<(&str, u64), u64> = TableDefinition::new("st
 const UNPUBLISHED: TableDefinition<u64, ()> = TableDefinition::new("unpublished");
 /// Request id → (stream id, version, event ids as 16-byte UUIDs).
 const REQUESTS: TableDefinition<u128, (&str, u64, &[u8])> = TableDefinition::new("requests");
+/// Request id → the fingerprint of its request; missing for requests
+/// recorded before fingerprints were kept.
+const FINGERPRINTS: TableDefinition<u128, [u8; 32]> = TableDefinition::new("request_fingerprints");
 /// Counters; holds the next event position.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_POSITION: &str = "next_position";
@@ -194,12 +197,12 @@ impl EventStore for RedbStore {
     async fn find_request(
         &self,
         request_id: RequestId,
-    ) -> Result<Option<AppendResult>, StoreError> {
+    ) -> Result<Option<RecordedRequest>, StoreError> {
         self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let requests = txn.open_table(REQUESTS).map_err(backend)?;
-            let found = requests.get(request_id.0.as_u128()).map_err(backend)?;
-            Ok(found.map(|value| decode_result(value.value())))
+            let fingerprints = txn.open_table(FINGERPRINTS).map_err(backend)?;
+            recorded_request(&requests, &fingerprints, request_id).map_err(backend)
         })
         .await
     }
@@ -269,6 +272,7 @@ fn create_tables(db: &Database) -> Result<(), redb::Error> {
     txn.open_table(STREAM_INDEX)?;
     txn.open_table(UNPUBLISHED)?;
     txn.open_table(REQUESTS)?;
+    txn.open_table(FINGERPRINTS)?;
     txn.open_table(META)?;
     txn.commit()?;
     Ok(())
@@ -304,6 +308,7 @@ fn commit(db: &Database, batch: &[Pending], outbox: Outbox) -> Result<Vec<Planne
         let mut index = txn.open_table(STREAM_INDEX)?;
         let mut unpublished = txn.open_table(UNPUBLISHED)?;
         let mut requests = txn.open_table(REQUESTS)?;
+        let mut fingerprints = txn.open_table(FINGERPRINTS)?;
         let mut meta = txn.open_table(META)?;
 
         let mut state = BatchState::default();
@@ -315,10 +320,10 @@ fn commit(db: &Database, batch: &[Pending], outbox: Outbox) -> Result<Vec<Planne
                     .versions
                     .insert(request.stream_id.clone(), version.value());
             }
-            if let Some(id) = request.request_id
-                && let Some(found) = requests.get(id.0.as_u128())?
+            if let Some(key) = request.request_key
+                && let Some(found) = recorded_request(&requests, &fingerprints, key.id)?
             {
-                state.requests.insert(id, decode_result(found.value()));
+                state.requests.insert(key.id, found);
             }
         }
         let planned = plan(batch.iter().map(|p| &p.request), state);
@@ -343,7 +348,7 @@ fn commit(db: &Database, batch: &[Pending], outbox: Outbox) -> Result<Vec<Planne
                     event_type: event.event_type.clone(),
                     payload: event.payload.clone(),
                     metadata: request.metadata.clone(),
-                    request_id: request.request_id,
+                    request_id: request.request_key.map(|key| key.id),
                 }
                 .to_envelope()
                 .encode_to_vec();
@@ -355,13 +360,15 @@ fn commit(db: &Database, batch: &[Pending], outbox: Outbox) -> Result<Vec<Planne
                 position += 1;
             }
             streams.insert(stream, result.version)?;
-            if let Some(id) = request.request_id {
+            if let Some(key) = request.request_key {
                 let ids: Vec<u8> = result
                     .event_ids
                     .iter()
                     .flat_map(|id| *id.as_bytes())
                     .collect();
-                requests.insert(id.0.as_u128(), (stream, result.version, ids.as_slice()))?;
+                let id = key.id.0.as_u128();
+                requests.insert(id, (stream, result.version, ids.as_slice()))?;
+                fingerprints.insert(id, key.fingerprint.0)?;
             }
         }
         meta.insert(NEXT_POSITION, position)?;
@@ -397,15 +404,27 @@ fn decode_event(position: u64, bytes: &[u8]) -> Result<RecordedEvent, StoreError
         .map_err(|e| StoreError::Backend(format!("corrupt event at position {position}: {e}")))
 }
 
-fn decode_result((stream_id, version, ids): (&str, u64, &[u8])) -> AppendResult {
-    AppendResult {
-        stream_id: stream_id.to_owned(),
-        version,
-        event_ids: ids
-            .chunks_exact(16)
-            .map(|chunk| Uuid::from_slice(chunk).expect("chunks_exact yields 16 bytes"))
-            .collect(),
-    }
+fn recorded_request(
+    requests: &impl ReadableTable<u128, (&'static str, u64, &'static [u8])>,
+    fingerprints: &impl ReadableTable<u128, [u8; 32]>,
+    id: RequestId,
+) -> Result<Option<RecordedRequest>, redb::StorageError> {
+    let id = id.0.as_u128();
+    let Some(found) = requests.get(id)? else {
+        return Ok(None);
+    };
+    let (stream_id, version, ids) = found.value();
+    Ok(Some(RecordedRequest {
+        result: AppendResult {
+            stream_id: stream_id.to_owned(),
+            version,
+            event_ids: ids
+                .chunks_exact(16)
+                .map(|chunk| Uuid::from_slice(chunk).expect("chunks_exact yields 16 bytes"))
+                .collect(),
+        },
+        fingerprint: fingerprints.get(id)?.map(|f| Fingerprint(f.value())),
+    }))
 }
 
 fn backend(error: impl Into<redb::Error>) -> StoreError {

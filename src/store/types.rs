@@ -5,6 +5,8 @@ use std::time::SystemTime;
 
 use uuid::Uuid;
 
+use super::StoreError;
+
 /// The version a stream must be at for an append to apply.
 ///
 /// Versions count events: a stream's first event has version 1, and a stream
@@ -51,6 +53,61 @@ pub struct RequestId(pub Uuid);
 impl fmt::Display for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
+    }
+}
+
+/// A digest of what a request asked for, kept with its request id: the same
+/// id sent again with a different request is a client bug, not a retry, and
+/// answering it with the first request's result would silently drop it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    /// SHA-256 of `kind` (e.g. the request message's full name) and the
+    /// request's encoded content. Encode a decoded message again rather than
+    /// hashing the bytes received, so that encodings of equal values (field
+    /// order, explicit defaults, unknown fields) fingerprint alike.
+    pub fn of(kind: &str, content: &[u8]) -> Self {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update((kind.len() as u64).to_be_bytes());
+        hasher.update(kind.as_bytes());
+        hasher.update(content);
+        Self(hasher.finalize().into())
+    }
+}
+
+/// An idempotency key: the client's request id and the fingerprint of the
+/// request it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestKey {
+    pub id: RequestId,
+    pub fingerprint: Fingerprint,
+}
+
+/// What a store recorded for a request id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedRequest {
+    pub result: AppendResult,
+    /// `None` for a request recorded before fingerprints were kept; it
+    /// matches any request on its stream, as every request did then.
+    pub fingerprint: Option<Fingerprint>,
+}
+
+impl RecordedRequest {
+    /// The first result when `key` repeats the recorded request on
+    /// `stream_id`; [`StoreError::RequestIdReused`] when it asks for
+    /// something else.
+    pub fn replay(self, key: RequestKey, stream_id: &str) -> Result<AppendResult, StoreError> {
+        let same_request = self.fingerprint.is_none_or(|f| f == key.fingerprint);
+        if self.result.stream_id == stream_id && same_request {
+            Ok(self.result)
+        } else {
+            Err(StoreError::RequestIdReused {
+                request_id: key.id,
+                first_stream: self.result.stream_id,
+            })
+        }
     }
 }
 
@@ -115,7 +172,7 @@ pub struct AppendRequest {
     pub stream_type: String,
     pub expected: ExpectedVersion,
     pub events: NewEvents,
-    pub request_id: Option<RequestId>,
+    pub request_key: Option<RequestKey>,
     pub metadata: EventMetadata,
 }
 

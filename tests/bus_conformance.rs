@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use scaleout::bus::{BusError, BusMessage, Delivery, EventBus, Subscriber, Subscription};
+use scaleout::bus::{
+    BusError, BusMessage, DeadLetter, Delivery, EventBus, Subscriber, Subscription,
+};
 use scaleout::store::{EventMetadata, RecordedEvent};
 use tokio::time::timeout;
 use uuid::Uuid;
@@ -159,7 +161,13 @@ async fn a_retried_message_comes_back_with_its_attempt_count(bus: Arc<dyn EventB
     let third = next(&mut subscriber).await;
     assert_eq!(third.attempt, 3);
     third.ack().await.unwrap();
-    assert!(bus.dead_letters("retrying", 10).await.unwrap().is_empty());
+    assert!(
+        bus.dead_letters("retrying", 0, 10)
+            .await
+            .unwrap()
+            .dead_letters
+            .is_empty()
+    );
 }
 
 async fn poison_is_parked_with_its_reason_and_replay_brings_it_back(bus: Arc<dyn EventBus>) {
@@ -194,7 +202,11 @@ async fn poison_is_parked_with_its_reason_and_replay_brings_it_back(bus: Arc<dyn
     }
     assert_eq!(attempts, 3);
 
-    let dead = bus.dead_letters("parking", 10).await.unwrap();
+    let dead = bus
+        .dead_letters("parking", 0, 10)
+        .await
+        .unwrap()
+        .dead_letters;
     let by_id: BTreeMap<_, _> = dead
         .iter()
         .map(|d| (d.message.message_id.clone(), d))
@@ -212,7 +224,14 @@ async fn poison_is_parked_with_its_reason_and_replay_brings_it_back(bus: Arc<dyn
         ("undecodable body", 1)
     );
     // Listing leaves them parked.
-    assert_eq!(bus.dead_letters("parking", 10).await.unwrap().len(), 2);
+    assert_eq!(
+        bus.dead_letters("parking", 0, 10)
+            .await
+            .unwrap()
+            .dead_letters
+            .len(),
+        2
+    );
 
     assert_eq!(bus.replay_dead_letters("parking").await.unwrap(), 2);
     let mut replayed = BTreeSet::new();
@@ -226,7 +245,13 @@ async fn poison_is_parked_with_its_reason_and_replay_brings_it_back(bus: Arc<dyn
         replayed,
         BTreeSet::from([failing.message_id, undecodable.message_id])
     );
-    assert!(bus.dead_letters("parking", 10).await.unwrap().is_empty());
+    assert!(
+        bus.dead_letters("parking", 0, 10)
+            .await
+            .unwrap()
+            .dead_letters
+            .is_empty()
+    );
 }
 
 /// Asking about a service type that never subscribed is NotFound, and
@@ -234,7 +259,7 @@ async fn poison_is_parked_with_its_reason_and_replay_brings_it_back(bus: Arc<dyn
 async fn admin_calls_for_an_unknown_service_type_find_nothing(bus: Arc<dyn EventBus>) {
     for _ in 0..2 {
         assert!(matches!(
-            bus.dead_letters("never-subscribed", 10).await,
+            bus.dead_letters("never-subscribed", 0, 10).await,
             Err(BusError::UnknownServiceType(name)) if name == "never-subscribed"
         ));
         assert!(matches!(
@@ -324,6 +349,97 @@ async fn a_subscriber_that_goes_away_hands_back_what_it_held(bus: Arc<dyn EventB
     again.ack().await.unwrap();
 }
 
+/// A message whose every attempt ended with its consumer gone (no verdict)
+/// is parked by the next subscriber with its count, not handled a fourth
+/// time and not left to the broker (which would park it with no count).
+async fn a_message_its_consumers_keep_dropping_is_parked_with_its_count(bus: Arc<dyn EventBus>) {
+    let sent = message("file", "scaleout.v1.FileCreated", 1);
+    for attempt in 1..=3 {
+        let mut crashing = bus
+            .subscribe(&subscription("dropping", &["#"]))
+            .await
+            .unwrap();
+        if attempt == 1 {
+            publish_all(bus.as_ref(), std::slice::from_ref(&sent)).await;
+        }
+        let held = next(&mut crashing).await;
+        assert_eq!(held.attempt, attempt);
+        drop(held);
+        drop(crashing);
+    }
+    let mut subscriber = bus
+        .subscribe(&subscription("dropping", &["#"]))
+        .await
+        .unwrap();
+    // It parks the message as it arrives and goes on waiting for the next.
+    let handed_out = tokio::spawn(async move { subscriber.next().await.map(|d| d.message) });
+    let parked = wait_for_dead_letters(bus.as_ref(), "dropping", 1).await;
+    assert!(
+        !handed_out.is_finished(),
+        "a message past its attempts was handed out: {:?}",
+        handed_out.await
+    );
+    handed_out.abort();
+    assert_eq!(parked[0].message, sent);
+    assert_eq!(parked[0].attempts, 4, "{parked:?}");
+    assert!(
+        parked[0]
+            .reason
+            .contains("handed back unsettled after its 3 attempts")
+    );
+}
+
+/// Dead letters page in the order they were parked.
+async fn dead_letters_page_in_order(bus: Arc<dyn EventBus>) {
+    let mut subscriber = bus
+        .subscribe(&subscription("paging", &["#"]))
+        .await
+        .unwrap();
+    let sent: Vec<BusMessage> = (1..=5)
+        .map(|n| message("file", "scaleout.v1.FileCreated", n))
+        .collect();
+    publish_all(bus.as_ref(), &sent).await;
+    for n in 1..=5 {
+        next(&mut subscriber)
+            .await
+            .dead_letter(&format!("poison {n}"))
+            .await
+            .unwrap();
+    }
+    wait_for_dead_letters(bus.as_ref(), "paging", 5).await;
+    let page = bus.dead_letters("paging", 2, 2).await.unwrap();
+    assert_eq!(page.parked, 5);
+    let reasons: Vec<&str> = page
+        .dead_letters
+        .iter()
+        .map(|d| d.reason.as_str())
+        .collect();
+    assert_eq!(reasons, ["poison 3", "poison 4"]);
+    let last = bus.dead_letters("paging", 4, 10).await.unwrap();
+    assert_eq!(last.dead_letters.len(), 1);
+}
+
+/// The dead letters once at least `count` are parked (a park is confirmed
+/// before it returns, but a broker-side one has no caller to wait on).
+async fn wait_for_dead_letters(
+    bus: &dyn EventBus,
+    service_type: &str,
+    count: usize,
+) -> Vec<DeadLetter> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = bus.dead_letters(service_type, 0, 100).await.unwrap();
+        if page.dead_letters.len() >= count {
+            return page.dead_letters;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{count} dead letters never arrived: {page:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 macro_rules! conformance {
     ($backend:ident: $($case:ident),+ $(,)?) => {
         mod $backend {
@@ -349,6 +465,8 @@ macro_rules! all_cases {
             a_subscriber_that_goes_away_hands_back_what_it_held,
             admin_calls_for_an_unknown_service_type_find_nothing,
             a_replay_moves_what_was_parked_when_it_started,
+            a_message_its_consumers_keep_dropping_is_parked_with_its_count,
+            dead_letters_page_in_order,
         );
     };
 }

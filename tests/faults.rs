@@ -344,6 +344,7 @@ impl Split {
             .list_dead_letters(pb::ListDeadLettersRequest {
                 service_type: "projector".into(),
                 limit: 10,
+                page_token: String::new(),
             })
             .await
             .unwrap()

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scaleout::bus::memory::MemoryBus;
-use scaleout::bus::{EventBus, Subscription};
+use scaleout::bus::{BusMessage, EventBus, Subscription};
 use scaleout::pb::{self, admin_service_client::AdminServiceClient};
 use support::CommandService;
 use tonic::Code;
@@ -64,6 +64,7 @@ async fn a_parked_event_is_listed_with_its_reason_and_replayed() {
         .list_dead_letters(pb::ListDeadLettersRequest {
             service_type: "projector".into(),
             limit: 0,
+            page_token: String::new(),
         })
         .await
         .unwrap()
@@ -95,8 +96,101 @@ async fn a_parked_event_is_listed_with_its_reason_and_replayed() {
         .list_dead_letters(pb::ListDeadLettersRequest {
             service_type: "no spaces".into(),
             limit: 5000,
+            page_token: String::new(),
         })
         .await
         .unwrap_err();
     assert_eq!(invalid.code(), Code::InvalidArgument);
+}
+
+/// Dead letters page like every other list: each page inside 1 MiB of
+/// bodies, a body over 1 MiB cut with its size given, every message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_page_within_a_byte_bound() {
+    let (store, _dir) = support::redb_store();
+    let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
+    let mut projector = bus
+        .subscribe(&Subscription {
+            service_type: "projector".into(),
+            bindings: vec!["#".into()],
+            prefetch: 100,
+            max_attempts: 3,
+        })
+        .await
+        .unwrap();
+    let body_of = |n: usize| vec![n as u8; if n == 7 { 3 << 20 } else { 300 << 10 }];
+    let messages: Vec<BusMessage> = (0..12)
+        .map(|n| BusMessage {
+            message_id: format!("m{n}"),
+            event_type: "scaleout.v1.FileCreated".into(),
+            routing_key: "file.scaleout.v1.FileCreated".into(),
+            correlation_id: String::new(),
+            traceparent: String::new(),
+            body: body_of(n),
+        })
+        .collect();
+    for published in bus.publish(&messages).await {
+        published.unwrap();
+    }
+    for _ in 0..messages.len() {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), projector.next())
+            .await
+            .unwrap()
+            .unwrap();
+        delivery.dead_letter("poison").await.unwrap();
+    }
+    let service = CommandService::start_full(scaleout::app::CommandService {
+        store,
+        bus: Some(Arc::clone(&bus)),
+        server: Default::default(),
+        retry: Default::default(),
+        relay: Default::default(),
+    })
+    .await;
+    let mut admin = AdminServiceClient::new(service.channel().await);
+
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = admin
+            .list_dead_letters(pb::ListDeadLettersRequest {
+                service_type: "projector".into(),
+                limit: 1000,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert_eq!(page.parked, 12);
+        let bodies: usize = page.dead_letters.iter().map(|d| d.body.len()).sum();
+        assert!(bodies <= 1 << 20, "a page of {bodies} bytes of bodies");
+        for dead in page.dead_letters {
+            let n: usize = dead.message_id[1..].parse().unwrap();
+            assert_eq!(dead.body_bytes, body_of(n).len() as u64);
+            let cut = body_of(n).len().min(1 << 20);
+            assert_eq!(dead.body, body_of(n)[..cut]);
+            seen.push(n);
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(seen, (0..12).collect::<Vec<_>>());
+    assert!(
+        pages >= 4,
+        "12 bodies of 300 KiB fit in no fewer pages: {pages}"
+    );
+
+    let forged = admin
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            service_type: "projector".into(),
+            limit: 10,
+            page_token: "bm90IGEgbnVtYmVy".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), Code::InvalidArgument);
 }

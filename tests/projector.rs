@@ -236,7 +236,13 @@ async fn duplicated_and_reordered_deliveries_change_nothing() {
         duplicates > 0,
         "the injected copies were seen as duplicates"
     );
-    assert!(bus.dead_letters("projector", 10).await.unwrap().is_empty());
+    assert!(
+        bus.dead_letters("projector", 0, 10)
+            .await
+            .unwrap()
+            .dead_letters
+            .is_empty()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,7 +280,11 @@ async fn poison_is_parked_with_its_reason_and_nothing_else_moves() {
     support::projection::wait_for_fold(projectors.documents.as_ref(), &expected, PATIENCE).await;
     let started = std::time::Instant::now();
     let parked = loop {
-        let parked = bus.dead_letters("projector", 10).await.unwrap();
+        let parked = bus
+            .dead_letters("projector", 0, 10)
+            .await
+            .unwrap()
+            .dead_letters;
         if parked.len() == 2 || started.elapsed() > PATIENCE {
             break parked;
         }
@@ -389,7 +399,13 @@ async fn lost_deliveries_are_read_from_the_log() {
         .gap_fills
         .load(std::sync::atomic::Ordering::Relaxed);
     assert!(filled > 0, "gaps were filled from the log");
-    assert!(bus.dead_letters("projector", 10).await.unwrap().is_empty());
+    assert!(
+        bus.dead_letters("projector", 0, 10)
+            .await
+            .unwrap()
+            .dead_letters
+            .is_empty()
+    );
 }
 
 /// A document written back to an older body (a failover without
@@ -500,7 +516,13 @@ async fn a_document_store_outage_is_waited_out_not_parked() {
         "no delivery attempt spent"
     );
     assert_eq!(metrics.parked.load(relaxed), 0, "nothing parked");
-    assert!(bus.dead_letters("projector", 10).await.unwrap().is_empty());
+    assert!(
+        bus.dead_letters("projector", 0, 10)
+            .await
+            .unwrap()
+            .dead_letters
+            .is_empty()
+    );
     assert!(!metrics.is_paused());
 }
 
@@ -544,7 +566,11 @@ async fn an_event_that_would_overflow_a_total_is_parked_and_skipped() {
     }
     let started = std::time::Instant::now();
     let parked = loop {
-        let parked = bus.dead_letters("projector", 10).await.unwrap();
+        let parked = bus
+            .dead_letters("projector", 0, 10)
+            .await
+            .unwrap()
+            .dead_letters;
         if !parked.is_empty() {
             break parked;
         }
@@ -634,7 +660,11 @@ async fn a_projection_that_panics_fails_its_documents_not_the_worker() {
     }
     let started = std::time::Instant::now();
     let parked = loop {
-        let parked = bus.dead_letters("projector", 10).await.unwrap();
+        let parked = bus
+            .dead_letters("projector", 0, 10)
+            .await
+            .unwrap()
+            .dead_letters;
         if !parked.is_empty() {
             break parked;
         }

@@ -44,6 +44,30 @@ impl Delivery {
         }
     }
 
+    /// A message as a subscriber receives it: handed out, or, when its last
+    /// attempt ended with no verdict (the consumer holding it died or lost
+    /// its connection), parked here with its count and `None` (fetch the
+    /// next). Left to RabbitMQ's own delivery limit it would be parked
+    /// without a count; and it may well be what brought its consumers down.
+    pub(crate) async fn arrive(
+        message: BusMessage,
+        attempt: u32,
+        max_attempts: u32,
+        settle: Box<dyn Settle>,
+    ) -> Option<Self> {
+        if attempt <= max_attempts {
+            return Some(Self::new(message, attempt, max_attempts, settle));
+        }
+        let reason = format!(
+            "handed back unsettled after its {max_attempts} attempts \
+             (the consumer holding it died or lost its connection)"
+        );
+        if let Err(error) = settle.dead_letter(&reason, attempt).await {
+            tracing::warn!(%error, message_id = %message.message_id, "could not park a message past its attempts");
+        }
+        None
+    }
+
     /// Whether a [`Delivery::retry`] would park it rather than hand it back.
     pub fn is_last_attempt(&self) -> bool {
         self.attempt >= self.max_attempts

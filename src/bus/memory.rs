@@ -13,7 +13,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::topic;
 use super::{
-    BusError, BusMessage, DeadLetter, Delivery, EventBus, Settle, Subscriber, Subscription,
+    BusError, BusMessage, DeadLetter, DeadLetterPage, Delivery, EventBus, Settle, Subscriber,
+    Subscription,
 };
 
 /// The in-process [`EventBus`].
@@ -115,11 +116,15 @@ impl EventBus for MemoryBus {
     async fn dead_letters(
         &self,
         service_type: &str,
+        skip: usize,
         limit: usize,
-    ) -> Result<Vec<DeadLetter>, BusError> {
+    ) -> Result<DeadLetterPage, BusError> {
         self.queues()
             .get(service_type)
-            .map(|queue| queue.dead.iter().take(limit).cloned().collect())
+            .map(|queue| DeadLetterPage {
+                dead_letters: queue.dead.iter().skip(skip).take(limit).cloned().collect(),
+                parked: queue.dead.len(),
+            })
             .ok_or_else(|| BusError::UnknownServiceType(service_type.to_owned()))
     }
 
@@ -152,6 +157,20 @@ struct MemorySubscriber {
 #[async_trait]
 impl Subscriber for MemorySubscriber {
     async fn next(&mut self) -> Option<Delivery> {
+        loop {
+            let (message, attempt, max_attempts, settle) = self.take().await?;
+            if let Some(delivery) =
+                Delivery::arrive(message, attempt, max_attempts, Box::new(settle)).await
+            {
+                return Some(delivery);
+            }
+        }
+    }
+}
+
+impl MemorySubscriber {
+    /// The next message with its delivery count, once a prefetch permit is free.
+    async fn take(&mut self) -> Option<(BusMessage, u32, u32, MemorySettle)> {
         let permit = Arc::clone(&self.prefetch).acquire_owned().await.ok()?;
         loop {
             // Register interest before looking, so an arrival in between is not missed.
@@ -171,12 +190,7 @@ impl Subscriber for MemorySubscriber {
                     message: Some((message.clone(), delivered + 1)),
                     _permit: permit,
                 };
-                return Some(Delivery::new(
-                    message,
-                    delivered + 1,
-                    max_attempts,
-                    Box::new(settle),
-                ));
+                return Some((message, delivered + 1, max_attempts, settle));
             }
             arrived.await;
         }

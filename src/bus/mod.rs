@@ -68,6 +68,14 @@ pub struct DeadLetter {
     pub attempts: u32,
 }
 
+/// Part of a service type's dead letters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterPage {
+    pub dead_letters: Vec<DeadLetter>,
+    /// How many messages were parked when the page was read.
+    pub parked: usize,
+}
+
 /// Where events are published and consumed.
 #[async_trait]
 pub trait EventBus: Send + Sync + std::fmt::Debug + 'static {
@@ -83,13 +91,15 @@ pub trait EventBus: Send + Sync + std::fmt::Debug + 'static {
     -> Result<Box<dyn Subscriber>, BusError>;
 
     /// Up to `limit` messages parked for a service type, oldest first,
-    /// left where they are; [`BusError::UnknownServiceType`] for a service
-    /// type that never subscribed.
+    /// after the first `skip`, left where they are;
+    /// [`BusError::UnknownServiceType`] for a service type that never
+    /// subscribed.
     async fn dead_letters(
         &self,
         service_type: &str,
+        skip: usize,
         limit: usize,
-    ) -> Result<Vec<DeadLetter>, BusError>;
+    ) -> Result<DeadLetterPage, BusError>;
 
     /// Moves the messages parked for a service type when the call starts
     /// back to its queue, with a fresh attempt count; returns how many. What
@@ -113,12 +123,33 @@ pub trait Subscriber: Send {
 pub fn open(spec: &str, prefix: &str) -> Result<Arc<dyn EventBus>, BusError> {
     if spec == "memory" {
         Ok(Arc::new(memory::MemoryBus::new()))
-    } else if spec.starts_with("amqp://") || spec.starts_with("amqps://") {
+    } else if spec.starts_with("amqps://") {
+        // lapin is built without a TLS stack (see Cargo.toml): refuse rather
+        // than fail obscurely at the first connection.
+        Err(BusError::Backend(
+            "amqps:// is not supported by this build: use amqp:// (TLS to RabbitMQ is not built in yet)"
+                .into(),
+        ))
+    } else if spec.starts_with("amqp://") {
         let config = rabbitmq::RabbitConfig::new(spec).with_prefix(prefix);
         Ok(Arc::new(rabbitmq::RabbitBus::new(config)))
     } else {
         Err(BusError::Backend(format!(
             "unknown event bus {spec:?}: expected memory or amqp://…"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bus_this_build_cannot_reach_is_refused_when_opened() {
+        for spec in ["amqps://guest:guest@127.0.0.1:5671/%2f", "kafka://x"] {
+            let error = open(spec, "scaleout").unwrap_err();
+            assert!(matches!(error, BusError::Backend(_)), "{spec}: {error}");
+        }
+        assert!(open("amqp://guest:guest@127.0.0.1:5672/%2f", "scaleout").is_ok());
     }
 }

@@ -39,8 +39,8 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use tokio::sync::Mutex;
 
 use super::{
-    BusError, BusMessage, CONTENT_TYPE, DeadLetter, Delivery, EventBus, Settle, Subscriber,
-    Subscription,
+    BusError, BusMessage, CONTENT_TYPE, DeadLetter, DeadLetterPage, Delivery, EventBus, Settle,
+    Subscriber, Subscription,
 };
 
 /// Longest a connect or a declaration may take before the broker counts as away.
@@ -359,18 +359,21 @@ impl EventBus for RabbitBus {
     async fn dead_letters(
         &self,
         service_type: &str,
+        skip: usize,
         limit: usize,
-    ) -> Result<Vec<DeadLetter>, BusError> {
+    ) -> Result<DeadLetterPage, BusError> {
         let channel = self.inner.channel().await?;
-        let (queue, _) = existing_queue(
+        let (queue, parked) = existing_queue(
             &channel,
             &self.inner.config.dead_letter_queue(service_type),
             service_type,
         )
         .await?;
-        let mut parked = Vec::new();
+        let mut dead_letters = Vec::new();
         let mut last_tag = None;
-        while parked.len() < limit {
+        let mut taken = 0;
+        // Held unacked until the end, so each get yields the next message.
+        while taken < skip + limit {
             let Some(got) =
                 bounded(channel.basic_get(queue.as_str().into(), BasicGetOptions::default()))
                     .await?
@@ -378,7 +381,10 @@ impl EventBus for RabbitBus {
                 break;
             };
             last_tag = Some(got.delivery.delivery_tag);
-            parked.push(dead_letter(&got.delivery));
+            if taken >= skip {
+                dead_letters.push(dead_letter(&got.delivery));
+            }
+            taken += 1;
         }
         if let Some(tag) = last_tag {
             // Hand them all back, in place: listing is not consuming.
@@ -389,7 +395,10 @@ impl EventBus for RabbitBus {
             bounded(channel.basic_nack(tag, all)).await?;
         }
         let _ = channel.close(200, "listed".into()).await;
-        Ok(parked)
+        Ok(DeadLetterPage {
+            dead_letters,
+            parked: parked as usize,
+        })
     }
 
     async fn replay_dead_letters(&self, service_type: &str) -> Result<usize, BusError> {
@@ -484,12 +493,11 @@ impl Subscriber for RabbitSubscriber {
                         delivery,
                     };
                     let message = message(&settle.delivery);
-                    return Some(Delivery::new(
-                        message,
-                        attempt,
-                        self.subscription.max_attempts,
-                        Box::new(settle),
-                    ));
+                    let max_attempts = self.subscription.max_attempts;
+                    match Delivery::arrive(message, attempt, max_attempts, Box::new(settle)).await {
+                        Some(delivery) => return Some(delivery),
+                        None => continue,
+                    }
                 }
                 Some(Err(error)) => {
                     tracing::warn!(%error, service = %self.subscription.service_type, "consumer failed; reconnecting");
@@ -633,20 +641,23 @@ fn dead_letter(delivery: &lapin::message::Delivery) -> DeadLetter {
         let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
             return None;
         };
-        first
-            .inner()
-            .get("reason")
-            .and_then(text_value)
-            .map(|reason| format!("dead-lettered by the broker: {reason}"))
+        let reason = first.inner().get("reason").and_then(text_value)?;
+        Some(if reason == "delivery_limit" {
+            "dead-lettered by the broker: delivered more times than the queue's delivery \
+             limit (RabbitMQ does not record how many)"
+                .to_owned()
+        } else {
+            format!("dead-lettered by the broker: {reason}")
+        })
     };
     DeadLetter {
         message: message(delivery),
         reason: header_text(properties, REASON_HEADER)
             .or_else(broker_death)
             .unwrap_or_else(|| "unknown".to_owned()),
-        attempts: header_count(properties, ATTEMPTS_HEADER)
-            .or_else(|| header_count(properties, DELIVERY_COUNT_HEADER))
-            .unwrap_or(0),
+        // Only our own count: an `x-delivery-count` on a parked message is
+        // whatever its publisher put there, the broker's is not kept.
+        attempts: header_count(properties, ATTEMPTS_HEADER).unwrap_or(0),
     }
 }
 

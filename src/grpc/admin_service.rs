@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as TOKEN;
 use tonic::{Request, Response, Status};
 
 use super::status::Violations;
@@ -12,6 +14,42 @@ use crate::pb::{self, admin_service_server::AdminServiceServer};
 /// Most dead letters one list call returns.
 const MAX_LIMIT: u32 = 1000;
 const DEFAULT_LIMIT: u32 = 100;
+/// A page ends before its bodies pass this, and a longer body is cut to it,
+/// so a response stays inside the 4 MiB gRPC clients accept by default.
+const MAX_PAGE_BYTES: usize = 1 << 20;
+/// How deep paging reaches into a dead-letter queue: each page re-reads the
+/// messages before it (a queue has no random access), so the depth bounds
+/// the work of one call.
+const MAX_REACH: usize = 10_000;
+/// Longest reason, routing key or id shown: they come from message headers,
+/// which anyone who can publish sets.
+const MAX_TEXT_BYTES: usize = 1024;
+
+/// How many messages the page starts after.
+fn page_start(token: &str) -> Result<usize, &'static str> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    TOKEN
+        .decode(token)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| text.parse::<usize>().ok())
+        .filter(|start| *start < MAX_REACH)
+        .ok_or("is not a token this service returned")
+}
+
+/// `text` cut to [`MAX_TEXT_BYTES`] at a character boundary.
+fn clip(mut text: String) -> String {
+    if text.len() > MAX_TEXT_BYTES {
+        let end = (0..=MAX_TEXT_BYTES)
+            .rev()
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        text.truncate(end);
+    }
+    text
+}
 
 /// The admin service over an [`EventBus`].
 #[derive(Debug, Clone)]
@@ -42,28 +80,54 @@ impl pb::admin_service_server::AdminService for AdminApi {
             n if n <= MAX_LIMIT => Ok(n),
             n => Err(format!("must be at most {MAX_LIMIT}, got {n}")),
         };
-        let (Some(service_type), Some(limit)) = (
+        let (Some(service_type), Some(limit), Some(start)) = (
             violations.check("service_type", Id::parse(&body.service_type)),
             violations.check("limit", limit),
+            violations.check("page_token", page_start(&body.page_token)),
         ) else {
             return Err(violations.into_status());
         };
-        let parked = self
+        let limit = (limit as usize).min(MAX_REACH - start);
+        let page = self
             .bus
-            .dead_letters(service_type.as_str(), limit as usize)
+            .dead_letters(service_type.as_str(), start, limit)
             .await?;
-        let dead_letters = parked
+        let mut bytes = 0;
+        let dead_letters: Vec<pb::DeadLetter> = page
+            .dead_letters
             .into_iter()
-            .map(|dead| pb::DeadLetter {
-                message_id: dead.message.message_id,
-                event_type: dead.message.event_type,
-                routing_key: dead.message.routing_key,
-                reason: dead.reason,
-                attempts: dead.attempts,
-                body: dead.message.body,
+            .enumerate()
+            // At least one, so that paging always moves on.
+            .take_while(|(n, dead)| {
+                bytes += dead.message.body.len().min(MAX_PAGE_BYTES) + 4 * MAX_TEXT_BYTES;
+                *n == 0 || bytes <= MAX_PAGE_BYTES
+            })
+            .map(|(_, dead)| {
+                let body_bytes = dead.message.body.len() as u64;
+                let mut body = dead.message.body;
+                body.truncate(MAX_PAGE_BYTES);
+                pb::DeadLetter {
+                    message_id: clip(dead.message.message_id),
+                    event_type: clip(dead.message.event_type),
+                    routing_key: clip(dead.message.routing_key),
+                    reason: clip(dead.reason),
+                    attempts: dead.attempts,
+                    body,
+                    body_bytes,
+                }
             })
             .collect();
-        Ok(Response::new(pb::ListDeadLettersResponse { dead_letters }))
+        let next = start + dead_letters.len();
+        let next_page_token = if next < page.parked.min(MAX_REACH) {
+            TOKEN.encode(next.to_string())
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListDeadLettersResponse {
+            dead_letters,
+            next_page_token,
+            parked: page.parked as u64,
+        }))
     }
 
     async fn replay_dead_letters(

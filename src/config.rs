@@ -22,6 +22,15 @@ pub struct ServerArgs {
     /// so that load balancers stop routing here first.
     #[arg(long, env = "SCALEOUT_SHUTDOWN_GRACE", default_value = "0s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// A connection that sends no byte this long after it is accepted (not
+    /// even the HTTP/2 preface) is closed.
+    #[arg(long, env = "SCALEOUT_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// A connection whose peer then sends nothing for this long is closed. A
+    /// live HTTP/2 client answers the server's keepalive PING every 30 s, so
+    /// only dead, stuck or idle HTTP/1 peers reach it.
+    #[arg(long, env = "SCALEOUT_IDLE_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
     /// How often dependencies are probed for health reporting.
     #[arg(long, env = "SCALEOUT_HEALTH_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub health_interval: Duration,
@@ -39,6 +48,8 @@ impl Default for ServerArgs {
             max_message_bytes: 1 << 20,
             max_concurrent_requests: 1024,
             shutdown_grace: Duration::ZERO,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
             health_interval: Duration::from_secs(2),
             check_health: false,
         }
@@ -147,7 +158,10 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     match unit {
         "ms" => Ok(Duration::from_millis(number)),
         "" | "s" => Ok(Duration::from_secs(number)),
-        "m" => Ok(Duration::from_secs(number * 60)),
+        "m" => number
+            .checked_mul(60)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{value:?} is too long")),
         _ => Err(format!("{value:?}: unknown unit {unit:?} (use ms, s or m)")),
     }
 }

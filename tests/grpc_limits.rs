@@ -3,12 +3,14 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use scaleout::config::ServerArgs;
 use scaleout::pb;
 use support::{CommandService, redb_store};
 use tonic::Code;
+use tonic_types::StatusExt;
 
 /// `CreateFileRequest` as raw bytes on the wire: whatever `file_id` holds,
 /// valid UTF-8 or not.
@@ -96,4 +98,195 @@ async fn a_call_past_the_request_timeout_is_deadline_exceeded() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::DeadlineExceeded, "{refused:?}");
     stopping.cancel();
+}
+
+#[tokio::test]
+async fn health_and_reflection_keep_the_request_size_limit() {
+    let (store, _dir) = redb_store();
+    let args = ServerArgs {
+        max_message_bytes: 1024,
+        ..ServerArgs::default()
+    };
+    let service = CommandService::start_with(store, args).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(service.channel().await);
+    let refused = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "x".repeat(2048),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+
+    let mut reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
+            service.channel().await,
+        );
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "x".repeat(2048),
+            ),
+        ),
+    };
+    // tonic-reflection ends its stream when a request does not decode,
+    // rather than answering with a status: what matters is that the
+    // oversized request is never served.
+    let answer = match reflection
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+    {
+        Ok(mut answers) => answers.get_mut().message().await,
+        Err(status) => Err(status),
+    };
+    assert!(
+        !matches!(answer, Ok(Some(_))),
+        "an oversized reflection request was served: {answer:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed() {
+    let (store, _dir) = redb_store();
+    let args = ServerArgs {
+        handshake_timeout: Duration::from_millis(300),
+        ..ServerArgs::default()
+    };
+    let service = CommandService::start_with(store, args).await;
+    let mut silent = tokio::net::TcpStream::connect(service.addr).await.unwrap();
+    let mut buf = [0; 64];
+    let closed = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut silent, &mut buf),
+    )
+    .await
+    .expect("the server closes a silent connection");
+    assert!(
+        matches!(closed, Ok(0) | Err(_)),
+        "expected the connection closed, read {closed:?}"
+    );
+
+    // A client that spoke keeps its connection past the handshake timeout.
+    let mut client = service.client().await;
+    let create = |file_id: &str| pb::CreateFileRequest {
+        file_id: file_id.into(),
+        name: "a.txt".into(),
+        folder_id: "docs".into(),
+        ..Default::default()
+    };
+    client.create_file(create("f1")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    client.create_file(create("f2")).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_listing_waits_for_a_bounded_set_of_file_streams() {
+    let data = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let platform = scaleout::app::Platform {
+        data_dir: data.path().to_owned(),
+        server: ServerArgs::default(),
+        retry: Default::default(),
+        max_wait: Duration::from_secs(5),
+    };
+    tokio::spawn(scaleout::app::run_platform(
+        listener,
+        platform,
+        stopping.clone(),
+    ));
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect_lazy();
+    let mut queries = pb::query_service_client::QueryServiceClient::new(channel);
+    let listing = |min_versions: HashMap<String, u64>| pb::ListFolderRequest {
+        folder_id: "docs".into(),
+        min_versions,
+        ..Default::default()
+    };
+    let too_many = (0..101).map(|n| (format!("file-f{n}"), 1)).collect();
+    let huge_key = HashMap::from([(format!("file-{}", "x".repeat(100_000)), 1)]);
+    let not_a_file = HashMap::from([("counter-c1".to_owned(), 1)]);
+    for asked in [too_many, huge_key, not_a_file] {
+        let refused = queries.list_folder(listing(asked)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().len() < 200, "{}", refused.message());
+        let violation = &refused.get_details_bad_request().unwrap().field_violations[0];
+        assert_eq!(violation.field, "min_versions");
+    }
+    stopping.cancel();
+}
+
+/// Sends one raw HTTP/2 request to `path` with `content_type` and `body`.
+async fn raw_call(
+    service: &CommandService,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    use tonic::codegen::Service;
+    let mut channel = service.channel().await;
+    let request = tonic::codegen::http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}{path}", service.addr))
+        .header("content-type", content_type)
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(
+            String::from_utf8_lossy(&body).into_owned(),
+        ))
+        .unwrap();
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .unwrap();
+    channel.call(request).await.unwrap()
+}
+
+fn grpc_status(response: &tonic::codegen::http::Response<tonic::body::Body>) -> Option<Code> {
+    let status = response.headers().get("grpc-status")?.to_str().ok()?;
+    Some(Code::from_i32(status.parse().ok()?))
+}
+
+#[tokio::test]
+async fn a_request_that_is_not_grpc_is_unsupported_media_type() {
+    let (store, _dir) = redb_store();
+    let service = CommandService::start(store).await;
+    let path = "/scaleout.v1.CommandService/CreateFile";
+    let json = raw_call(&service, path, "application/json", b"{}".to_vec()).await;
+    assert_eq!(json.status().as_u16(), 415);
+    let proto = raw_call(
+        &service,
+        path,
+        "application/grpc+proto",
+        vec![0, 0, 0, 0, 0],
+    )
+    .await;
+    assert_eq!(proto.status().as_u16(), 200);
+    assert_eq!(
+        grpc_status(&proto),
+        Some(Code::InvalidArgument),
+        "{proto:?}"
+    );
+
+    let page = support::http_get(&service.addr.to_string(), "/metrics").await;
+    assert!(
+        page.contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+        "{page}"
+    );
+}
+
+#[tokio::test]
+async fn a_message_cut_short_or_missing_is_an_invalid_argument() {
+    let (store, _dir) = redb_store();
+    let service = CommandService::start(store).await;
+    let path = "/scaleout.v1.CommandService/CreateFile";
+    // A frame header promising 100 bytes, followed by 2; and no frame at all.
+    for body in [vec![0, 0, 0, 0, 100, 1, 2], vec![]] {
+        let response = raw_call(&service, path, "application/grpc", body.clone()).await;
+        assert_eq!(
+            grpc_status(&response),
+            Some(Code::InvalidArgument),
+            "{body:?}: {response:?}"
+        );
+    }
 }

@@ -140,3 +140,84 @@ async fn a_projector_killed_mid_stream_and_restarted_still_equals_the_fold() {
     assert_eq!(actual, expected, "the read models are the fold of the log");
     stopping.cancel();
 }
+
+fn paused_workers(metrics: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("scaleout_projector_paused_workers "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// A projector whose queue cannot be declared (here: it exists with another
+/// delivery limit, as after changing `--max-attempts`) consumes nothing, so
+/// it must not say SERVING, however well its bus and store answer pings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_that_cannot_consume_is_not_serving() {
+    let config = support::bus::rabbit_config();
+    let _cleanup = support::Cleanup {
+        schema: None,
+        rabbit: Some(config.clone()),
+    };
+    let bus = RabbitBus::new(config.clone());
+    let other_limit = Subscription {
+        service_type: "projector".into(),
+        bindings: vec!["#".into()],
+        prefetch: 10,
+        max_attempts: 99,
+    };
+    drop(bus.subscribe(&other_limit).await.unwrap());
+
+    let (store, _dir) = support::redb_store();
+    let log = support::CommandService::start(store).await;
+    let views = tempfile::tempdir().unwrap();
+    let args: Vec<String> = [
+        "--event-log",
+        &log.url(),
+        "--listen",
+        "127.0.0.1:0",
+        "--event-bus",
+        &support::bus::rabbitmq_url(),
+        "--event-bus-prefix",
+        config.prefix(),
+        "--document-store",
+        &format!("redb:{}", views.path().join("views.redb").display()),
+        "--max-attempts",
+        "5",
+        "--health-interval",
+        "100ms",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let projector = Process::start("projector", &args);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while paused_workers(&projector.http_get("/metrics").await) != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the refused worker is not counted as paused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Several health rounds later, still not serving.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", projector.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::NotServing
+        );
+    }
+}

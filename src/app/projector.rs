@@ -118,16 +118,23 @@ pub async fn run_projector(
             subscription.clone(),
             stopping.child_token(),
         );
-        let metrics = Arc::clone(&metrics);
-        tasks.spawn(supervise(metrics, stopping.clone(), move || {
+        let (metrics, supervised) = (Arc::clone(&metrics), Arc::clone(&metrics));
+        tasks.spawn(supervise(supervised, stopping.clone(), move || {
             let (bus, projector, subscription, stopping) = (
                 Arc::clone(&bus),
                 projector.clone(),
                 subscription.clone(),
                 stopping.clone(),
             );
+            let metrics = Arc::clone(&metrics);
             async move {
-                if let Some(subscriber) = subscribe(bus.as_ref(), &subscription, &stopping).await {
+                let subscribed = {
+                    // Not serving until it consumes: its queue may not even
+                    // be declared yet (broker away, arguments refused).
+                    let _waiting = metrics.pause();
+                    subscribe(bus.as_ref(), &subscription, &stopping).await
+                };
+                if let Some(subscriber) = subscribed {
                     projector.run(subscriber, stopping).await;
                 }
             }

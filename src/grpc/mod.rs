@@ -7,6 +7,7 @@
 mod admin_service;
 mod command_service;
 mod health;
+mod idle;
 pub mod metrics;
 mod query_service;
 mod read_service;

@@ -1,6 +1,7 @@
 //! `scaleout.v1.QueryService`: decode, read the view (waiting for a version
 //! if asked, within the call's deadline), map the error.
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -26,6 +27,31 @@ fn page_size(asked: u32) -> Result<u32, String> {
         n if n <= MAX_PAGE_SIZE => Ok(n),
         n => Err(format!("must be at most {MAX_PAGE_SIZE}, got {n}")),
     }
+}
+
+/// Most streams one listing may wait for: each is checked on every read of
+/// the document, and a refusal names one in its trailers.
+const MAX_MIN_VERSIONS: usize = 100;
+
+/// A listing's `min_versions`, each key the stream of a file (`file-<id>`):
+/// the only streams a folder reflects.
+fn min_versions(asked: HashMap<String, u64>) -> Result<BTreeMap<String, u64>, String> {
+    if asked.len() > MAX_MIN_VERSIONS {
+        return Err(format!(
+            "at most {MAX_MIN_VERSIONS} streams, got {}",
+            asked.len()
+        ));
+    }
+    asked
+        .into_iter()
+        .map(|(stream, version)| {
+            let file_id = stream
+                .strip_prefix("file-")
+                .ok_or("keys must be file streams, `file-<file id>`")?;
+            Id::parse(file_id).map_err(|e| format!("a key's file id {e}"))?;
+            Ok((stream, version))
+        })
+        .collect()
 }
 
 /// What a page token says to continue after; `None` for the first page.
@@ -109,14 +135,14 @@ impl pb::query_service_server::QueryService for QueryApi {
         let deadline = self.deadline(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
-        let (Some(folder_id), Some(page_size), Some(after)) = (
+        let (Some(folder_id), Some(page_size), Some(after), Some(min_versions)) = (
             violations.check("folder_id", Id::parse(&body.folder_id)),
             violations.check("page_size", page_size(body.page_size)),
             violations.check("page_token", page_token(&body.page_token)),
+            violations.check("min_versions", min_versions(body.min_versions)),
         ) else {
             return Err(violations.into_status());
         };
-        let min_versions = body.min_versions.into_iter().collect();
         let listing = self
             .queries
             .folder(folder_id.as_str(), &min_versions, deadline)

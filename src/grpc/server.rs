@@ -1,8 +1,8 @@
 //! Serving a set of gRPC services with what every scaleout server carries.
 
-use std::time::Duration;
-
-use tokio::net::TcpListener;
+use axum::http::header::CONTENT_TYPE;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::service::{Routes, RoutesBuilder};
 use tonic::transport::Server;
@@ -11,9 +11,14 @@ use tonic::transport::server::TcpIncoming;
 use std::sync::Arc;
 
 use super::Health;
+use super::idle::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, Quiet, Watched};
 use super::metrics::{ExtraMetrics, RpcMetrics, track};
+use super::wire_status::METRICS_PATH;
 use crate::config::ServerArgs;
 use crate::pb;
+
+/// The Prometheus text exposition format's content type.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Health, reflection (v1 and v1alpha: grpcurl from PyPI speaks only
 /// v1alpha) and Prometheus metrics at `/metrics` beside the given services'
@@ -50,21 +55,31 @@ pub async fn routes(
                 |builder, name| builder.with_service_name(name),
             )
     };
+    // The same request size limit as every other service.
+    let limit = args.max_message_bytes;
     let mut routes = services;
     routes
-        .add_service(health_service)
-        .add_service(reflection("grpc.reflection.v1.ServerReflection").build_v1()?)
-        .add_service(reflection("grpc.reflection.v1alpha.ServerReflection").build_v1alpha()?);
+        .add_service(health_service.max_decoding_message_size(limit))
+        .add_service(
+            reflection("grpc.reflection.v1.ServerReflection")
+                .build_v1()?
+                .max_decoding_message_size(limit),
+        )
+        .add_service(
+            reflection("grpc.reflection.v1alpha.ServerReflection")
+                .build_v1alpha()?
+                .max_decoding_message_size(limit),
+        );
     let metrics = Arc::new(RpcMetrics::new(extra_metrics));
     let scraped = Arc::clone(&metrics);
     let router = routes
         .routes()
         .into_axum_router()
         .route(
-            "/metrics",
+            METRICS_PATH,
             axum::routing::get(move || {
                 let metrics = Arc::clone(&scraped);
-                async move { metrics.render() }
+                async move { ([(CONTENT_TYPE, PROMETHEUS_TEXT)], metrics.render()) }
             }),
         )
         .layer(axum::middleware::from_fn_with_state(
@@ -93,20 +108,31 @@ pub async fn serve(
         tracing::info!(?grace, "shutting down: not serving, draining");
         tokio::time::sleep(grace).await;
     };
+    let quiet = Quiet {
+        handshake: args.handshake_timeout,
+        idle: args.idle_timeout,
+    };
     Server::builder()
         // HTTP/1.1 too, for plain GETs such as a projector's /metrics.
         .accept_http1(true)
         .concurrency_limit_per_connection(args.max_concurrent_requests)
         .max_concurrent_streams(u32::try_from(args.max_concurrent_requests).ok())
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming(listener), drained)
+        .serve_with_incoming_shutdown(incoming(listener, quiet), drained)
         .await
 }
 
 /// Accepted connections send small frames at once: with Nagle's algorithm a
 /// response waits for the ACK of the previous one, which a client that
 /// shares one connection between calls delays by up to its next request.
-fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
+/// Each is closed once its peer has been silent too long (see `idle`).
+fn incoming(
+    listener: TcpListener,
+    quiet: Quiet,
+) -> impl Stream<Item = std::io::Result<Watched<TcpStream>>> {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(move |accepted| accepted.map(|stream| Watched::new(stream, quiet)))
 }

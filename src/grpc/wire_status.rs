@@ -1,8 +1,11 @@
 //! The statuses gRPC documents, where tonic would answer otherwise: a
 //! request over the size limit is RESOURCE_EXHAUSTED (tonic: OUT_OF_RANGE),
-//! one that does not decode, such as invalid UTF-8 in a string field, is the
-//! caller's INVALID_ARGUMENT (tonic: INTERNAL), and a call that runs out of
-//! time is DEADLINE_EXCEEDED (tonic's server timeout: CANCELLED).
+//! one that does not decode (invalid UTF-8 in a string field, a frame cut
+//! short, no message at all) is the caller's INVALID_ARGUMENT (tonic:
+//! INTERNAL), and a call that runs out of time is DEADLINE_EXCEEDED (tonic's
+//! server timeout: CANCELLED). A request that is not gRPC at all (its
+//! content-type is not `application/grpc…`) is HTTP 415, as the gRPC HTTP/2
+//! protocol asks, instead of being decoded as if it were.
 //!
 //! Both tonic answers are trailers-only responses, so the status is in the
 //! headers and can be corrected before the response leaves.
@@ -10,15 +13,24 @@
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::HeaderValue;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use tonic::Code;
 
 /// Runs the call within the server's request timeout (or the caller's
 /// `grpc-timeout`, if shorter), and corrects the status of what tonic
 /// refused before it reached a handler.
 pub async fn enforce(State(timeout): State<Duration>, request: Request, next: Next) -> Response {
+    if request.uri().path() != METRICS_PATH && !is_grpc(&request) {
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            [(CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "this is a gRPC server: send content-type application/grpc (Prometheus metrics are at /metrics)\n",
+        )
+            .into_response();
+    }
     let timeout = request
         .headers()
         .get("grpc-timeout")
@@ -47,7 +59,7 @@ pub async fn enforce(State(timeout): State<Duration>, request: Request, next: Ne
         {
             Some(Code::ResourceExhausted)
         }
-        Some(Code::Internal) if message.starts_with("failed to decode Protobuf message") => {
+        Some(Code::Internal) if UNDECODABLE.iter().any(|m| message.starts_with(m)) => {
             Some(Code::InvalidArgument)
         }
         _ => None,
@@ -56,6 +68,31 @@ pub async fn enforce(State(timeout): State<Duration>, request: Request, next: Ne
         headers.insert("grpc-status", HeaderValue::from(code as i32));
     }
     response
+}
+
+/// Where a server's Prometheus metrics are, the one path that is not gRPC.
+pub const METRICS_PATH: &str = "/metrics";
+
+/// How tonic words the INTERNAL it answers for a request that does not
+/// decode: a bad message, a frame cut short, or no message at all.
+const UNDECODABLE: [&str; 3] = [
+    "failed to decode Protobuf message",
+    "Unexpected EOF decoding stream",
+    "Missing request message",
+];
+
+/// Whether the request says it is gRPC (`application/grpc`, optionally
+/// `+proto` or parameters).
+fn is_grpc(request: &Request) -> bool {
+    request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| {
+            value == "application/grpc"
+                || value.starts_with("application/grpc+")
+                || value.starts_with("application/grpc;")
+        })
 }
 
 /// A `grpc-message` header's text (percent-encoded on the wire).

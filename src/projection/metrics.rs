@@ -43,6 +43,12 @@ impl ProjectorMetrics {
         self.paused.load(Ordering::Relaxed) > 0
     }
 
+    /// Counts a worker as paused until the returned guard is dropped.
+    pub fn pause(&self) -> PausedWorker<'_> {
+        Self::add(&self.paused, 1);
+        PausedWorker(self)
+    }
+
     /// The counters in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let rows: [(&str, &str, &str, &AtomicU64); 11] = [
@@ -138,5 +144,15 @@ mod tests {
             "# TYPE scaleout_projector_handled_total counter\nscaleout_projector_handled_total 3\n"
         ));
         assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 11);
+    }
+}
+
+/// A worker counted as paused while this lives (see [`ProjectorMetrics::pause`]).
+#[derive(Debug)]
+pub struct PausedWorker<'a>(&'a ProjectorMetrics);
+
+impl Drop for PausedWorker<'_> {
+    fn drop(&mut self) {
+        self.0.paused.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -7,11 +7,15 @@
 //! them (its `_applied` map), and
 //! gives up at the deadline with [`QueryError::NotCaughtUp`] rather than
 //! answer with a view that is older than what the caller knows happened.
+//! Callers reading one document at the same moment share one read of it, so
+//! many waiting on a hot document cost about what one does.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
@@ -60,15 +64,69 @@ struct Applied {
     applied: BTreeMap<String, u64>,
 }
 
+/// A document as one read found it, with the versions it has applied.
+#[derive(Debug)]
+struct Snapshot {
+    body: Vec<u8>,
+    /// `Err` with the reason when the document does not parse.
+    applied: Result<BTreeMap<String, u64>, String>,
+}
+
+type SharedRead = Shared<BoxFuture<'static, Result<Option<Arc<Snapshot>>, DocumentError>>>;
+
 /// Queries over the reference read models.
 #[derive(Debug, Clone)]
 pub struct Queries {
     documents: Arc<dyn DocumentStore>,
+    /// Reads under way, by key: a caller that asks for a document while it
+    /// is being read shares that read instead of starting another, so many
+    /// callers waiting on one hot document cost the reads of one. An entry
+    /// lives as long as its read.
+    in_flight: Arc<Mutex<HashMap<String, SharedRead>>>,
 }
 
 impl Queries {
     pub fn new(documents: Arc<dyn DocumentStore>) -> Self {
-        Self { documents }
+        Self {
+            documents,
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// The document at `key`, read once for every caller asking meanwhile.
+    async fn snapshot(&self, key: &str) -> Result<Option<Arc<Snapshot>>, DocumentError> {
+        let read = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(key.to_owned())
+            .or_insert_with(|| {
+                let (documents, in_flight, key) = (
+                    Arc::clone(&self.documents),
+                    Arc::clone(&self.in_flight),
+                    key.to_owned(),
+                );
+                async move {
+                    let read = documents.get(&key).await;
+                    in_flight
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .remove(&key);
+                    Ok(read?.map(|document| {
+                        let applied = serde_json::from_slice::<Applied>(&document.body)
+                            .map(|a| a.applied)
+                            .map_err(|e| e.to_string());
+                        Arc::new(Snapshot {
+                            body: document.body,
+                            applied,
+                        })
+                    }))
+                }
+                .boxed()
+                .shared()
+            })
+            .clone();
+        read.await
     }
 
     pub fn documents(&self) -> &Arc<dyn DocumentStore> {
@@ -142,26 +200,23 @@ impl Queries {
     ) -> Result<V, QueryError> {
         let mut pause = Duration::from_millis(1);
         loop {
-            let document = self.documents.get(key).await?;
-            let corrupt = |e: serde_json::Error| QueryError::Corrupt {
+            let document = self.snapshot(key).await?;
+            let corrupt = |reason: String| QueryError::Corrupt {
                 kind,
                 id: id.to_owned(),
-                reason: e.to_string(),
+                reason,
             };
             let applied = match &document {
-                Some(d) => {
-                    serde_json::from_slice::<Applied>(&d.body)
-                        .map_err(corrupt)?
-                        .applied
-                }
-                None => BTreeMap::new(),
+                Some(d) => d.applied.as_ref().map_err(|e| corrupt(e.clone()))?,
+                None => &BTreeMap::new(),
             };
             let behind = wanted
                 .iter()
                 .find(|(stream, version)| applied.get(stream).copied().unwrap_or(0) < *version);
             match (behind, &document) {
                 (None, Some(document)) => {
-                    return serde_json::from_slice(&document.body).map_err(corrupt);
+                    return serde_json::from_slice(&document.body)
+                        .map_err(|e| corrupt(e.to_string()));
                 }
                 (None, None) => {
                     return Err(QueryError::NotFound {

@@ -74,3 +74,34 @@ async fn waiting_for_a_version_backs_off_and_still_answers_at_the_deadline() {
     let reads = store.reads.load(Ordering::SeqCst);
     assert!(reads <= 20, "{reads} reads in one second of waiting");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_waiting_on_one_document_share_its_reads() {
+    const WAITERS: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Counted {
+        inner: RedbDocuments::open(dir.path().join("views.redb")).unwrap(),
+        reads: AtomicU64::new(0),
+    });
+    let body = br#"{"counter_id":"c","count":1,"version":1,"_applied":{"counter-c":1}}"#;
+    store.insert("counter::c", body).await.unwrap();
+    let queries = Queries::new(store.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    let waiting: Vec<_> = (0..WAITERS)
+        .map(|_| {
+            let queries = queries.clone();
+            tokio::spawn(async move { queries.counter("c", 2, deadline).await })
+        })
+        .collect();
+    for waiter in waiting {
+        let answer = waiter.await.unwrap();
+        assert!(
+            matches!(answer, Err(QueryError::NotCaughtUp { current: 1, .. })),
+            "{answer:?}"
+        );
+    }
+    // One waiter alone reads about 17 times in a second (see above); 20
+    // reading on their own would read about 340 times.
+    let reads = store.reads.load(Ordering::SeqCst);
+    assert!(reads <= 3 * 20, "{reads} reads for {WAITERS} waiters");
+}

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
 use prost::Message;
-use scaleout::grpc::{KnownTypes, ReadApi, ReadConfig};
+use scaleout::domain::KnownTypes;
+use scaleout::grpc::{ReadApi, ReadConfig};
 use scaleout::pb::read_service_client::ReadServiceClient;
 use scaleout::pb::{self, subscribe_response::Kind};
 use scaleout::store::postgres::{PostgresConfig, PostgresStore};

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
-use scaleout::grpc::{KnownTypes, ReadApi, ReadConfig};
+use scaleout::domain::KnownTypes;
+use scaleout::grpc::{ReadApi, ReadConfig};
 use scaleout::pb::read_service_client::ReadServiceClient;
 use scaleout::pb::{self, subscribe_response::Kind};
 use scaleout::store::{AppendRequest, EventMetadata, ExpectedVersion, NewEvent};
@@ -392,4 +393,69 @@ async fn a_subscriber_that_stops_reading_is_ended_and_slows_nobody() {
         status.get_details_error_info().unwrap().reason,
         "SUBSCRIBER_TOO_SLOW"
     );
+}
+
+/// Pages of large events end before 1 MiB, however many events `limit`
+/// allows, and paging on from `next_position` / `next_version` misses none.
+#[tokio::test]
+async fn pages_of_large_events_stay_inside_one_mebibyte() {
+    let (store, _dir) = redb_store();
+    // 40 events of 100 KiB: 4 MiB, which a default client could not take at once.
+    store
+        .append(padded_increments("counter-big", 40, 100 << 10))
+        .await
+        .unwrap();
+    let service = CommandService::start(Arc::clone(&store)).await;
+    let mut client = reader(&service).await;
+
+    let mut from_position = 1;
+    let mut seen = Vec::new();
+    loop {
+        let page = client
+            .read_all(pb::ReadAllRequest {
+                from_position,
+                limit: 1000,
+                filter: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let bytes: usize = page
+            .events
+            .iter()
+            .map(|e| e.event.as_ref().unwrap().payload.len())
+            .sum();
+        assert!(bytes <= 1 << 20, "a page of {bytes} bytes");
+        seen.extend(positions(&page.events));
+        from_position = page.next_position;
+        if from_position > page.head_position {
+            break;
+        }
+    }
+    assert_eq!(seen, (1..=40).collect::<Vec<_>>());
+
+    let mut from_version = 1;
+    let mut versions = Vec::new();
+    loop {
+        let page = client
+            .read_stream(pb::ReadStreamRequest {
+                stream_id: "counter-big".into(),
+                from_version,
+                limit: 1000,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.events.len() < 40);
+        versions.extend(
+            page.events
+                .iter()
+                .map(|e| e.event.as_ref().unwrap().version),
+        );
+        from_version = page.next_version;
+        if page.end_of_stream {
+            break;
+        }
+    }
+    assert_eq!(versions, (1..=40).collect::<Vec<_>>());
 }

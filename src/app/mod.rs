@@ -30,20 +30,10 @@ pub const PROJECTOR_HEALTH: &str = "scaleout.Projector";
 pub const OUTBOX_RELAY_HEALTH: &str = "scaleout.OutboxRelay";
 
 /// The stream and event types of the reference domain, which the read
-/// API's filters may name.
-fn reference_types() -> crate::grpc::KnownTypes {
-    use crate::domain::{Aggregate, Counter, DomainEvent, File};
-    crate::grpc::KnownTypes {
-        stream_types: vec![
-            File::STREAM_TYPE.to_owned(),
-            Counter::STREAM_TYPE.to_owned(),
-        ],
-        event_types: [
-            <File as Aggregate>::Event::types(),
-            <Counter as Aggregate>::Event::types(),
-        ]
-        .concat(),
-    }
+/// API's filters may name and its projectors take.
+fn reference_types() -> crate::domain::KnownTypes {
+    use crate::domain::{Counter, File, KnownTypes};
+    KnownTypes::default().with::<File>().with::<Counter>()
 }
 
 /// Why a service stopped other than by shutdown.

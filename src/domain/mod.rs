@@ -36,6 +36,25 @@ pub trait Aggregate: Default + Send + Sync + 'static {
     }
 }
 
+/// The stream and event types an application's aggregates store: what a
+/// read API filter may name (anything else is a caller's typo, refused
+/// rather than silently matching nothing) and what a projector can take
+/// (anything else is poison).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KnownTypes {
+    pub stream_types: Vec<String>,
+    pub event_types: Vec<String>,
+}
+
+impl KnownTypes {
+    /// These types and those of the aggregate `A`.
+    pub fn with<A: Aggregate>(mut self) -> Self {
+        self.stream_types.push(A::STREAM_TYPE.to_owned());
+        self.event_types.extend(A::Event::types());
+        self
+    }
+}
+
 /// Why an aggregate refused a command.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DomainError {

@@ -20,6 +20,6 @@ pub use self::admin_service::AdminApi;
 pub use self::command_service::{CORRELATION_ID_HEADER, CommandApi};
 pub use self::health::{Health, check as check_health};
 pub use self::query_service::QueryApi;
-pub use self::read_service::{KnownTypes, MAX_PAGE, ReadApi, ReadConfig};
+pub use self::read_service::{MAX_PAGE, ReadApi, ReadConfig};
 pub use self::remote_log::RemoteLog;
 pub use self::status::{ERROR_DOMAIN, Violations};

@@ -16,6 +16,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
 use super::status::{self, Violations};
+use crate::domain::KnownTypes;
 use crate::log::{EventLog, Follower, StoreLog};
 use crate::pb::{self, read_service_server::ReadServiceServer};
 use crate::store::{EventStore, LogFilter, RecordedEvent};
@@ -23,14 +24,6 @@ use crate::store::{EventStore, LogFilter, RecordedEvent};
 /// Most events one page returns; a larger `limit` is refused, not trimmed.
 pub const MAX_PAGE: u32 = 1000;
 const DEFAULT_PAGE: u32 = 100;
-
-/// The names a log filter may use: anything else is a caller's typo, refused
-/// rather than silently matching nothing.
-#[derive(Debug, Clone, Default)]
-pub struct KnownTypes {
-    pub stream_types: Vec<String>,
-    pub event_types: Vec<String>,
-}
 
 /// How subscriptions are bounded.
 #[derive(Debug, Clone, Copy)]
@@ -118,6 +111,29 @@ fn page_limit(limit: u32) -> Result<usize, String> {
     }
 }
 
+/// A page ends before its events pass this many bytes (it always holds at
+/// least one), so a response stays inside the 4 MiB gRPC clients accept by
+/// default whatever `limit` asked for.
+const MAX_PAGE_BYTES: usize = 1 << 20;
+
+/// Cuts `events` after the last one that fits in [`MAX_PAGE_BYTES`]; says
+/// whether it cut.
+fn within_page_bytes(events: &mut Vec<RecordedEvent>) -> bool {
+    let mut bytes = 0;
+    let fits = events
+        .iter()
+        .take_while(|event| {
+            // The envelope's fixed fields (ids, times, positions) stay under 256 bytes.
+            bytes += event.payload.len() + event.stream_id.len() + event.event_type.len() + 256;
+            bytes <= MAX_PAGE_BYTES
+        })
+        .count()
+        .max(1);
+    let cut = fits < events.len();
+    events.truncate(fits);
+    cut
+}
+
 fn logged(event: &RecordedEvent) -> pb::LoggedEvent {
     pb::LoggedEvent {
         position: event.position,
@@ -149,8 +165,9 @@ impl pb::read_service_server::ReadService for ReadApi {
         let from = body.from_version.max(1);
         // One more than asked tells whether the stream goes on.
         let mut events = self.log.read_stream(stream_id, from, limit + 1).await?;
-        let end_of_stream = events.len() <= limit;
+        let mut end_of_stream = events.len() <= limit;
         events.truncate(limit);
+        end_of_stream &= !within_page_bytes(&mut events);
         let next_version = events.last().map_or(from, |e| e.version + 1);
         Ok(Response::new(pb::ReadStreamResponse {
             events: events.iter().map(logged).collect(),
@@ -171,10 +188,16 @@ impl pb::read_service_server::ReadService for ReadApi {
         ) else {
             return Err(violations.into_status());
         };
-        let page = self
+        let mut page = self
             .log
             .read_all(body.from_position, limit, &filter)
             .await?;
+        if within_page_bytes(&mut page.events) {
+            page.next_position = page
+                .events
+                .last()
+                .map_or(page.next_position, |e| e.position + 1);
+        }
         Ok(Response::new(pb::ReadAllResponse {
             events: page.events.iter().map(logged).collect(),
             next_position: page.next_position,

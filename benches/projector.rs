@@ -138,6 +138,7 @@ async fn project(
     let projector = Projector::new(
         documents,
         Arc::new(StoreLog(log)),
+        scaleout::app::reference_types(),
         scaleout::projection::views::reference(),
         Arc::clone(&metrics),
         ProjectorConfig {

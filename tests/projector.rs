@@ -17,7 +17,7 @@ use scaleout::domain::values::{Amount, Author, CommentText, FileName, Id};
 use scaleout::domain::{Counter, CounterCommand, File, FileCommand};
 use scaleout::log::StoreLog;
 use scaleout::projection::metrics::ProjectorMetrics;
-use scaleout::projection::runtime::{Projector, ProjectorConfig, Writes};
+use scaleout::projection::runtime::{Projector, ProjectorConfig};
 use scaleout::store::EventStore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -43,16 +43,11 @@ struct Projectors {
 
 impl Projectors {
     /// Workers that fill gaps from `store`'s log.
-    async fn start(
-        bus: &Arc<dyn EventBus>,
-        store: &Arc<dyn EventStore>,
-        workers: usize,
-        writes: Writes,
-    ) -> Self {
+    async fn start(bus: &Arc<dyn EventBus>, store: &Arc<dyn EventStore>, workers: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let documents: Arc<dyn DocumentStore> =
             Arc::new(RedbDocuments::open(dir.path().join("views.redb")).unwrap());
-        Self::start_on(bus, store, documents, workers, writes, dir).await
+        Self::start_on(bus, store, documents, workers, dir).await
     }
 
     async fn start_on(
@@ -60,18 +55,17 @@ impl Projectors {
         store: &Arc<dyn EventStore>,
         documents: Arc<dyn DocumentStore>,
         workers: usize,
-        writes: Writes,
         dir: tempfile::TempDir,
     ) -> Self {
         let metrics = Arc::new(ProjectorMetrics::default());
         let config = ProjectorConfig {
             batch: 50,
-            writes,
             ..ProjectorConfig::default()
         };
         let projector = Projector::new(
             Arc::clone(&documents),
             Arc::new(StoreLog(Arc::clone(store))),
+            scaleout::app::reference_types(),
             scaleout::projection::views::reference(),
             Arc::clone(&metrics),
             config,
@@ -180,7 +174,7 @@ async fn workload(handler: &Arc<CommandHandler>) -> Vec<String> {
 async fn read_models_equal_the_fold_of_the_log_with_competing_workers() {
     let (store, _dir) = support::redb_store();
     let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
-    let projectors = Projectors::start(&bus, &store, 3, Writes::Checked).await;
+    let projectors = Projectors::start(&bus, &store, 3).await;
     let stopping = CancellationToken::new();
     let relay =
         scaleout::relay::Relay::new(Arc::clone(&store), Arc::clone(&bus), Default::default());
@@ -217,7 +211,7 @@ async fn duplicated_and_reordered_deliveries_change_nothing() {
     // No relay: the test publishes the log itself, shuffled, every event
     // twice or three times.
     let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
-    let projectors = Projectors::start(&bus, &store, 3, Writes::Checked).await;
+    let projectors = Projectors::start(&bus, &store, 3).await;
     let mut messages: Vec<BusMessage> = log.iter().map(BusMessage::from_event).collect();
     let copies: Vec<BusMessage> = messages.iter().step_by(2).cloned().collect();
     messages.extend(copies.iter().cloned());
@@ -272,7 +266,7 @@ async fn poison_is_parked_with_its_reason_and_nothing_else_moves() {
     let unknown = BusMessage::from_event(&unknown_event);
 
     let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
-    let projectors = Projectors::start(&bus, &store, 1, Writes::Checked).await;
+    let projectors = Projectors::start(&bus, &store, 1).await;
     for result in bus.publish(&[undecodable, unknown.clone(), good]).await {
         result.unwrap();
     }
@@ -332,22 +326,27 @@ async fn a_naive_get_set_writer_loses_updates_and_the_harness_says_so() {
     let messages: Vec<BusMessage> = log.iter().map(BusMessage::from_event).collect();
 
     let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
-    let naive = Projectors::start(&bus, &store, 3, Writes::NaiveGetSet).await;
+    let dir = tempfile::tempdir().unwrap();
+    let documents: Arc<dyn DocumentStore> =
+        Arc::new(RedbDocuments::open(dir.path().join("views.redb")).unwrap());
+    let subscription = Subscription {
+        service_type: "projector".into(),
+        bindings: vec!["#".into()],
+        prefetch: 50,
+        max_attempts: 5,
+    };
+    let naive =
+        support::naive::NaiveWorkers::start(&bus, &subscription, Arc::clone(&documents), 3).await;
     for result in bus.publish(&messages).await {
         result.unwrap();
     }
     // Wait until every delivery was handled, then read the count.
     let started = std::time::Instant::now();
-    while naive
-        .metrics
-        .handled
-        .load(std::sync::atomic::Ordering::Relaxed)
-        < 1000
-    {
+    while naive.settled.load(std::sync::atomic::Ordering::SeqCst) < 1000 {
         assert!(started.elapsed() < PATIENCE, "naive projector stalled");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let document = naive.documents.get("counter::hot").await.unwrap().unwrap();
+    let document = documents.get("counter::hot").await.unwrap().unwrap();
     let count = serde_json::from_slice::<serde_json::Value>(&document.body).unwrap()["count"]
         .as_u64()
         .unwrap();
@@ -389,7 +388,7 @@ async fn lost_deliveries_are_read_from_the_log() {
     assert!(delivered.len() < log.len());
 
     let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
-    let projectors = Projectors::start(&bus, &store, 2, Writes::Checked).await;
+    let projectors = Projectors::start(&bus, &store, 2).await;
     for result in bus.publish(&delivered).await {
         result.unwrap();
     }
@@ -419,7 +418,7 @@ async fn a_rolled_back_document_heals_on_the_next_event() {
         RetryPolicy::default(),
     ));
     let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
-    let projectors = Projectors::start(&bus, &store, 1, Writes::Checked).await;
+    let projectors = Projectors::start(&bus, &store, 1).await;
     let increment = |n: u64| CounterCommand::Increment {
         amount: Amount::parse(n).unwrap(),
     };
@@ -490,7 +489,7 @@ async fn a_document_store_outage_is_waited_out_not_parked() {
     outage.begin();
     let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
     let documents: Arc<dyn DocumentStore> = outage.clone();
-    let projectors = Projectors::start_on(&bus, &store, documents, 2, Writes::Checked, dir).await;
+    let projectors = Projectors::start_on(&bus, &store, documents, 2, dir).await;
     let messages: Vec<BusMessage> = log.iter().map(BusMessage::from_event).collect();
     for result in bus.publish(&messages).await {
         result.unwrap();
@@ -559,7 +558,7 @@ async fn an_event_that_would_overflow_a_total_is_parked_and_skipped() {
     }
     let log = support::projection::read_log(store.as_ref(), &["counter-big".into()]).await;
     let bus: Arc<dyn EventBus> = Arc::new(MemoryBus::new());
-    let projectors = Projectors::start(&bus, &store, 1, Writes::Checked).await;
+    let projectors = Projectors::start(&bus, &store, 1).await;
     let messages: Vec<BusMessage> = log.iter().map(BusMessage::from_event).collect();
     for result in bus.publish(&messages).await {
         result.unwrap();
@@ -596,11 +595,12 @@ async fn an_event_that_would_overflow_a_total_is_parked_and_skipped() {
 async fn a_projection_that_panics_fails_its_documents_not_the_worker() {
     struct Fragile;
     impl scaleout::projection::Projection for Fragile {
+        type Source = Counter;
         type View = serde_json::Value;
         const NAME: &'static str = "fragile";
         fn routes(
             &self,
-            event: &scaleout::projection::ProjectedEvent,
+            event: &scaleout::projection::SourceEvent<Self>,
         ) -> Vec<scaleout::projection::Route> {
             vec![scaleout::projection::Route::sequence(format!(
                 "fragile::{}",
@@ -611,7 +611,7 @@ async fn a_projection_that_panics_fails_its_documents_not_the_worker() {
             &self,
             _key: &str,
             view: &mut serde_json::Value,
-            event: &scaleout::projection::ProjectedEvent,
+            event: &scaleout::projection::SourceEvent<Self>,
         ) -> Result<(), scaleout::projection::Refused> {
             assert!(event.stream_id != "counter-bad", "a bug in this projection");
             *view = serde_json::json!({ "version": event.version });
@@ -644,6 +644,7 @@ async fn a_projection_that_panics_fails_its_documents_not_the_worker() {
     let projector = Projector::new(
         Arc::clone(&documents),
         Arc::new(StoreLog(Arc::clone(&store))),
+        scaleout::app::reference_types(),
         vec![Box::new(Fragile)],
         Arc::new(ProjectorMetrics::default()),
         ProjectorConfig::default(),

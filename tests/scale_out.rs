@@ -1,9 +1,9 @@
 //! The scale-out experiment: three projector processes compete on one queue
 //! of real RabbitMQ and write one hot Couchbase document (the real SDK,
 //! against the KV test server). 10 and then 5,000 increments must come out
-//! exact; the same harness with a deliberately naive GET/SET writer must
-//! miscount (updates lost, or counted twice), which shows that the harness
-//! can fail.
+//! exact; the same harness with three deliberately naive GET/SET writers
+//! (in the test, see `support::naive`) must miscount (updates lost, or
+//! counted twice), which shows that the harness can fail.
 
 mod support;
 
@@ -43,7 +43,8 @@ async fn experiment(rounds: &[u64], naive: bool) -> Vec<(u64, u64)> {
     let couchbase = couchbase_kv_server::TestServer::start(Default::default())
         .await
         .unwrap();
-    let documents = support::documents::couchbase_store(&couchbase).await;
+    let documents: Arc<dyn DocumentStore> =
+        Arc::new(support::documents::couchbase_store(&couchbase).await);
     let (store, _dir) = support::redb_store();
     let bus: Arc<dyn EventBus> = Arc::new(RabbitBus::new(config.clone()));
     let subscription = Subscription {
@@ -54,11 +55,13 @@ async fn experiment(rounds: &[u64], naive: bool) -> Vec<(u64, u64)> {
     };
     drop(bus.subscribe(&subscription).await.unwrap());
     let stopping = CancellationToken::new();
-    tokio::spawn(Relay::new(Arc::clone(&store), bus, Default::default()).run(stopping.clone()));
+    tokio::spawn(
+        Relay::new(Arc::clone(&store), Arc::clone(&bus), Default::default()).run(stopping.clone()),
+    );
 
     // The log the projectors fill gaps from: command-svc's read API.
     let log = support::CommandService::start(Arc::clone(&store)).await;
-    let mut args: Vec<String> = [
+    let args: Vec<String> = [
         "--event-log",
         &log.url(),
         "--listen",
@@ -75,10 +78,15 @@ async fn experiment(rounds: &[u64], naive: bool) -> Vec<(u64, u64)> {
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
-    if naive {
-        args.push("--unsafe-naive-writes".into());
-    }
-    let projectors: Vec<Process> = (0..3).map(|_| Process::start("projector", &args)).collect();
+    let (projectors, naive_workers) = if naive {
+        let workers =
+            support::naive::NaiveWorkers::start(&bus, &subscription, Arc::clone(&documents), 3)
+                .await;
+        (Vec::new(), Some(workers))
+    } else {
+        let processes: Vec<Process> = (0..3).map(|_| Process::start("projector", &args)).collect();
+        (processes, None)
+    };
 
     let handler = Arc::new(CommandHandler::new(
         Arc::clone(&store),
@@ -111,7 +119,9 @@ async fn experiment(rounds: &[u64], naive: bool) -> Vec<(u64, u64)> {
         // Every delivery settled across the three processes.
         let started = Instant::now();
         loop {
-            let mut sum = 0;
+            let mut sum = naive_workers.as_ref().map_or(0, |naive| {
+                naive.settled.load(std::sync::atomic::Ordering::SeqCst)
+            });
             for projector in &projectors {
                 sum += settled(&projector.http_get("/metrics").await);
             }

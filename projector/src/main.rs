@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use scaleout::bus::Subscription;
 use scaleout::config::{DocumentStoreArgs, ServerArgs, TelemetryArgs, parse_duration, redact};
-use scaleout::projection::runtime::{ProjectorConfig, Writes};
+use scaleout::projection::runtime::ProjectorConfig;
 
 /// The scaleout projector.
 #[derive(Debug, Parser)]
@@ -63,10 +63,6 @@ struct Args {
     /// whose delivery was lost or parked once events are this old.
     #[arg(long, env = "SCALEOUT_SWEEP_DELAY", default_value = "5s", value_parser = parse_duration)]
     sweep_delay: Duration,
-    /// Test only: write read models with a naive GET then SET, without CAS
-    /// or version checks, to show that the scale-out tests catch lost updates.
-    #[arg(long, hide = true)]
-    unsafe_naive_writes: bool,
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
@@ -117,11 +113,6 @@ async fn main() -> anyhow::Result<()> {
         workers: args.workers,
         config: ProjectorConfig {
             batch: usize::from(args.prefetch),
-            writes: if args.unsafe_naive_writes {
-                Writes::NaiveGetSet
-            } else {
-                Writes::Checked
-            },
             ..ProjectorConfig::default()
         },
         server: args.server,

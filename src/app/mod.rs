@@ -31,7 +31,7 @@ pub const OUTBOX_RELAY_HEALTH: &str = "scaleout.OutboxRelay";
 
 /// The stream and event types of the reference domain, which the read
 /// API's filters may name and its projectors take.
-fn reference_types() -> crate::domain::KnownTypes {
+pub fn reference_types() -> crate::domain::KnownTypes {
     use crate::domain::{Counter, File, KnownTypes};
     KnownTypes::default().with::<File>().with::<Counter>()
 }

@@ -132,6 +132,7 @@ pub async fn run_platform(
     let projector = Projector::new(
         documents,
         Arc::new(StoreLog(store)),
+        reference_types(),
         crate::projection::views::reference(),
         projector_metrics,
         ProjectorConfig::default(),

@@ -58,6 +58,7 @@ pub async fn run_projector(
     let projector = Projector::new(
         Arc::clone(&documents),
         log,
+        super::reference_types(),
         crate::projection::views::named(&projections)?,
         Arc::clone(&metrics),
         config,

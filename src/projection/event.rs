@@ -1,28 +1,38 @@
-//! What a projection sees: a delivered envelope, decoded and typed.
+//! What a projection sees: a delivered envelope, checked against the types
+//! the application knows, its payload decoded only by the projections that
+//! read its stream type.
 
 use std::time::SystemTime;
 
 use uuid::Uuid;
 
 use crate::bus::BusMessage;
-use crate::domain::{CounterEvent, DomainEvent, FileEvent};
+use crate::domain::{DomainEvent, KnownTypes};
 use crate::store::RecordedEvent;
 
-/// The payload of any event of the reference domain.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Payload {
-    File(FileEvent),
-    Counter(CounterEvent),
+/// An event on its way through the runtime, its payload still encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectedEvent {
+    pub event_id: Uuid,
+    pub stream_id: String,
+    /// The kind of aggregate the stream holds, e.g. `file`.
+    pub stream_type: String,
+    pub version: u64,
+    pub occurred_at: SystemTime,
+    /// The payload's Protobuf full name.
+    pub event_type: String,
+    pub payload: Vec<u8>,
 }
 
-/// A decoded event with where it sits in its stream.
+/// An event decoded for a projection: what it is, and where it sits in its
+/// stream.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ProjectedEvent {
+pub struct Event<E> {
     pub event_id: Uuid,
     pub stream_id: String,
     pub version: u64,
     pub occurred_at: SystemTime,
-    pub payload: Payload,
+    pub payload: E,
 }
 
 /// Why a message can never be projected: it is parked at once.
@@ -31,42 +41,57 @@ pub struct ProjectedEvent {
 pub struct Poison(pub String);
 
 impl ProjectedEvent {
-    /// Decodes a delivered message; anything that does not decode is poison.
-    pub fn decode(message: &BusMessage) -> Result<Self, Poison> {
-        Self::from_envelope(&message.body)
-    }
-
-    /// Decodes an encoded [`crate::pb::EventEnvelope`].
-    pub fn from_envelope(bytes: &[u8]) -> Result<Self, Poison> {
-        let envelope = <crate::pb::EventEnvelope as prost::Message>::decode(bytes)
+    /// Decodes a delivered message; anything that does not decode, or that
+    /// the application does not know, is poison.
+    pub fn decode(message: &BusMessage, known: &KnownTypes) -> Result<Self, Poison> {
+        let envelope = <crate::pb::EventEnvelope as prost::Message>::decode(&*message.body)
             .map_err(|e| Poison(format!("undecodable body: {e}")))?;
         let recorded =
             RecordedEvent::from_envelope(0, envelope).map_err(|e| Poison(e.to_string()))?;
-        Self::from_recorded(&recorded)
+        Self::from_recorded(&recorded, known)
     }
 
-    /// Types an event read from the log.
-    pub fn from_recorded(event: &RecordedEvent) -> Result<Self, Poison> {
+    /// An event read from the log, checked against the known types.
+    pub fn from_recorded(event: &RecordedEvent, known: &KnownTypes) -> Result<Self, Poison> {
         if event.version == 0 {
             return Err(Poison("version 0: versions start at 1".into()));
         }
-        let (event_type, payload) = (&event.event_type, &event.payload);
-        let payload = match event.stream_type.as_str() {
-            "file" => FileEvent::decode(event_type, payload).map(Payload::File),
-            "counter" => CounterEvent::decode(event_type, payload).map(Payload::Counter),
-            other => {
-                return Err(Poison(format!(
-                    "unknown stream type {other:?} ({event_type})"
-                )));
-            }
+        let (stream_type, event_type) = (&event.stream_type, &event.event_type);
+        if !known.stream_types.contains(stream_type) {
+            return Err(Poison(format!(
+                "unknown stream type {stream_type:?} ({event_type})"
+            )));
         }
-        .map_err(|e| Poison(format!("unknown event: {e}")))?;
+        if !known.event_types.contains(event_type) {
+            return Err(Poison(format!(
+                "unknown event: cannot decode event {event_type}: not an event of this application"
+            )));
+        }
         Ok(Self {
             event_id: event.event_id,
             stream_id: event.stream_id.clone(),
+            stream_type: stream_type.clone(),
             version: event.version,
             occurred_at: event.metadata.occurred_at,
-            payload,
+            event_type: event_type.clone(),
+            payload: event.payload.clone(),
         })
+    }
+
+    /// The event typed as `E`, when it is of `stream_type`; `Ok(None)` when
+    /// it belongs to another stream type.
+    pub fn typed<E: DomainEvent>(&self, stream_type: &str) -> Result<Option<Event<E>>, Poison> {
+        if self.stream_type != stream_type {
+            return Ok(None);
+        }
+        let payload = E::decode(&self.event_type, &self.payload)
+            .map_err(|e| Poison(format!("unknown event: {e}")))?;
+        Ok(Some(Event {
+            event_id: self.event_id,
+            stream_id: self.stream_id.clone(),
+            version: self.version,
+            occurred_at: self.occurred_at,
+            payload,
+        }))
     }
 }

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Order, ProjectedEvent, Projection, Refused, Route};
+use super::{Order, Poison, ProjectedEvent, Projection, Refused, Route, SourceEvent};
+use crate::domain::Aggregate;
 
 /// What a document looks like at rest: the view's own fields, plus the last
 /// version applied of every stream that fed it.
@@ -48,10 +49,15 @@ pub struct Folded {
     pub outcomes: Vec<Outcome>,
 }
 
-/// A projection with its view type erased, so one runtime runs them all.
+/// A projection with its types erased, so one runtime runs them all: it
+/// decodes the events of its source's stream type itself.
 pub trait AnyProjection: Send + Sync {
     fn name(&self) -> &'static str;
-    fn routes(&self, event: &ProjectedEvent) -> Vec<Route>;
+
+    /// The documents `event` changes; none when it is of another stream
+    /// type. Poison when it is of this one and does not decode.
+    fn routes(&self, event: &ProjectedEvent) -> Result<Vec<Route>, Poison>;
+
     /// Folds `events` (any order, each with how it lines up) into the
     /// document `body` (`None`: missing). Events behind a gap are not
     /// applied, and nothing after them in their stream is.
@@ -60,16 +66,16 @@ pub trait AnyProjection: Send + Sync {
         key: &str,
         body: Option<&[u8]>,
         events: &[(&ProjectedEvent, Order)],
-    ) -> Result<Folded, serde_json::Error>;
+    ) -> Result<Folded, FoldError>;
+}
 
-    /// Applies `events` as they come, with no version checks: what a naive
-    /// projector does. Only for showing what [`AnyProjection::fold`] prevents.
-    fn fold_unchecked(
-        &self,
-        key: &str,
-        body: Option<&[u8]>,
-        events: &[(&ProjectedEvent, Order)],
-    ) -> Result<Folded, serde_json::Error>;
+/// Why a document could not be folded at all.
+#[derive(Debug, thiserror::Error)]
+pub enum FoldError {
+    #[error("unreadable document: {0}")]
+    Document(#[from] serde_json::Error),
+    #[error(transparent)]
+    Event(#[from] Poison),
 }
 
 impl<P: Projection> AnyProjection for P {
@@ -77,8 +83,11 @@ impl<P: Projection> AnyProjection for P {
         P::NAME
     }
 
-    fn routes(&self, event: &ProjectedEvent) -> Vec<Route> {
-        Projection::routes(self, event)
+    fn routes(&self, event: &ProjectedEvent) -> Result<Vec<Route>, Poison> {
+        Ok(match typed::<P>(event)? {
+            Some(event) => Projection::routes(self, &event),
+            None => Vec::new(),
+        })
     }
 
     fn fold(
@@ -86,7 +95,7 @@ impl<P: Projection> AnyProjection for P {
         key: &str,
         body: Option<&[u8]>,
         events: &[(&ProjectedEvent, Order)],
-    ) -> Result<Folded, serde_json::Error> {
+    ) -> Result<Folded, FoldError> {
         let mut stored: Stored<P::View> = body
             .map(serde_json::from_slice)
             .transpose()?
@@ -105,7 +114,11 @@ impl<P: Projection> AnyProjection for P {
             outcomes[index] = if event.version <= last {
                 Outcome::Duplicate
             } else if event.version == last + 1 || line_up == Order::Latest {
-                let applied = self.apply(key, &mut stored.view, event);
+                let Some(typed) = typed::<P>(event)? else {
+                    // Routed here, so of the source's stream type.
+                    continue;
+                };
+                let applied = self.apply(key, &mut stored.view, &typed);
                 stored.applied.insert(stream.clone(), event.version);
                 changed = true;
                 match applied {
@@ -121,26 +134,11 @@ impl<P: Projection> AnyProjection for P {
         let body = changed.then(|| serde_json::to_vec(&stored)).transpose()?;
         Ok(Folded { body, outcomes })
     }
+}
 
-    fn fold_unchecked(
-        &self,
-        key: &str,
-        body: Option<&[u8]>,
-        events: &[(&ProjectedEvent, Order)],
-    ) -> Result<Folded, serde_json::Error> {
-        let mut stored: Stored<P::View> = body
-            .map(serde_json::from_slice)
-            .transpose()?
-            .unwrap_or_default();
-        for (event, _) in events {
-            // A naive writer does not look at what the projection says either.
-            let _ = self.apply(key, &mut stored.view, event);
-        }
-        Ok(Folded {
-            body: Some(serde_json::to_vec(&stored)?),
-            outcomes: vec![Outcome::Applied; events.len()],
-        })
-    }
+/// `event` as an event of `P`'s source, if it is of its stream type.
+fn typed<P: Projection>(event: &ProjectedEvent) -> Result<Option<SourceEvent<P>>, Poison> {
+    event.typed(<P::Source as Aggregate>::STREAM_TYPE)
 }
 
 #[cfg(test)]
@@ -149,7 +147,7 @@ mod tests {
 
     use super::*;
     use crate::bus::BusMessage;
-    use crate::domain::{CounterEvent, DomainEvent};
+    use crate::domain::{Counter, CounterEvent, DomainEvent, KnownTypes};
     use crate::pb;
     use crate::projection::views::CounterProjection;
     use crate::store::{EventMetadata, RecordedEvent};
@@ -175,7 +173,8 @@ mod tests {
             },
             request_id: None,
         };
-        ProjectedEvent::decode(&BusMessage::from_event(&recorded)).unwrap()
+        let known = KnownTypes::default().with::<Counter>();
+        ProjectedEvent::decode(&BusMessage::from_event(&recorded), &known).unwrap()
     }
 
     fn seq<'a>(events: &[&'a ProjectedEvent]) -> Vec<(&'a ProjectedEvent, Order)> {

@@ -109,19 +109,21 @@ impl Projector {
     fn decode(&self, recorded: &[crate::store::RecordedEvent]) -> Vec<ProjectedEvent> {
         recorded
             .iter()
-            .filter_map(|event| match ProjectedEvent::from_recorded(event) {
-                Ok(event) => Some(event),
-                Err(poison) => {
-                    ProjectorMetrics::add(&self.metrics.parked, 1);
-                    tracing::error!(
-                        position = event.position,
-                        stream = %event.stream_id,
-                        %poison,
-                        "an event in the log cannot be projected; skipping it"
-                    );
-                    None
-                }
-            })
+            .filter_map(
+                |event| match ProjectedEvent::from_recorded(event, &self.known) {
+                    Ok(event) => Some(event),
+                    Err(poison) => {
+                        ProjectorMetrics::add(&self.metrics.parked, 1);
+                        tracing::error!(
+                            position = event.position,
+                            stream = %event.stream_id,
+                            %poison,
+                            "an event in the log cannot be projected; skipping it"
+                        );
+                        None
+                    }
+                },
+            )
             .collect()
     }
 

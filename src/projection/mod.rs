@@ -20,8 +20,10 @@ pub mod views;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use self::event::{Payload, Poison, ProjectedEvent};
-pub use self::fold::{AnyProjection, Folded, Outcome};
+use crate::domain::Aggregate;
+
+pub use self::event::{Event, Poison, ProjectedEvent};
+pub use self::fold::{AnyProjection, FoldError, Folded, Outcome};
 pub use self::follow::FollowConfig;
 
 /// A document an event changes.
@@ -60,8 +62,12 @@ impl Route {
     }
 }
 
-/// One read model.
+/// One read model, folded from the events of one aggregate.
 pub trait Projection: Send + Sync + 'static {
+    /// The aggregate whose events this read model folds; events of other
+    /// stream types never reach it.
+    type Source: Aggregate;
+
     /// The document's shape, stored as JSON.
     type View: Serialize + DeserializeOwned + Default + Send;
 
@@ -70,7 +76,7 @@ pub trait Projection: Send + Sync + 'static {
 
     /// The documents `event` changes (none if it does not concern this read
     /// model), and how its stream's versions line up in each.
-    fn routes(&self, event: &ProjectedEvent) -> Vec<Route>;
+    fn routes(&self, event: &SourceEvent<Self>) -> Vec<Route>;
 
     /// Folds `event` into the document at `key`. Called once per event and
     /// document, in stream order. An event the view cannot take (a total
@@ -81,9 +87,12 @@ pub trait Projection: Send + Sync + 'static {
         &self,
         key: &str,
         view: &mut Self::View,
-        event: &ProjectedEvent,
+        event: &SourceEvent<Self>,
     ) -> Result<(), Refused>;
 }
+
+/// An event of a projection's source aggregate, decoded.
+pub type SourceEvent<P> = Event<<<P as Projection>::Source as Aggregate>::Event>;
 
 /// Why a projection could not fold an event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -32,6 +32,7 @@ use super::metrics::ProjectorMetrics;
 use super::{AnyProjection, Order, Outcome, ProjectedEvent};
 use crate::bus::{Delivery, Subscriber};
 use crate::documents::{DocumentError, DocumentStore};
+use crate::domain::KnownTypes;
 use crate::log::EventLog;
 use crate::store::StoreError;
 
@@ -51,20 +52,6 @@ pub struct ProjectorConfig {
     /// Bounds of the pause while a dependency does not answer, doubling.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
-    pub writes: Writes,
-}
-
-/// How documents are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Writes {
-    /// Read with CAS, fold with version checks, write back with the CAS.
-    #[default]
-    Checked,
-    /// Deliberately wrong, for tests only: apply without version checks and
-    /// overwrite whatever is there (a GET then SET). It loses updates under
-    /// concurrency and counts redeliveries twice, which is how a test shows
-    /// that its harness can tell.
-    NaiveGetSet,
 }
 
 impl Default for ProjectorConfig {
@@ -74,7 +61,6 @@ impl Default for ProjectorConfig {
             cas_retries: 64,
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
-            writes: Writes::Checked,
         }
     }
 }
@@ -85,6 +71,8 @@ pub struct Projector {
     pub(super) store: Arc<dyn DocumentStore>,
     pub(super) log: Arc<dyn EventLog>,
     projections: Arc<[Box<dyn AnyProjection>]>,
+    /// What the application stores: anything else is poison.
+    pub(super) known: Arc<KnownTypes>,
     pub(super) metrics: Arc<ProjectorMetrics>,
     pub(super) config: ProjectorConfig,
 }
@@ -148,10 +136,12 @@ impl WriteError {
 }
 
 impl Projector {
-    /// Projects into `store`, reading gaps from `log`.
+    /// Projects into `store` the events of the `known` types, reading gaps
+    /// from `log`.
     pub fn new(
         store: Arc<dyn DocumentStore>,
         log: Arc<dyn EventLog>,
+        known: KnownTypes,
         projections: Vec<Box<dyn AnyProjection>>,
         metrics: Arc<ProjectorMetrics>,
         config: ProjectorConfig,
@@ -160,6 +150,7 @@ impl Projector {
             store,
             log,
             projections: projections.into(),
+            known: Arc::new(known),
             metrics,
             config,
         }
@@ -189,7 +180,7 @@ impl Projector {
             }
             let mut work = Vec::with_capacity(fresh.len());
             for delivery in fresh {
-                match ProjectedEvent::decode(&delivery.message) {
+                match ProjectedEvent::decode(&delivery.message, &self.known) {
                     Ok(event) => work.push(Held { delivery, event }),
                     Err(poison) => self.park(delivery, &poison.to_string()).await,
                 }
@@ -256,9 +247,17 @@ impl Projector {
     /// what became of each event.
     pub(super) async fn verdicts(&self, events: &[&ProjectedEvent]) -> Vec<Verdict> {
         let mut documents: HashMap<(usize, String), Vec<(usize, Order)>> = HashMap::new();
+        let mut verdicts: Vec<Verdict> = events.iter().map(|_| Verdict::Duplicate).collect();
         for (index, event) in events.iter().enumerate() {
             for (projection, p) in self.projections.iter().enumerate() {
-                for route in p.routes(event) {
+                let routes = match p.routes(event) {
+                    Ok(routes) => routes,
+                    Err(poison) => {
+                        verdicts[index] = Verdict::Refused(poison.to_string());
+                        continue;
+                    }
+                };
+                for route in routes {
                     documents
                         .entry((projection, route.key))
                         .or_default()
@@ -275,7 +274,6 @@ impl Projector {
                     .await;
                 (items, written)
             });
-        let mut verdicts: Vec<Verdict> = events.iter().map(|_| Verdict::Duplicate).collect();
         for (items, written) in futures_util::future::join_all(writes).await {
             for (position, &(index, _)) in items.iter().enumerate() {
                 let verdict = match &written {
@@ -310,12 +308,6 @@ impl Projector {
                 WriteError::Permanent(format!("{} {key}: {m}", projection.name()))
             }
         };
-        if self.config.writes == Writes::NaiveGetSet {
-            return self
-                .write_naively(projection, key, events)
-                .await
-                .map_err(context);
-        }
         for attempt in 0..=self.config.cas_retries {
             let current = self
                 .store
@@ -387,7 +379,7 @@ impl Projector {
                 .await
                 .map_err(WriteError::log)?;
             for recorded in &read {
-                let event = ProjectedEvent::from_recorded(recorded)
+                let event = ProjectedEvent::from_recorded(recorded, &self.known)
                     .map_err(|poison| WriteError::Permanent(format!("in the log: {poison}")))?;
                 filled.push(event);
             }
@@ -398,47 +390,6 @@ impl Projector {
         let mut refolded = guarded_fold(projection, key, body, &all)?;
         refolded.outcomes.truncate(events.len());
         Ok(refolded)
-    }
-
-    /// GET, apply, SET: the body written is the one folded from the first
-    /// read, whatever was written since (see [`Writes::NaiveGetSet`]).
-    async fn write_naively(
-        &self,
-        projection: &dyn AnyProjection,
-        key: &str,
-        events: &[(&ProjectedEvent, Order)],
-    ) -> Result<Vec<Outcome>, WriteError> {
-        let current = self.store.get(key).await.map_err(WriteError::document)?;
-        let folded = projection
-            .fold_unchecked(key, current.as_ref().map(|d| d.body.as_slice()), events)
-            .map_err(|e| WriteError::Permanent(e.to_string()))?;
-        let body = folded.body.unwrap_or_default();
-        let mut cas = current.map(|d| d.cas);
-        loop {
-            // The port has no blind write: emulate SET with the latest CAS.
-            let written = match cas {
-                None => self.store.insert(key, &body).await.map(drop),
-                Some(cas) => self.store.replace(key, &body, cas).await.map(drop),
-            };
-            match written {
-                Err(
-                    DocumentError::Exists(_)
-                    | DocumentError::CasMismatch(_)
-                    | DocumentError::NotFound(_),
-                ) => {
-                    cas = self
-                        .store
-                        .get(key)
-                        .await
-                        .map_err(WriteError::document)?
-                        .map(|d| d.cas);
-                }
-                other => {
-                    other.map_err(WriteError::document)?;
-                    return Ok(folded.outcomes);
-                }
-            }
-        }
     }
 
     /// Acks, hands back or parks one delivery.
@@ -525,5 +476,5 @@ fn guarded_fold(
             .unwrap_or_else(|| "a panic".to_owned());
         WriteError::Permanent(format!("the projection panicked: {message}"))
     })?;
-    folded.map_err(|e| WriteError::Permanent(format!("unreadable document: {e}")))
+    folded.map_err(|e| WriteError::Permanent(e.to_string()))
 }

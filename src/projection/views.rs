@@ -7,8 +7,8 @@ use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Payload, ProjectedEvent, Projection, Refused, Route};
-use crate::domain::{CounterEvent, FileEvent};
+use super::{Event, Projection, Refused, Route};
+use crate::domain::{Counter, CounterEvent, File, FileEvent};
 
 pub fn file_key(file_id: &str) -> String {
     format!("file::{file_id}")
@@ -61,18 +61,15 @@ pub fn named(names: &[String]) -> Result<Vec<Box<dyn super::AnyProjection>>, Unk
         .collect()
 }
 
-fn file_event(event: &ProjectedEvent) -> Option<(&str, &FileEvent)> {
-    let Payload::File(file_event) = &event.payload else {
-        return None;
-    };
-    let file_id = match file_event {
+/// The file an event is about.
+fn file_id(event: &FileEvent) -> &str {
+    match event {
         FileEvent::Created(e) => &e.file_id,
         FileEvent::Renamed(e) => &e.file_id,
         FileEvent::Moved(e) => &e.file_id,
         FileEvent::Deleted(e) => &e.file_id,
         FileEvent::CommentAdded(e) => &e.file_id,
-    };
-    Some((file_id, file_event))
+    }
 }
 
 /// One file as users see it.
@@ -91,25 +88,21 @@ pub struct FileView {
 pub struct FileViewProjection;
 
 impl Projection for FileViewProjection {
+    type Source = File;
     type View = FileView;
     const NAME: &'static str = "file_view";
 
-    fn routes(&self, event: &ProjectedEvent) -> Vec<Route> {
-        file_event(event)
-            .map(|(file_id, _)| Route::sequence(file_key(file_id)))
-            .into_iter()
-            .collect()
+    fn routes(&self, event: &Event<FileEvent>) -> Vec<Route> {
+        vec![Route::sequence(file_key(file_id(&event.payload)))]
     }
 
     fn apply(
         &self,
         _key: &str,
         view: &mut FileView,
-        event: &ProjectedEvent,
+        event: &Event<FileEvent>,
     ) -> Result<(), Refused> {
-        let Some((_, file_event)) = file_event(event) else {
-            return Ok(());
-        };
+        let file_event = &event.payload;
         if let FileEvent::CommentAdded(_) = file_event {
             view.comment_count = view.comment_count.checked_add(1).ok_or_else(|| {
                 Refused(format!(
@@ -146,17 +139,15 @@ pub struct FolderListing {
 pub struct FolderProjection;
 
 impl Projection for FolderProjection {
+    type Source = File;
     type View = FolderListing;
     const NAME: &'static str = "folder_listing";
 
     /// Each routed event carries the file's name and folder, so the newest
     /// version wins; the document's per-stream versions keep a late, older
     /// event from re-adding a file that has moved on.
-    fn routes(&self, event: &ProjectedEvent) -> Vec<Route> {
-        let Some((_, file_event)) = file_event(event) else {
-            return Vec::new();
-        };
-        let folders = match file_event {
+    fn routes(&self, event: &Event<FileEvent>) -> Vec<Route> {
+        let folders = match &event.payload {
             FileEvent::Created(e) => vec![&e.folder_id],
             FileEvent::Renamed(e) => vec![&e.folder_id],
             FileEvent::Moved(e) => vec![&e.from_folder_id, &e.to_folder_id],
@@ -173,11 +164,10 @@ impl Projection for FolderProjection {
         &self,
         key: &str,
         view: &mut FolderListing,
-        event: &ProjectedEvent,
+        event: &Event<FileEvent>,
     ) -> Result<(), Refused> {
-        let Some((file_id, file_event)) = file_event(event) else {
-            return Ok(());
-        };
+        let file_event = &event.payload;
+        let file_id = file_id(file_event);
         let folder_id = key.strip_prefix("folder::").unwrap_or(key);
         view.folder_id = folder_id.to_owned();
         let listed = match file_event {
@@ -217,27 +207,23 @@ pub struct Comment {
 pub struct CommentsProjection;
 
 impl Projection for CommentsProjection {
+    type Source = File;
     type View = CommentThread;
     const NAME: &'static str = "comment_thread";
 
     /// Every event of the file's stream, so the thread's versions have no gaps.
-    fn routes(&self, event: &ProjectedEvent) -> Vec<Route> {
-        file_event(event)
-            .map(|(file_id, _)| Route::sequence(comments_key(file_id)))
-            .into_iter()
-            .collect()
+    fn routes(&self, event: &Event<FileEvent>) -> Vec<Route> {
+        vec![Route::sequence(comments_key(file_id(&event.payload)))]
     }
 
     fn apply(
         &self,
         _key: &str,
         view: &mut CommentThread,
-        event: &ProjectedEvent,
+        event: &Event<FileEvent>,
     ) -> Result<(), Refused> {
-        let Some((file_id, file_event)) = file_event(event) else {
-            return Ok(());
-        };
-        view.file_id = file_id.to_owned();
+        let file_event = &event.payload;
+        view.file_id = file_id(file_event).to_owned();
         view.version = event.version;
         if let FileEvent::CommentAdded(added) = file_event {
             let posted_at_ms = event
@@ -268,34 +254,30 @@ pub struct CounterView {
 pub struct CounterProjection;
 
 impl Projection for CounterProjection {
+    type Source = Counter;
     type View = CounterView;
     const NAME: &'static str = "counter";
 
-    fn routes(&self, event: &ProjectedEvent) -> Vec<Route> {
-        match &event.payload {
-            Payload::Counter(CounterEvent::Incremented(e)) => {
-                vec![Route::sequence(counter_key(&e.counter_id))]
-            }
-            Payload::File(_) => Vec::new(),
-        }
+    fn routes(&self, event: &Event<CounterEvent>) -> Vec<Route> {
+        let CounterEvent::Incremented(e) = &event.payload;
+        vec![Route::sequence(counter_key(&e.counter_id))]
     }
 
     fn apply(
         &self,
         _key: &str,
         view: &mut CounterView,
-        event: &ProjectedEvent,
+        event: &Event<CounterEvent>,
     ) -> Result<(), Refused> {
-        if let Payload::Counter(CounterEvent::Incremented(e)) = &event.payload {
-            view.count = view.count.checked_add(e.amount).ok_or_else(|| {
-                Refused(format!(
-                    "counter {}: adding {} to {} overflows",
-                    e.counter_id, e.amount, view.count
-                ))
-            })?;
-            view.counter_id.clone_from(&e.counter_id);
-            view.version = event.version;
-        }
+        let CounterEvent::Incremented(e) = &event.payload;
+        view.count = view.count.checked_add(e.amount).ok_or_else(|| {
+            Refused(format!(
+                "counter {}: adding {} to {} overflows",
+                e.counter_id, e.amount, view.count
+            ))
+        })?;
+        view.counter_id.clone_from(&e.counter_id);
+        view.version = event.version;
         Ok(())
     }
 }

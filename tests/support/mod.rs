@@ -4,6 +4,7 @@
 
 pub mod bus;
 pub mod documents;
+pub mod naive;
 pub mod projection;
 
 use std::net::SocketAddr;

@@ -22,12 +22,15 @@ pub fn fold_log(log: &[RecordedEvent]) -> BTreeMap<String, serde_json::Value> {
     let projections = scaleout::projection::views::reference();
     let events: Vec<ProjectedEvent> = log
         .iter()
-        .map(|e| ProjectedEvent::decode(&BusMessage::from_event(e)).unwrap())
+        .map(|e| {
+            let known = scaleout::app::reference_types();
+            ProjectedEvent::decode(&BusMessage::from_event(e), &known).unwrap()
+        })
         .collect();
     let mut bodies: HashMap<String, Vec<u8>> = HashMap::new();
     for event in &events {
         for projection in &projections {
-            for route in projection.routes(event) {
+            for route in projection.routes(event).unwrap() {
                 let body = bodies.get(&route.key).map(Vec::as_slice);
                 let folded = projection
                     .fold(&route.key, body, &[(event, route.order)])

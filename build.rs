@@ -1,14 +1,14 @@
-//! Compiles `proto/` with protox (pure Rust, no system `protoc`) and writes the
-//! descriptor set that the reflection service serves.
+//! Compiles the kernel's part of `proto/` (the envelope, the read API, the
+//! admin service and what every application's commands share) with protox
+//! (pure Rust, no system `protoc`), and writes the descriptor set that the
+//! reflection service serves. Applications compile their own protos.
 
 use std::{env, fs, path::PathBuf};
 
 const PROTOS: &[&str] = &[
     "proto/scaleout/v1/common.proto",
-    "proto/scaleout/v1/events.proto",
-    "proto/scaleout/v1/command_service.proto",
+    "proto/scaleout/v1/envelope.proto",
     "proto/scaleout/v1/admin_service.proto",
-    "proto/scaleout/v1/query_service.proto",
     "proto/scaleout/v1/read_service.proto",
 ];
 

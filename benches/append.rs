@@ -11,9 +11,9 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use reference::pb::{self, command_service_client::CommandServiceClient};
 use scaleout::command::RetryPolicy;
 use scaleout::config::ServerArgs;
-use scaleout::pb::{self, command_service_client::CommandServiceClient};
 use scaleout::store::postgres::{PostgresConfig, PostgresStore};
 use scaleout::store::redb::RedbStore;
 use scaleout::store::{
@@ -196,6 +196,7 @@ async fn grpc_commands(name: &str, store: Arc<dyn EventStore>) {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stopping = CancellationToken::new();
     let service = scaleout::app::CommandService {
+        app: std::sync::Arc::new(reference::Reference),
         store,
         bus: None,
         server: ServerArgs::default(),

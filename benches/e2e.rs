@@ -15,14 +15,14 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use reference::pb::{
+    self, command_service_client::CommandServiceClient, query_service_client::QueryServiceClient,
+};
 use scaleout::bus::rabbitmq::{RabbitBus, RabbitConfig};
 use scaleout::bus::{EventBus, Subscription};
 use scaleout::documents::DocumentStore;
 use scaleout::documents::couchbase::{CouchbaseConfig, CouchbaseDocuments};
 use scaleout::grpc::RemoteLog;
-use scaleout::pb::{
-    self, command_service_client::CommandServiceClient, query_service_client::QueryServiceClient,
-};
 use scaleout::store::EventStore;
 use scaleout::store::postgres::{PostgresConfig, PostgresStore};
 use tokio::net::TcpListener;
@@ -115,6 +115,7 @@ async fn embedded(rate: u32) {
     let (listener, url) = listener().await;
     let stopping = CancellationToken::new();
     let platform = scaleout::app::Platform {
+        app: std::sync::Arc::new(reference::Reference),
         data_dir: dir.path().to_owned(),
         server: Default::default(),
         retry: Default::default(),
@@ -233,6 +234,7 @@ async fn split(rate: u32, freeze: Option<Duration>) {
     for _ in 0..2 {
         let (listener, _) = listener().await;
         let projector = scaleout::app::ProjectorService {
+            app: std::sync::Arc::new(reference::Reference),
             bus: Arc::new(RabbitBus::new(rabbit.clone())),
             documents: documents().await,
             log: Arc::new(RemoteLog::new(&command_url, Duration::from_secs(5)).unwrap()),
@@ -270,6 +272,7 @@ async fn split(rate: u32, freeze: Option<Duration>) {
             .unwrap(),
     );
     let command = scaleout::app::CommandService {
+        app: std::sync::Arc::new(reference::Reference),
         store,
         bus: Some(Arc::new(RabbitBus::new(rabbit.clone())) as Arc<dyn EventBus>),
         server: Default::default(),
@@ -282,6 +285,7 @@ async fn split(rate: u32, freeze: Option<Duration>) {
     });
     let (query_listener, query_url) = listener().await;
     let query = scaleout::app::QueryService {
+        app: std::sync::Arc::new(reference::Reference),
         documents: documents().await,
         max_wait: Duration::from_secs(10),
         server: Default::default(),

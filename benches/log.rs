@@ -15,10 +15,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
 use prost::Message;
+use reference::pb::read_service_client::ReadServiceClient;
+use reference::pb::{self, subscribe_response::Kind};
 use scaleout::domain::KnownTypes;
 use scaleout::grpc::{ReadApi, ReadConfig};
-use scaleout::pb::read_service_client::ReadServiceClient;
-use scaleout::pb::{self, subscribe_response::Kind};
 use scaleout::store::postgres::{PostgresConfig, PostgresStore};
 use scaleout::store::redb::RedbStore;
 use scaleout::store::{

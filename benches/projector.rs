@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
+use reference::domain::CounterEvent;
+use reference::pb;
 use scaleout::bus::rabbitmq::{RabbitBus, RabbitConfig};
 use scaleout::bus::{BusMessage, EventBus, Subscription};
 use scaleout::documents::DocumentStore;
 use scaleout::documents::redb::RedbDocuments;
-use scaleout::domain::{CounterEvent, DomainEvent};
+use scaleout::domain::DomainEvent;
 use scaleout::log::StoreLog;
-use scaleout::pb;
 use scaleout::projection::metrics::ProjectorMetrics;
 use scaleout::projection::runtime::{Projector, ProjectorConfig};
 use scaleout::store::redb::RedbStore;
@@ -138,8 +139,8 @@ async fn project(
     let projector = Projector::new(
         documents,
         Arc::new(StoreLog(log)),
-        scaleout::app::reference_types(),
-        scaleout::projection::views::reference(),
+        scaleout::app::Application::known_types(&reference::Reference),
+        reference::views::all(),
         Arc::clone(&metrics),
         ProjectorConfig {
             batch: usize::from(PREFETCH),

@@ -4,13 +4,19 @@
 //! event-sourced aggregates and appended to an event store with
 //! expected-version checks; an outbox relay publishes the events to a bus;
 //! projectors fold them into read models with CAS; queries read those,
-//! waiting for a version when asked. Modules depend downward only:
+//! waiting for a version when asked.
+//!
+//! The kernel names no domain. An application (see `crates/reference` and
+//! `crates/example-bank`) defines its aggregates, projections and gRPC
+//! services in its own crate and hands them over as one
+//! [`app::Application`]; the services in [`app`] run any application.
+//! Modules depend downward only:
 //!
 //! | module | owns | must not depend on |
 //! | --- | --- | --- |
-//! | [`pb`] | the generated Protobuf contract of `proto/` | anything |
+//! | [`pb`] | the kernel's generated Protobuf contract: envelope, read API, admin, what commands share | anything |
 //! | [`config`], [`telemetry`], [`shutdown`] | typed flags, logs, the shutdown token | the rest |
-//! | [`domain`] | aggregates: pure `decide` / `apply`, validated values | I/O, `store`, `grpc` |
+//! | [`domain`] | what an application's aggregates are: pure `decide` / `apply`, events, known types, validated values, given/when/then | I/O, `store`, `grpc` |
 //! | [`store`] | the event store port, its shared batch planner, redb and PostgreSQL | `domain`, `command`, `grpc` |
 //! | [`envelope`] | recorded events to and from their wire envelope | `domain`, `grpc` |
 //! | [`bus`] | the event bus port, in-process and RabbitMQ | `store` internals, `domain`, `grpc` |
@@ -18,10 +24,10 @@
 //! | [`log`] | reading the whole log: the port the read side reads through, a follower | `grpc`, `bus`, `documents` |
 //! | [`command`] | load, decide, append; retry only what is safe | `grpc`, `bus` |
 //! | [`relay`] | the outbox relay: store outbox → bus, with confirms | `domain`, `grpc` |
-//! | [`projection`] | read models as a fold of the log: routes, CAS writes, the runtime | `store`, `grpc` |
+//! | [`projection`] | read models as a fold of the log: the projection contract, CAS writes, the runtime | `store`, `grpc` |
 //! | [`query`] | reading read models, waiting for a version when asked | `bus`, `store` |
-//! | [`grpc`] | adapters, the one status mapping, health, reflection, serving | backends' internals |
-//! | [`app`] | the wiring of each deployable service and of the embedded platform | — |
+//! | [`grpc`] | the read API, admin, request helpers for applications' services, the one status mapping, health, reflection, serving | backends' internals |
+//! | [`app`] | the application contract; the wiring of each deployable service and of the embedded platform | — |
 
 pub mod app;
 pub mod bus;

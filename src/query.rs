@@ -27,10 +27,6 @@ use crate::documents::{DocumentError, DocumentStore};
 /// up, while one that is a few milliseconds behind is still read again
 /// within them (the pauses double from 1 ms).
 const MAX_POLL: Duration = Duration::from_millis(100);
-use crate::projection::views::{
-    CommentThread, CounterView, FileView, FolderListing, comments_key, counter_key, file_key,
-    folder_key,
-};
 
 /// Why a query has no answer.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +70,7 @@ struct Snapshot {
 
 type SharedRead = Shared<BoxFuture<'static, Result<Option<Arc<Snapshot>>, DocumentError>>>;
 
-/// Queries over the reference read models.
+/// Reads of read models, shared by an application's queries.
 #[derive(Debug, Clone)]
 pub struct Queries {
     documents: Arc<dyn DocumentStore>,
@@ -133,64 +129,10 @@ impl Queries {
         &self.documents
     }
 
-    pub async fn file(
-        &self,
-        file_id: &str,
-        min_version: u64,
-        deadline: Instant,
-    ) -> Result<FileView, QueryError> {
-        let wanted = wanted(format!("file-{file_id}"), min_version);
-        self.read("file", file_id, &file_key(file_id), &wanted, deadline)
-            .await
-    }
-
-    pub async fn folder(
-        &self,
-        folder_id: &str,
-        min_versions: &BTreeMap<String, u64>,
-        deadline: Instant,
-    ) -> Result<FolderListing, QueryError> {
-        let wanted: Vec<_> = min_versions.iter().map(|(s, v)| (s.clone(), *v)).collect();
-        self.read(
-            "folder",
-            folder_id,
-            &folder_key(folder_id),
-            &wanted,
-            deadline,
-        )
-        .await
-    }
-
-    pub async fn comments(
-        &self,
-        file_id: &str,
-        min_version: u64,
-        deadline: Instant,
-    ) -> Result<CommentThread, QueryError> {
-        let wanted = wanted(format!("file-{file_id}"), min_version);
-        self.read("file", file_id, &comments_key(file_id), &wanted, deadline)
-            .await
-    }
-
-    pub async fn counter(
-        &self,
-        counter_id: &str,
-        min_version: u64,
-        deadline: Instant,
-    ) -> Result<CounterView, QueryError> {
-        let wanted = wanted(format!("counter-{counter_id}"), min_version);
-        self.read(
-            "counter",
-            counter_id,
-            &counter_key(counter_id),
-            &wanted,
-            deadline,
-        )
-        .await
-    }
-
-    /// Reads `key` once it has applied every `wanted` (stream, version).
-    async fn read<V: DeserializeOwned>(
+    /// Reads the document at `key` as a `V` once it has applied every
+    /// `wanted` (stream, version), waiting until `deadline` at most. `kind`
+    /// and `id` name it in errors (`NotFound`, `NotCaughtUp`).
+    pub async fn read<V: DeserializeOwned>(
         &self,
         kind: &'static str,
         id: &str,
@@ -240,13 +182,5 @@ impl Queries {
                 }
             }
         }
-    }
-}
-
-fn wanted(stream: String, min_version: u64) -> Vec<(String, u64)> {
-    if min_version == 0 {
-        Vec::new()
-    } else {
-        vec![(stream, min_version)]
     }
 }

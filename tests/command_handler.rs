@@ -6,9 +6,10 @@ mod support;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use reference::domain::values::{Amount, FileName, Id};
+use reference::domain::{Counter, CounterCommand, File, FileCommand};
 use scaleout::command::{Command, CommandError, CommandHandler, RetryPolicy};
-use scaleout::domain::values::{Amount, FileName, Id};
-use scaleout::domain::{Counter, CounterCommand, DomainError, File, FileCommand};
+use scaleout::domain::DomainError;
 use scaleout::store::{EventStore, ExpectedVersion, StoreError};
 
 fn command<C>(id: &str, command: C, expected: Option<ExpectedVersion>) -> Command<C> {

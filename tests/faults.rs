@@ -8,10 +8,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use scaleout::pb::command_service_client::CommandServiceClient;
-use scaleout::pb::query_service_client::QueryServiceClient;
-use scaleout::pb::read_service_client::ReadServiceClient;
-use scaleout::pb::{self};
+use reference::pb::command_service_client::CommandServiceClient;
+use reference::pb::query_service_client::QueryServiceClient;
+use reference::pb::read_service_client::ReadServiceClient;
+use reference::pb::{self};
 use scaleout::store::RecordedEvent;
 use support::Process;
 use tokio::task::JoinSet;
@@ -337,7 +337,7 @@ impl Split {
             "views equal the log {:?} after the load stopped",
             started.elapsed()
         );
-        let mut admin = scaleout::pb::admin_service_client::AdminServiceClient::new(lazy_channel(
+        let mut admin = reference::pb::admin_service_client::AdminServiceClient::new(lazy_channel(
             &self.command_addr,
         ));
         let parked = admin

@@ -6,9 +6,9 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use reference::pb::{self, admin_service_client::AdminServiceClient};
 use scaleout::bus::memory::MemoryBus;
 use scaleout::bus::{BusMessage, EventBus, Subscription};
-use scaleout::pb::{self, admin_service_client::AdminServiceClient};
 use support::CommandService;
 use tonic::Code;
 
@@ -26,6 +26,7 @@ async fn a_parked_event_is_listed_with_its_reason_and_replayed() {
         .await
         .unwrap();
     let service = CommandService::start_full(scaleout::app::CommandService {
+        app: std::sync::Arc::new(reference::Reference),
         store,
         bus: Some(Arc::clone(&bus)),
         server: Default::default(),
@@ -140,6 +141,7 @@ async fn dead_letters_page_within_a_byte_bound() {
         delivery.dead_letter("poison").await.unwrap();
     }
     let service = CommandService::start_full(scaleout::app::CommandService {
+        app: std::sync::Arc::new(reference::Reference),
         store,
         bus: Some(Arc::clone(&bus)),
         server: Default::default(),

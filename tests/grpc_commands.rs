@@ -5,7 +5,7 @@ mod support;
 
 use std::collections::BTreeSet;
 
-use scaleout::pb::{self, expected_version::Kind};
+use reference::pb::{self, expected_version::Kind};
 use support::{CommandService, redb_store};
 use tonic::Code;
 use tonic_types::StatusExt;

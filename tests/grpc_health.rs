@@ -8,8 +8,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use reference::pb;
 use scaleout::config::ServerArgs;
-use scaleout::pb;
 use scaleout::store::postgres::{PostgresConfig, PostgresStore};
 use support::{CommandService, Proxy};
 use tokio::net::TcpListener;

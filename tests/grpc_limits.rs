@@ -6,8 +6,8 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use reference::pb;
 use scaleout::config::ServerArgs;
-use scaleout::pb;
 use support::{CommandService, redb_store};
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -71,6 +71,7 @@ async fn a_call_past_the_request_timeout_is_deadline_exceeded() {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stopping = tokio_util::sync::CancellationToken::new();
     let platform = scaleout::app::Platform {
+        app: std::sync::Arc::new(reference::Reference),
         data_dir: data.path().to_owned(),
         server: ServerArgs {
             request_timeout: Duration::from_millis(300),
@@ -186,6 +187,7 @@ async fn a_listing_waits_for_a_bounded_set_of_file_streams() {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stopping = tokio_util::sync::CancellationToken::new();
     let platform = scaleout::app::Platform {
+        app: std::sync::Arc::new(reference::Reference),
         data_dir: data.path().to_owned(),
         server: ServerArgs::default(),
         retry: Default::default(),

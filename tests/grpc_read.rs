@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
+use reference::pb::read_service_client::ReadServiceClient;
+use reference::pb::{self, subscribe_response::Kind};
 use scaleout::domain::KnownTypes;
 use scaleout::grpc::{ReadApi, ReadConfig};
-use scaleout::pb::read_service_client::ReadServiceClient;
-use scaleout::pb::{self, subscribe_response::Kind};
 use scaleout::store::{AppendRequest, EventMetadata, ExpectedVersion, NewEvent};
 use support::{CommandService, redb_store};
 use tonic::Code;

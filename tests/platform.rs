@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use scaleout::pb::{
+use reference::pb::{
     self, command_service_client::CommandServiceClient, query_service_client::QueryServiceClient,
 };
 use tokio_util::sync::CancellationToken;
@@ -23,6 +23,7 @@ async fn start(data_dir: &std::path::Path) -> Running {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stopping = CancellationToken::new();
     let platform = scaleout::app::Platform {
+        app: std::sync::Arc::new(reference::Reference),
         data_dir: data_dir.to_owned(),
         server: Default::default(),
         retry: Default::default(),

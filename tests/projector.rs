@@ -8,13 +8,13 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use reference::domain::values::{Amount, Author, CommentText, FileName, Id};
+use reference::domain::{Counter, CounterCommand, File, FileCommand};
 use scaleout::bus::memory::MemoryBus;
 use scaleout::bus::{BusMessage, EventBus, Subscription};
 use scaleout::command::{Command, CommandHandler, RetryPolicy};
 use scaleout::documents::DocumentStore;
 use scaleout::documents::redb::RedbDocuments;
-use scaleout::domain::values::{Amount, Author, CommentText, FileName, Id};
-use scaleout::domain::{Counter, CounterCommand, File, FileCommand};
 use scaleout::log::StoreLog;
 use scaleout::projection::metrics::ProjectorMetrics;
 use scaleout::projection::runtime::{Projector, ProjectorConfig};
@@ -65,8 +65,8 @@ impl Projectors {
         let projector = Projector::new(
             Arc::clone(&documents),
             Arc::new(StoreLog(Arc::clone(store))),
-            scaleout::app::reference_types(),
-            scaleout::projection::views::reference(),
+            scaleout::app::Application::known_types(&reference::Reference),
+            reference::views::all(),
             Arc::clone(&metrics),
             config,
         );
@@ -532,10 +532,11 @@ async fn an_event_that_would_overflow_a_total_is_parked_and_skipped() {
     use scaleout::domain::DomainEvent;
     let (store, _dir) = support::redb_store();
     for amount in [1u64 << 63, 1 << 63, 5] {
-        let event = scaleout::domain::CounterEvent::Incremented(scaleout::pb::CounterIncremented {
-            counter_id: "big".into(),
-            amount,
-        });
+        let event =
+            reference::domain::CounterEvent::Incremented(reference::pb::CounterIncremented {
+                counter_id: "big".into(),
+                amount,
+            });
         let append = scaleout::store::AppendRequest {
             stream_id: "counter-big".into(),
             stream_type: "counter".into(),
@@ -644,7 +645,7 @@ async fn a_projection_that_panics_fails_its_documents_not_the_worker() {
     let projector = Projector::new(
         Arc::clone(&documents),
         Arc::new(StoreLog(Arc::clone(&store))),
-        scaleout::app::reference_types(),
+        scaleout::app::Application::known_types(&reference::Reference),
         vec![Box::new(Fragile)],
         Arc::new(ProjectorMetrics::default()),
         ProjectorConfig::default(),

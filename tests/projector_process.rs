@@ -6,12 +6,12 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use reference::domain::values::{Amount, Id};
+use reference::domain::{Counter, CounterCommand};
 use scaleout::bus::rabbitmq::RabbitBus;
 use scaleout::bus::{EventBus, Subscription};
 use scaleout::command::{Command, CommandHandler, RetryPolicy};
 use scaleout::documents::redb::RedbDocuments;
-use scaleout::domain::values::{Amount, Id};
-use scaleout::domain::{Counter, CounterCommand};
 use scaleout::relay::Relay;
 use support::Process;
 use tokio_util::sync::CancellationToken;

@@ -45,7 +45,7 @@ async fn waiting_for_a_version_backs_off_and_still_answers_at_the_deadline() {
     });
     let body = br#"{"counter_id":"c","count":1,"version":1,"_applied":{"counter-c":1}}"#;
     store.insert("counter::c", body).await.unwrap();
-    let queries = Queries::new(store.clone());
+    let queries = reference::queries::ReferenceQueries(Queries::new(store.clone()));
     let started = tokio::time::Instant::now();
     let deadline = started + Duration::from_secs(1);
     let answer = queries.counter("c", 2, deadline).await;
@@ -85,7 +85,7 @@ async fn callers_waiting_on_one_document_share_its_reads() {
     });
     let body = br#"{"counter_id":"c","count":1,"version":1,"_applied":{"counter-c":1}}"#;
     store.insert("counter::c", body).await.unwrap();
-    let queries = Queries::new(store.clone());
+    let queries = reference::queries::ReferenceQueries(Queries::new(store.clone()));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
     let waiting: Vec<_> = (0..WAITERS)
         .map(|_| {

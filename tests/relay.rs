@@ -289,7 +289,7 @@ async fn two_relays_on_one_postgres_publish_every_row_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_keep_flowing_while_rabbitmq_is_away_and_arrive_once_it_is_back() {
-    use scaleout::pb;
+    use reference::pb;
     use support::{CommandService, Proxy, wait_for_health};
     use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -311,6 +311,7 @@ async fn commands_keep_flowing_while_rabbitmq_is_away_and_arrive_once_it_is_back
             .with_prefix(config.prefix());
     let (store, _dir) = support::redb_store();
     let service = CommandService::start_full(scaleout::app::CommandService {
+        app: std::sync::Arc::new(reference::Reference),
         store,
         bus: Some(Arc::new(RabbitBus::new(proxied))),
         server: scaleout::config::ServerArgs {

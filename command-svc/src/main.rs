@@ -80,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
         "command-svc serving gRPC with health and reflection: try `grpcurl -plaintext {address} list`"
     );
     let service = scaleout::app::CommandService {
+        app: std::sync::Arc::new(reference::Reference),
         store,
         bus,
         server: args.server,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use scaleout::app::Application;
 use scaleout::bus::Subscription;
 use scaleout::config::{DocumentStoreArgs, ServerArgs, TelemetryArgs, parse_duration, redact};
 use scaleout::projection::runtime::ProjectorConfig;
@@ -75,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
     args.server.exit_if_checking_health(args.listen).await;
     scaleout::telemetry::init(&args.telemetry).context("invalid --log-filter")?;
     // Refuse a wrong --projections before connecting to anything.
-    scaleout::projection::views::named(&args.projections)?;
+    scaleout::projection::choose(reference::Reference.projections(), &args.projections)?;
     let stopping = scaleout::shutdown::on_signal();
     let bus = scaleout::bus::open(&args.event_bus, &args.event_bus_prefix)
         .with_context(|| format!("event bus {}", redact(&args.event_bus)))?;
@@ -99,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
     let log = scaleout::grpc::RemoteLog::new(&args.event_log, Duration::from_secs(5))
         .with_context(|| format!("event log {}", args.event_log))?;
     let service = scaleout::app::ProjectorService {
+        app: std::sync::Arc::new(reference::Reference),
         bus,
         documents,
         log: std::sync::Arc::new(log),

@@ -48,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
         "query-svc serving gRPC with health and reflection: try `grpcurl -plaintext {address} list`"
     );
     let service = scaleout::app::QueryService {
+        app: std::sync::Arc::new(reference::Reference),
         documents,
         max_wait: args.max_wait,
         server: args.server,

@@ -4,20 +4,19 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::service::RoutesBuilder;
 
-use super::{ServeError, relay_metrics, report_relay, serve_then_drain};
+use super::{Application, ServeError, Services, relay_metrics, report_relay, serve_then_drain};
 use crate::bus::EventBus;
 use crate::command::{CommandHandler, RetryPolicy};
 use crate::config::ServerArgs;
-use crate::grpc::{AdminApi, CommandApi, ReadApi, ReadConfig, server};
-use crate::pb::command_service_server::SERVICE_NAME as COMMAND_SERVICE;
+use crate::grpc::{AdminApi, ReadApi, ReadConfig, server};
 use crate::relay::{Relay, RelayConfig};
 use crate::store::EventStore;
 
 /// What command-svc runs on.
 #[derive(Debug, Clone)]
 pub struct CommandService {
+    pub app: Arc<dyn Application>,
     pub store: Arc<dyn EventStore>,
     /// Where the outbox relay publishes; `None` runs no relay (events wait
     /// in the outbox for a process that has one).
@@ -27,7 +26,7 @@ pub struct CommandService {
     pub relay: RelayConfig,
 }
 
-/// command-svc: the command service over the store, with health following
+/// command-svc: the application's command services over the store, with health following
 /// the store, and with a bus the outbox relay and the admin service (dead
 /// letters), until `stopping` is cancelled.
 pub async fn run_command_service(
@@ -36,6 +35,7 @@ pub async fn run_command_service(
     stopping: CancellationToken,
 ) -> Result<(), ServeError> {
     let CommandService {
+        app,
         store,
         bus,
         server: server_args,
@@ -43,36 +43,24 @@ pub async fn run_command_service(
         relay,
     } = service;
     let handler = Arc::new(CommandHandler::new(Arc::clone(&store), retry));
-    let mut services = RoutesBuilder::default();
-    let limit = server_args.max_message_bytes;
-    services
-        .add_service(CommandApi::new(handler).into_service(limit))
-        .add_service(
-            ReadApi::new(
-                Arc::clone(&store),
-                super::reference_types(),
-                ReadConfig::default(),
-            )
+    let mut services = Services::new(server_args.max_message_bytes);
+    app.command_services(handler, &mut services);
+    // Health reports on the application's command services.
+    let commands = services.names().to_vec();
+    let limit = services.max_message_bytes;
+    services.add(
+        ReadApi::new(Arc::clone(&store), app.known_types(), ReadConfig::default())
             .into_service(limit),
-        );
-    let mut served = vec![
-        COMMAND_SERVICE,
-        crate::pb::read_service_server::SERVICE_NAME,
-    ];
-    if bus.is_some() {
-        served.push(crate::pb::admin_service_server::SERVICE_NAME);
-    }
+    );
     if let Some(bus) = &bus {
-        services.add_service(
-            AdminApi::new(Arc::clone(bus)).into_service(server_args.max_message_bytes),
-        );
+        services.add(AdminApi::new(Arc::clone(bus)).into_service(limit));
     }
     let relay = bus.map(|bus| Relay::new(Arc::clone(&store), bus, relay));
     let extra = relay.as_ref().map(|relay| relay_metrics(relay.state()));
     let (routes, health) = server::routes(
         services,
-        &served,
-        &[COMMAND_SERVICE],
+        app.file_descriptor_set(),
+        &commands,
         extra,
         &server_args,
         stopping.clone(),
@@ -81,15 +69,21 @@ pub async fn run_command_service(
 
     let mut tasks = tokio::task::JoinSet::new();
     let probed = Arc::clone(&store);
-    tasks.spawn(health.clone().follow(
-        vec![COMMAND_SERVICE.to_owned(), String::new()],
-        "event store",
-        server_args.health_interval,
-        move || {
-            let store = Arc::clone(&probed);
-            async move { store.ping().await }
-        },
-    ));
+    tasks.spawn(
+        health.clone().follow(
+            commands
+                .iter()
+                .map(|name| (*name).to_owned())
+                .chain([String::new()])
+                .collect(),
+            "event store",
+            server_args.health_interval,
+            move || {
+                let store = Arc::clone(&probed);
+                async move { store.ping().await }
+            },
+        ),
+    );
     if let Some(relay) = relay {
         tasks.spawn(report_relay(health.clone(), relay.state()));
         tasks.spawn(relay.run(stopping.child_token()));

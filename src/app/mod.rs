@@ -1,7 +1,9 @@
-//! The wiring of each deployable service, so that binaries stay flag parsing
-//! and tests run exactly what ships (on port 0): one file per service, plus
-//! the embedded platform that runs them all in one process.
+//! The wiring of each deployable service, for any [`Application`], so that
+//! binaries stay flag parsing and tests run exactly what ships (on port 0):
+//! one file per service, plus the embedded platform that runs them all in
+//! one process.
 
+mod application;
 mod command;
 mod platform;
 mod projector;
@@ -12,12 +14,14 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use self::application::Application;
 pub use self::command::{CommandService, run_command_service};
 pub use self::platform::{Platform, PlatformError, run_platform};
 pub use self::projector::{ProjectorService, run_projector};
 pub use self::query::{QueryService, run_query_service};
 use crate::config::ServerArgs;
 use crate::grpc::metrics::ExtraMetrics;
+pub use crate::grpc::server::Services;
 use crate::grpc::{Health, server};
 
 /// The health service name of a projector process: SERVING while both the
@@ -29,18 +33,11 @@ pub const PROJECTOR_HEALTH: &str = "scaleout.Projector";
 /// keeps accepting commands, and their events wait in the outbox.
 pub const OUTBOX_RELAY_HEALTH: &str = "scaleout.OutboxRelay";
 
-/// The stream and event types of the reference domain, which the read
-/// API's filters may name and its projectors take.
-pub fn reference_types() -> crate::domain::KnownTypes {
-    use crate::domain::{Counter, File, KnownTypes};
-    KnownTypes::default().with::<File>().with::<Counter>()
-}
-
 /// Why a service stopped other than by shutdown.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
-    Projection(#[from] crate::projection::views::UnknownProjection),
+    Projection(#[from] crate::projection::UnknownProjection),
     #[error("building reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("serving gRPC: {0}")]

@@ -4,16 +4,14 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::service::RoutesBuilder;
 
-use super::{ServeError, reference_types, serve_then_drain};
+use super::{Application, ServeError, Services, serve_then_drain};
 use crate::command::{CommandHandler, RetryPolicy};
 use crate::config::ServerArgs;
 use crate::documents::DocumentStore;
 use crate::grpc::metrics::ExtraMetrics;
-use crate::grpc::{CommandApi, QueryApi, ReadApi, ReadConfig, server};
+use crate::grpc::{ReadApi, ReadConfig, server};
 use crate::log::StoreLog;
-use crate::pb::command_service_server::SERVICE_NAME as COMMAND_SERVICE;
 use crate::projection::FollowConfig;
 use crate::projection::metrics::ProjectorMetrics;
 use crate::projection::runtime::{Projector, ProjectorConfig};
@@ -24,6 +22,7 @@ use crate::store::redb::{Outbox, RedbStore};
 /// The embedded platform: every part in one process on one data directory.
 #[derive(Debug, Clone)]
 pub struct Platform {
+    pub app: Arc<dyn Application>,
     /// Holds `events.redb` (the event store) and `views.redb` (the read models).
     pub data_dir: std::path::PathBuf,
     pub server: ServerArgs,
@@ -44,8 +43,8 @@ pub async fn run_platform(
     platform: Platform,
     stopping: CancellationToken,
 ) -> Result<(), PlatformError> {
-    use crate::pb::query_service_server::SERVICE_NAME as QUERY_SERVICE;
     let Platform {
+        app,
         data_dir,
         server: server_args,
         retry,
@@ -63,28 +62,28 @@ pub async fn run_platform(
     let documents: Arc<dyn DocumentStore> = Arc::new(documents);
 
     let handler = Arc::new(CommandHandler::new(Arc::clone(&store), retry));
-    let limit = server_args.max_message_bytes;
-    let mut services = RoutesBuilder::default();
-    services
-        .add_service(CommandApi::new(handler).into_service(limit))
-        .add_service(
-            QueryApi::new(Queries::new(Arc::clone(&documents)), max_wait).into_service(limit),
-        )
-        .add_service(
-            ReadApi::new(Arc::clone(&store), reference_types(), ReadConfig::default())
-                .into_service(limit),
-        );
+    let mut services = Services::new(server_args.max_message_bytes);
+    app.command_services(handler, &mut services);
+    let commands = services.names().to_vec();
+    app.query_services(
+        Queries::new(Arc::clone(&documents)),
+        max_wait,
+        &mut services,
+    );
+    let queries = services.names()[commands.len()..].to_vec();
+    let limit = services.max_message_bytes;
+    services.add(
+        ReadApi::new(Arc::clone(&store), app.known_types(), ReadConfig::default())
+            .into_service(limit),
+    );
     let projector_metrics = Arc::new(ProjectorMetrics::default());
     let scraped = Arc::clone(&projector_metrics);
     let extra: ExtraMetrics = Arc::new(move || scraped.render());
+    let health_names = [commands.as_slice(), queries.as_slice()].concat();
     let (routes, health) = server::routes(
         services,
-        &[
-            COMMAND_SERVICE,
-            QUERY_SERVICE,
-            crate::pb::read_service_server::SERVICE_NAME,
-        ],
-        &[COMMAND_SERVICE, QUERY_SERVICE],
+        app.file_descriptor_set(),
+        &health_names,
         Some(extra),
         &server_args,
         stopping.clone(),
@@ -96,7 +95,7 @@ pub async fn run_platform(
     // whole, also a projector that keeps the views moving.
     let probed_store = Arc::clone(&store);
     tasks.spawn(health.clone().follow(
-        vec![COMMAND_SERVICE.to_owned()],
+        commands.iter().map(|name| (*name).to_owned()).collect(),
         "event store",
         server_args.health_interval,
         move || {
@@ -109,31 +108,37 @@ pub async fn run_platform(
         Arc::clone(&documents),
         Arc::clone(&projector_metrics),
     );
-    tasks.spawn(health.clone().follow(
-        vec![QUERY_SERVICE.to_owned(), String::new()],
-        "event store, document store and projector",
-        server_args.health_interval,
-        move || {
-            let (store, documents, projector) = (
-                Arc::clone(&probed_store),
-                Arc::clone(&probed_documents),
-                Arc::clone(&probed_projector),
-            );
-            async move {
-                store.ping().await.map_err(|e| e.to_string())?;
-                documents.ping().await.map_err(|e| e.to_string())?;
-                if projector.is_paused() {
-                    return Err("the projector is waiting for a dependency".to_owned());
+    tasks.spawn(
+        health.clone().follow(
+            queries
+                .iter()
+                .map(|name| (*name).to_owned())
+                .chain([String::new()])
+                .collect(),
+            "event store, document store and projector",
+            server_args.health_interval,
+            move || {
+                let (store, documents, projector) = (
+                    Arc::clone(&probed_store),
+                    Arc::clone(&probed_documents),
+                    Arc::clone(&probed_projector),
+                );
+                async move {
+                    store.ping().await.map_err(|e| e.to_string())?;
+                    documents.ping().await.map_err(|e| e.to_string())?;
+                    if projector.is_paused() {
+                        return Err("the projector is waiting for a dependency".to_owned());
+                    }
+                    Ok(())
                 }
-                Ok(())
-            }
-        },
-    ));
+            },
+        ),
+    );
     let projector = Projector::new(
         documents,
         Arc::new(StoreLog(store)),
-        reference_types(),
-        crate::projection::views::reference(),
+        app.known_types(),
+        app.projections(),
         projector_metrics,
         ProjectorConfig::default(),
     );

@@ -4,22 +4,22 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::service::RoutesBuilder;
 
-use super::{PROJECTOR_HEALTH, ServeError, serve_then_drain};
+use super::{Application, PROJECTOR_HEALTH, ServeError, serve_then_drain};
 use crate::bus::{EventBus, Subscription};
 use crate::config::ServerArgs;
 use crate::documents::DocumentStore;
 use crate::grpc::metrics::ExtraMetrics;
-use crate::grpc::server;
+use crate::grpc::server::{self, Services};
 use crate::log::EventLog;
-use crate::projection::FollowConfig;
 use crate::projection::metrics::ProjectorMetrics;
 use crate::projection::runtime::{Projector, ProjectorConfig};
+use crate::projection::{FollowConfig, choose};
 
 /// What a projector process runs on.
 #[derive(Debug, Clone)]
 pub struct ProjectorService {
+    pub app: Arc<dyn Application>,
     pub bus: Arc<dyn EventBus>,
     pub documents: Arc<dyn DocumentStore>,
     /// Where gaps are filled from and the sweep reads (command-svc's read API).
@@ -35,7 +35,7 @@ pub struct ProjectorService {
     pub server: ServerArgs,
 }
 
-/// A projector: workers projecting the reference read models, plus gRPC
+/// A projector: workers projecting the application's read models, plus gRPC
 /// health (following the bus and the store) and `/metrics` on `listener`,
 /// until `stopping` is cancelled.
 pub async fn run_projector(
@@ -44,6 +44,7 @@ pub async fn run_projector(
     stopping: CancellationToken,
 ) -> Result<(), ServeError> {
     let ProjectorService {
+        app,
         bus,
         documents,
         log,
@@ -58,17 +59,16 @@ pub async fn run_projector(
     let projector = Projector::new(
         Arc::clone(&documents),
         log,
-        super::reference_types(),
-        crate::projection::views::named(&projections)?,
+        app.known_types(),
+        choose(app.projections(), &projections)?,
         Arc::clone(&metrics),
         config,
     );
     let scraped = Arc::clone(&metrics);
     let extra: ExtraMetrics = Arc::new(move || scraped.render());
-    let services = RoutesBuilder::default();
     let (routes, health) = server::routes(
-        services,
-        &[],
+        Services::new(server_args.max_message_bytes),
+        app.file_descriptor_set(),
         &[PROJECTOR_HEALTH],
         Some(extra),
         &server_args,

@@ -1,12 +1,12 @@
 //! How domain events become stored bytes and back.
 //!
 //! An aggregate's event type is an enum over generated Protobuf messages,
-//! declared with [`domain_event!`]; its stored type name is the message's
+//! declared with [`domain_event!`](crate::domain_event); its stored type name is the message's
 //! Protobuf full name (e.g. `scaleout.v1.FileRenamed`), never a Rust path, so
 //! renaming Rust code never orphans stored events.
 
 /// An event an aggregate emits and folds.
-pub trait DomainEvent: Sized + Clone + Send + Sync + 'static {
+pub trait DomainEvent: Sized + Clone + std::fmt::Debug + Send + Sync + 'static {
     /// The stable type name stored beside the payload.
     fn event_type(&self) -> String;
     /// The Protobuf encoding of the payload.
@@ -25,15 +25,28 @@ pub struct UnknownEvent {
     pub reason: String,
 }
 
-/// Whether `event_type` is the full name of the message `M`.
-pub(crate) fn is_type<M: prost::Name>(event_type: &str) -> bool {
+/// Whether `event_type` is the full name of the message `M`; used by
+/// [`domain_event!`](crate::domain_event).
+pub fn is_type<M: prost::Name>(event_type: &str) -> bool {
     event_type
         .strip_prefix(M::PACKAGE)
         .and_then(|rest| rest.strip_prefix('.'))
         == Some(M::NAME)
 }
 
-/// Declares an aggregate's event enum, one variant per Protobuf message.
+/// Declares an aggregate's event enum, one variant per Protobuf message,
+/// and implements [`DomainEvent`] for it. The crate using it needs `prost`.
+///
+/// ```ignore
+/// scaleout::domain_event!(
+///     /// Everything that happens to an account.
+///     AccountEvent {
+///         Opened(pb::AccountOpened),
+///         Deposited(pb::MoneyDeposited),
+///     }
+/// );
+/// ```
+#[macro_export]
 macro_rules! domain_event {
     ($(#[$meta:meta])* $name:ident { $($variant:ident($message:ty)),+ $(,)? }) => {
         $(#[$meta])*
@@ -61,7 +74,7 @@ macro_rules! domain_event {
                     reason,
                 };
                 $(
-                    if $crate::domain::event::is_type::<$message>(event_type) {
+                    if $crate::domain::is_type::<$message>(event_type) {
                         return <$message as prost::Message>::decode(payload)
                             .map(Self::$variant)
                             .map_err(|e| unknown(e.to_string()));
@@ -76,4 +89,3 @@ macro_rules! domain_event {
         }
     };
 }
-pub(crate) use domain_event;

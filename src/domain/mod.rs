@@ -1,21 +1,21 @@
-//! The reference domain: pure `decide` and `apply`, no I/O, no clocks.
+//! What an application's domain is made of: pure `decide` and `apply`, no
+//! I/O, no clocks.
 //!
 //! An [`Aggregate`] decides a command against its state and returns events
 //! (or a [`DomainError`]); [`Aggregate::apply`] folds an event into the state
 //! and never fails. Commands carry validated [`values`], so a decision never
-//! has to re-check its input's shape. Events are the generated Protobuf
-//! messages, so their type names are the stable Protobuf full names.
+//! has to re-check its input's shape. Events are generated Protobuf messages
+//! gathered into an enum by [`domain_event!`](crate::domain_event), so their
+//! type names are the stable Protobuf full names. [`testing`] gives
+//! aggregate tests their given / when / then.
 
-mod counter;
 mod event;
-mod file;
-#[cfg(test)]
-mod testing;
+pub mod testing;
 pub mod values;
 
-pub use self::counter::{Counter, CounterCommand, CounterEvent};
+#[doc(hidden)]
+pub use self::event::is_type;
 pub use self::event::{DomainEvent, UnknownEvent};
-pub use self::file::{File, FileCommand, FileEvent};
 
 /// A consistency boundary: one stream of events, one state folded from them.
 pub trait Aggregate: Default + Send + Sync + 'static {

@@ -1,17 +1,22 @@
 //! Given / when / then for aggregate tests: past events, a command, the
-//! expected events or error.
+//! expected events or error. Pure: no store, no runtime.
 
 use std::fmt::Debug;
 
 use super::{Aggregate, DomainError};
 
-pub(crate) struct Given<A: Aggregate>(A);
+/// An aggregate with its history applied.
+#[derive(Debug)]
+pub struct Given<A: Aggregate>(A);
 
-pub(crate) struct When<A: Aggregate> {
+/// What the aggregate decided.
+#[derive(Debug)]
+pub struct When<A: Aggregate> {
     outcome: Result<Vec<A::Event>, DomainError>,
 }
 
-pub(crate) fn given<A: Aggregate>(history: impl IntoIterator<Item = A::Event>) -> Given<A> {
+/// The aggregate after `history`.
+pub fn given<A: Aggregate>(history: impl IntoIterator<Item = A::Event>) -> Given<A> {
     let mut state = A::default();
     for event in history {
         state.apply(event);
@@ -20,6 +25,7 @@ pub(crate) fn given<A: Aggregate>(history: impl IntoIterator<Item = A::Event>) -
 }
 
 impl<A: Aggregate> Given<A> {
+    /// Decides `command` for the aggregate `id`.
     pub fn when(self, id: &str, command: A::Command) -> When<A> {
         When {
             outcome: self.0.decide(id, &command),
@@ -31,10 +37,12 @@ impl<A: Aggregate> When<A>
 where
     A::Event: Debug + PartialEq,
 {
+    /// Expects exactly these events.
     pub fn then(self, expected: impl IntoIterator<Item = A::Event>) {
         assert_eq!(self.outcome, Ok(expected.into_iter().collect()));
     }
 
+    /// Expects this refusal.
     pub fn then_err(self, expected: DomainError) {
         assert_eq!(self.outcome, Err(expected));
     }

@@ -37,10 +37,12 @@ impl std::fmt::Debug for RpcMetrics {
 }
 
 impl RpcMetrics {
-    pub fn new(extra: Option<ExtraMetrics>) -> Self {
+    /// Metrics of a server of the kernel's services and those described by
+    /// `app_descriptors` (an encoded `FileDescriptorSet`).
+    pub fn new(extra: Option<ExtraMetrics>, app_descriptors: &[u8]) -> Self {
         Self {
             calls: Mutex::default(),
-            known: known_methods(),
+            known: known_methods(app_descriptors),
             extra,
         }
     }
@@ -119,9 +121,10 @@ pub async fn track(
     response
 }
 
-/// Every `/package.Service/Method` path the contract defines: the scaleout
-/// services, health and reflection (identifiers only, so nothing to escape).
-fn known_methods() -> HashSet<String> {
+/// Every `/package.Service/Method` path the contract defines: the kernel's
+/// and the application's services, health and reflection (identifiers
+/// only, so nothing to escape).
+fn known_methods(app_descriptors: &[u8]) -> HashSet<String> {
     let mut known: HashSet<String> = [
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
@@ -131,6 +134,7 @@ fn known_methods() -> HashSet<String> {
     for encoded in [
         crate::pb::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
+        app_descriptors,
     ] {
         let Ok(set) = <prost_types::FileDescriptorSet as prost::Message>::decode(encoded) else {
             continue;
@@ -157,12 +161,8 @@ mod tests {
 
     #[test]
     fn unknown_paths_share_one_label_and_cannot_break_the_page() {
-        let metrics = RpcMetrics::new(None);
-        metrics.observe(
-            "/scaleout.v1.CommandService/CreateFile",
-            tonic::Code::Ok,
-            0.001,
-        );
+        let metrics = RpcMetrics::new(None, &[]);
+        metrics.observe("/scaleout.v1.ReadService/ReadAll", tonic::Code::Ok, 0.001);
         for n in 0..10_000 {
             metrics.observe(&format!("/random/{n}\"\\"), tonic::Code::Unimplemented, 0.0);
         }
@@ -170,7 +170,7 @@ mod tests {
         let rows: Vec<&str> = page.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(rows.len(), 4, "{page}");
         assert!(page.contains(
-            "scaleout_grpc_requests_total{method=\"/scaleout.v1.CommandService/CreateFile\",code=\"Ok\"} 1"
+            "scaleout_grpc_requests_total{method=\"/scaleout.v1.ReadService/ReadAll\",code=\"Ok\"} 1"
         ));
         assert!(page.contains(
             "scaleout_grpc_requests_total{method=\"other\",code=\"Unimplemented\"} 10000"
@@ -180,10 +180,10 @@ mod tests {
 
     #[test]
     fn the_contract_names_every_served_method() {
-        let known = known_methods();
+        let known = known_methods(&[]);
         for method in [
             "/scaleout.v1.ReadService/Subscribe",
-            "/scaleout.v1.QueryService/GetCounter",
+            "/scaleout.v1.AdminService/ListDeadLetters",
             "/grpc.health.v1.Health/Check",
         ] {
             assert!(known.contains(method), "{method}");

@@ -5,11 +5,11 @@
 //! shutdown; see [`server`].
 
 mod admin_service;
-mod command_service;
+pub mod command_request;
 mod health;
 mod idle;
 pub mod metrics;
-mod query_service;
+pub mod query_request;
 mod read_service;
 mod remote_log;
 pub mod server;
@@ -17,9 +17,7 @@ mod status;
 mod wire_status;
 
 pub use self::admin_service::AdminApi;
-pub use self::command_service::{CORRELATION_ID_HEADER, CommandApi};
 pub use self::health::{Health, check as check_health};
-pub use self::query_service::QueryApi;
 pub use self::read_service::{MAX_PAGE, ReadApi, ReadConfig};
 pub use self::remote_log::RemoteLog;
 pub use self::status::{ERROR_DOMAIN, Violations};

@@ -1,14 +1,17 @@
 //! Serving a set of gRPC services with what every scaleout server carries.
 
+use std::convert::Infallible;
+use std::sync::Arc;
+
 use axum::http::header::CONTENT_TYPE;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::server::NamedService;
 use tonic::service::{Routes, RoutesBuilder};
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-
-use std::sync::Arc;
 
 use super::Health;
 use super::idle::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, Quiet, Watched};
@@ -17,18 +20,59 @@ use super::wire_status::METRICS_PATH;
 use crate::config::ServerArgs;
 use crate::pb;
 
+/// gRPC services being gathered for one server, with their full names.
+#[derive(Debug)]
+pub struct Services {
+    routes: RoutesBuilder,
+    names: Vec<&'static str>,
+    /// The request size limit every service of this server applies.
+    pub max_message_bytes: usize,
+}
+
+impl Services {
+    pub fn new(max_message_bytes: usize) -> Self {
+        Self {
+            routes: RoutesBuilder::default(),
+            names: Vec::new(),
+            max_message_bytes,
+        }
+    }
+
+    /// The full names of the services added so far.
+    pub fn names(&self) -> &[&'static str] {
+        &self.names
+    }
+
+    /// Serves `service` (apply [`Services::max_message_bytes`] to it first).
+    pub fn add<S>(&mut self, service: S) -> &mut Self
+    where
+        S: tonic::codegen::Service<tonic::codegen::http::Request<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+}
+
 /// The Prometheus text exposition format's content type.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Health, reflection (v1 and v1alpha: grpcurl from PyPI speaks only
-/// v1alpha) and Prometheus metrics at `/metrics` beside the given services'
-/// routes. Reflection lists `served` (the full names of what `services`
-/// holds), health and itself, and also serves the `google.rpc` error
-/// details, so that grpcurl prints them decoded; `service_names` are the
-/// services health reports on.
+/// v1alpha) and Prometheus metrics at `/metrics` beside the given services.
+/// Reflection lists those services, health and itself, from the kernel's
+/// descriptors and the application's (`app_descriptors`), and also serves
+/// the `google.rpc` error details, so that grpcurl prints them decoded;
+/// `service_names` are the services health reports on.
 pub async fn routes(
-    services: RoutesBuilder,
-    served: &[&str],
+    services: Services,
+    app_descriptors: &'static [u8],
     service_names: &[&str],
     extra_metrics: Option<ExtraMetrics>,
     args: &ServerArgs,
@@ -42,6 +86,11 @@ pub async fn routes(
     }
     // Only what this server serves: a listed service that answers
     // UNIMPLEMENTED would only mislead.
+    let Services {
+        routes: mut services,
+        names: served,
+        ..
+    } = services;
     let reflection = |itself: &str| {
         served
             .iter()
@@ -50,6 +99,7 @@ pub async fn routes(
             .fold(
                 tonic_reflection::server::Builder::configure()
                     .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(app_descriptors)
                     .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                     .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET),
                 |builder, name| builder.with_service_name(name),
@@ -57,8 +107,7 @@ pub async fn routes(
     };
     // The same request size limit as every other service.
     let limit = args.max_message_bytes;
-    let mut routes = services;
-    routes
+    services
         .add_service(health_service.max_decoding_message_size(limit))
         .add_service(
             reflection("grpc.reflection.v1.ServerReflection")
@@ -70,9 +119,9 @@ pub async fn routes(
                 .build_v1alpha()?
                 .max_decoding_message_size(limit),
         );
-    let metrics = Arc::new(RpcMetrics::new(extra_metrics));
+    let metrics = Arc::new(RpcMetrics::new(extra_metrics, app_descriptors));
     let scraped = Arc::clone(&metrics);
-    let router = routes
+    let router = services
         .routes()
         .into_axum_router()
         .route(

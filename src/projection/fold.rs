@@ -145,27 +145,83 @@ fn typed<P: Projection>(event: &ProjectedEvent) -> Result<Option<SourceEvent<P>>
 mod tests {
     use std::time::SystemTime;
 
+    use serde::{Deserialize, Serialize};
+
     use super::*;
     use crate::bus::BusMessage;
-    use crate::domain::{Counter, CounterEvent, DomainEvent, KnownTypes};
-    use crate::pb;
-    use crate::projection::views::CounterProjection;
+    use crate::domain::{DomainError, DomainEvent, KnownTypes, UnknownEvent};
+    use crate::projection::Event;
     use crate::store::{EventMetadata, RecordedEvent};
 
-    /// An increment as a projector receives it: through a real envelope.
+    /// A tally: the smallest aggregate with a total that can overflow.
+    #[derive(Debug, Default)]
+    struct Tally;
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Added(u64);
+
+    impl DomainEvent for Added {
+        fn event_type(&self) -> String {
+            "test.Added".into()
+        }
+        fn encode(&self) -> Vec<u8> {
+            self.0.to_be_bytes().to_vec()
+        }
+        fn decode(event_type: &str, payload: &[u8]) -> Result<Self, UnknownEvent> {
+            let bytes = payload.try_into().map_err(|_| UnknownEvent {
+                event_type: event_type.into(),
+                reason: "not 8 bytes".into(),
+            })?;
+            Ok(Self(u64::from_be_bytes(bytes)))
+        }
+        fn types() -> Vec<String> {
+            vec!["test.Added".into()]
+        }
+    }
+
+    impl crate::domain::Aggregate for Tally {
+        const STREAM_TYPE: &'static str = "tally";
+        type Command = ();
+        type Event = Added;
+        fn decide(&self, _: &str, (): &()) -> Result<Vec<Added>, DomainError> {
+            Ok(Vec::new())
+        }
+        fn apply(&mut self, _: Added) {}
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    struct Total {
+        count: u64,
+    }
+
+    struct TallyProjection;
+
+    impl Projection for TallyProjection {
+        type Source = Tally;
+        type View = Total;
+        const NAME: &'static str = "tally";
+        fn routes(&self, _: &Event<Added>) -> Vec<Route> {
+            vec![Route::sequence("tally::c".into())]
+        }
+        fn apply(&self, _: &str, view: &mut Total, event: &Event<Added>) -> Result<(), Refused> {
+            view.count = view
+                .count
+                .checked_add(event.payload.0)
+                .ok_or_else(|| Refused(format!("adding {} overflows", event.payload.0)))?;
+            Ok(())
+        }
+    }
+
+    /// An addition as a projector receives it: through a real envelope.
     fn increment(stream: &str, version: u64, amount: u64) -> ProjectedEvent {
-        let event = CounterEvent::Incremented(pb::CounterIncremented {
-            counter_id: "c".into(),
-            amount,
-        });
         let recorded = RecordedEvent {
             position: version,
             stream_id: stream.into(),
-            stream_type: "counter".into(),
+            stream_type: "tally".into(),
             version,
             event_id: uuid::Uuid::now_v7(),
-            event_type: event.event_type(),
-            payload: event.encode(),
+            event_type: Added(amount).event_type(),
+            payload: Added(amount).encode(),
             metadata: EventMetadata {
                 occurred_at: SystemTime::now(),
                 correlation_id: uuid::Uuid::now_v7(),
@@ -173,7 +229,7 @@ mod tests {
             },
             request_id: None,
         };
-        let known = KnownTypes::default().with::<Counter>();
+        let known = KnownTypes::default().with::<Tally>();
         ProjectedEvent::decode(&BusMessage::from_event(&recorded), &known).unwrap()
     }
 
@@ -194,8 +250,8 @@ mod tests {
             increment("counter-c", 2, 10),
             increment("counter-c", 3, 100),
         );
-        let folded = CounterProjection
-            .fold("counter::c", None, &seq(&[&v3, &v1, &v2]))
+        let folded = TallyProjection
+            .fold("tally::c", None, &seq(&[&v3, &v1, &v2]))
             .unwrap();
         assert_eq!(folded.outcomes, vec![Outcome::Applied; 3]);
         assert_eq!(count(&folded.body.unwrap()), 111);
@@ -203,23 +259,23 @@ mod tests {
 
     #[test]
     fn duplicates_are_skipped_and_gaps_name_what_is_missing() {
-        let first = CounterProjection
-            .fold("counter::c", None, &seq(&[&increment("counter-c", 1, 5)]))
+        let first = TallyProjection
+            .fold("tally::c", None, &seq(&[&increment("counter-c", 1, 5)]))
             .unwrap();
         let body = first.body.unwrap();
         let again = increment("counter-c", 1, 5);
         let ahead = increment("counter-c", 3, 7);
-        let folded = CounterProjection
-            .fold("counter::c", Some(&body), &seq(&[&again, &ahead]))
+        let folded = TallyProjection
+            .fold("tally::c", Some(&body), &seq(&[&again, &ahead]))
             .unwrap();
         assert_eq!(
             folded.outcomes,
             [Outcome::Duplicate, Outcome::Gap { missing_from: 2 }]
         );
         assert!(folded.body.is_none(), "nothing applied, nothing to write");
-        let filled = CounterProjection
+        let filled = TallyProjection
             .fold(
-                "counter::c",
+                "tally::c",
                 Some(&body),
                 &seq(&[&ahead, &increment("counter-c", 2, 20)]),
             )
@@ -235,9 +291,9 @@ mod tests {
     fn latest_order_lets_the_newest_version_win_without_gaps() {
         let late = increment("counter-c", 2, 10);
         let newest = increment("counter-c", 5, 1);
-        let folded = CounterProjection
+        let folded = TallyProjection
             .fold(
-                "counter::c",
+                "tally::c",
                 None,
                 &[(&newest, Order::Latest), (&late, Order::Latest)],
             )
@@ -246,8 +302,8 @@ mod tests {
         assert_eq!(folded.outcomes, [Outcome::Applied, Outcome::Applied]);
         let body = folded.body.unwrap();
         let older = increment("counter-c", 4, 100);
-        let again = CounterProjection
-            .fold("counter::c", Some(&body), &[(&older, Order::Latest)])
+        let again = TallyProjection
+            .fold("tally::c", Some(&body), &[(&older, Order::Latest)])
             .unwrap();
         assert_eq!(
             again.outcomes,
@@ -263,8 +319,8 @@ mod tests {
             increment("counter-c", 2, 1 << 63),
             increment("counter-c", 3, 5),
         );
-        let folded = CounterProjection
-            .fold("counter::c", None, &seq(&[&big, &again, &small]))
+        let folded = TallyProjection
+            .fold("tally::c", None, &seq(&[&big, &again, &small]))
             .unwrap();
         let [applied, refused, after] = &folded.outcomes[..] else {
             panic!("three outcomes: {:?}", folded.outcomes);
@@ -282,9 +338,9 @@ mod tests {
 
     #[test]
     fn streams_are_tracked_separately() {
-        let folded = CounterProjection
+        let folded = TallyProjection
             .fold(
-                "counter::c",
+                "tally::c",
                 None,
                 &seq(&[&increment("counter-a", 1, 1), &increment("counter-b", 1, 2)]),
             )

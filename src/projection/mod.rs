@@ -15,7 +15,6 @@ mod fold;
 mod follow;
 pub mod metrics;
 pub mod runtime;
-pub mod views;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -98,3 +97,36 @@ pub type SourceEvent<P> = Event<<<P as Projection>::Source as Aggregate>::Event>
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct Refused(pub String);
+
+/// A projection name the application has no projection for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown projection {name:?}: expected some of {}", known.join(", "))]
+pub struct UnknownProjection {
+    pub name: String,
+    pub known: Vec<&'static str>,
+}
+
+/// The projections of `all` with these names, in that order; all of them
+/// when `names` is empty.
+pub fn choose(
+    mut all: Vec<Box<dyn AnyProjection>>,
+    names: &[String],
+) -> Result<Vec<Box<dyn AnyProjection>>, UnknownProjection> {
+    if names.is_empty() {
+        return Ok(all);
+    }
+    let known: Vec<&'static str> = all.iter().map(|p| p.name()).collect();
+    names
+        .iter()
+        .map(|name| {
+            let index =
+                all.iter()
+                    .position(|p| p.name() == name)
+                    .ok_or_else(|| UnknownProjection {
+                        name: name.clone(),
+                        known: known.clone(),
+                    })?;
+            Ok(all.remove(index))
+        })
+        .collect()
+}

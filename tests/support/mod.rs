@@ -10,9 +10,9 @@ pub mod projection;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use reference::pb::command_service_client::CommandServiceClient;
 use scaleout::command::RetryPolicy;
 use scaleout::config::ServerArgs;
-use scaleout::pb::command_service_client::CommandServiceClient;
 use scaleout::store::EventStore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +34,7 @@ impl CommandService {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let stopping = CancellationToken::new();
         let service = scaleout::app::CommandService {
+            app: std::sync::Arc::new(reference::Reference),
             store,
             bus: None,
             server: args,

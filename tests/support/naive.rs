@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prost::Message;
+use reference::pb;
 use scaleout::bus::{EventBus, Subscription};
 use scaleout::documents::{DocumentError, DocumentStore};
-use scaleout::pb;
 use tokio::task::JoinSet;
 
 /// Naive workers competing on one subscription.

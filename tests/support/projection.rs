@@ -19,11 +19,11 @@ pub async fn read_log(store: &dyn EventStore, streams: &[String]) -> Vec<Recorde
 
 /// Document key → the JSON each projection's fold of `log` gives.
 pub fn fold_log(log: &[RecordedEvent]) -> BTreeMap<String, serde_json::Value> {
-    let projections = scaleout::projection::views::reference();
+    let projections = reference::views::all();
     let events: Vec<ProjectedEvent> = log
         .iter()
         .map(|e| {
-            let known = scaleout::app::reference_types();
+            let known = scaleout::app::Application::known_types(&reference::Reference);
             ProjectedEvent::decode(&BusMessage::from_event(e), &known).unwrap()
         })
         .collect();

@@ -1,8 +1,9 @@
 //! The counter aggregate: the scale-out sample, one hot stream.
 
-use super::event::domain_event;
+use scaleout::domain::{Aggregate, DomainError};
+use scaleout::domain_event;
+
 use super::values::Amount;
-use super::{Aggregate, DomainError};
 use crate::pb;
 
 domain_event!(
@@ -42,7 +43,7 @@ impl Aggregate for Counter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::testing::given;
+    use scaleout::domain::testing::given;
 
     #[test]
     fn increment_records_the_amount() {

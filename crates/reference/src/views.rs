@@ -7,7 +7,8 @@ use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Event, Projection, Refused, Route};
+use scaleout::projection::{AnyProjection, Event, Projection, Refused, Route};
+
 use crate::domain::{Counter, CounterEvent, File, FileEvent};
 
 pub fn file_key(file_id: &str) -> String {
@@ -27,38 +28,13 @@ pub fn counter_key(counter_id: &str) -> String {
 }
 
 /// Every projection of the reference domain.
-pub fn reference() -> Vec<Box<dyn super::AnyProjection>> {
+pub fn all() -> Vec<Box<dyn AnyProjection>> {
     vec![
         Box::new(FileViewProjection),
         Box::new(FolderProjection),
         Box::new(CommentsProjection),
         Box::new(CounterProjection),
     ]
-}
-
-/// A projection name no projection has.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "unknown projection {0:?}: expected some of file_view, folder_listing, comment_thread, counter"
-)]
-pub struct UnknownProjection(pub String);
-
-/// The reference projections with these names; all of them when `names` is empty.
-pub fn named(names: &[String]) -> Result<Vec<Box<dyn super::AnyProjection>>, UnknownProjection> {
-    if names.is_empty() {
-        return Ok(reference());
-    }
-    let mut all = reference();
-    names
-        .iter()
-        .map(|name| {
-            let index = all
-                .iter()
-                .position(|p| p.name() == name)
-                .ok_or_else(|| UnknownProjection(name.clone()))?;
-            Ok(all.remove(index))
-        })
-        .collect()
 }
 
 /// The file an event is about.
@@ -284,21 +260,26 @@ impl Projection for CounterProjection {
 
 #[cfg(test)]
 mod tests {
+    use scaleout::projection::{UnknownProjection, choose};
+
     use super::*;
 
     #[test]
     fn projections_are_chosen_by_name() {
-        let names = |chosen: Vec<Box<dyn crate::projection::AnyProjection>>| -> Vec<&'static str> {
+        let names = |chosen: Vec<Box<dyn AnyProjection>>| -> Vec<&'static str> {
             chosen.iter().map(|p| p.name()).collect()
         };
-        assert_eq!(names(named(&[]).unwrap()).len(), 4);
+        assert_eq!(names(choose(all(), &[]).unwrap()).len(), 4);
         assert_eq!(
-            names(named(&["counter".into(), "file_view".into()]).unwrap()),
+            names(choose(all(), &["counter".into(), "file_view".into()]).unwrap()),
             ["counter", "file_view"]
         );
         assert_eq!(
-            named(&["nope".into()]).err(),
-            Some(UnknownProjection("nope".into()))
+            choose(all(), &["nope".into()]).err(),
+            Some(UnknownProjection {
+                name: "nope".into(),
+                known: vec!["file_view", "folder_listing", "comment_thread", "counter"],
+            })
         );
     }
 }

@@ -46,6 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "scaleout platform serving commands and queries: try `grpcurl -plaintext {address} list`"
     );
     let platform = scaleout::app::Platform {
+        app: std::sync::Arc::new(reference::Reference),
         data_dir: args.data_dir,
         server: args.server,
         retry: RetryPolicy::default(),

@@ -9,10 +9,12 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as TOKEN;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use super::status::Violations;
+use scaleout::grpc::Violations;
+use scaleout::grpc::query_request::wait_deadline;
+
 use crate::domain::values::Id;
 use crate::pb::{self, query_service_server::QueryServiceServer};
-use crate::query::Queries;
+use crate::queries::ReferenceQueries;
 
 const DEFAULT_PAGE_SIZE: u32 = 50;
 const MAX_PAGE_SIZE: u32 = 500;
@@ -67,16 +69,16 @@ fn page_token(token: &str) -> Result<Option<String>, &'static str> {
     }
 }
 
-/// The query service over [`Queries`].
+/// The query service over the reference read models.
 #[derive(Debug, Clone)]
 pub struct QueryApi {
-    queries: Queries,
+    queries: ReferenceQueries,
     /// The longest a read waits for a version, whatever the caller's deadline.
     max_wait: Duration,
 }
 
 impl QueryApi {
-    pub fn new(queries: Queries, max_wait: Duration) -> Self {
+    pub fn new(queries: ReferenceQueries, max_wait: Duration) -> Self {
         Self { queries, max_wait }
     }
 
@@ -84,19 +86,8 @@ impl QueryApi {
         QueryServiceServer::new(self).max_decoding_message_size(max_message_bytes)
     }
 
-    /// When to stop waiting: a little before the caller's deadline (so the
-    /// answer is ours, not a bare DEADLINE_EXCEEDED), at most `max_wait`.
     fn deadline<T>(&self, request: &Request<T>) -> Instant {
-        let wait = request
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|value| value.to_str().ok())
-            .and_then(super::wire_status::parse_grpc_timeout)
-            .map_or(self.max_wait, |timeout| {
-                let margin = (timeout / 10).min(Duration::from_millis(50));
-                timeout.saturating_sub(margin).min(self.max_wait)
-            });
-        Instant::now() + wait
+        wait_deadline(request, self.max_wait)
     }
 }
 

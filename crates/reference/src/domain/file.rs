@@ -3,9 +3,10 @@
 //! Comments live in the file's stream: a comment on a deleted file is refused
 //! by the same decision that sees the deletion, with no cross-stream read.
 
-use super::event::domain_event;
+use scaleout::domain::{Aggregate, DomainError};
+use scaleout::domain_event;
+
 use super::values::{Author, CommentText, FileName, Id};
-use super::{Aggregate, DomainError};
 use crate::pb;
 
 domain_event!(
@@ -156,7 +157,7 @@ fn refused(id: &str, rule: &'static str, description: String) -> DomainError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::testing::given;
+    use scaleout::domain::testing::given;
 
     fn name(value: &str) -> FileName {
         FileName::parse(value).unwrap()

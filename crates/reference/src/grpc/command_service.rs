@@ -3,17 +3,17 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use uuid::Uuid;
 
-use super::status::Violations;
-use crate::command::{Command, CommandHandler};
+use scaleout::command::{Command, CommandHandler};
+use scaleout::domain::Aggregate;
+use scaleout::grpc::Violations;
+use scaleout::grpc::command_request::{
+    command_result, correlation_id, expected_version, request_key,
+};
+
 use crate::domain::values::{Amount, Author, CommentText, FileName, Id};
-use crate::domain::{Aggregate, Counter, CounterCommand, File, FileCommand};
+use crate::domain::{Counter, CounterCommand, File, FileCommand};
 use crate::pb::{self, command_service_server::CommandServiceServer};
-use crate::store::{AppendResult, ExpectedVersion, Fingerprint, RequestId, RequestKey};
-
-/// The metadata key a caller may set to tie its commands together.
-pub const CORRELATION_ID_HEADER: &str = "x-correlation-id";
 
 /// The command service over a [`CommandHandler`].
 #[derive(Debug, Clone)]
@@ -36,54 +36,7 @@ impl CommandApi {
         command: Command<A::Command>,
     ) -> Result<Option<pb::CommandResult>, Status> {
         let outcome = self.handler.execute::<A>(command).await?;
-        Ok(Some(to_pb(outcome.into_result())))
-    }
-}
-
-/// What every command request shares, read off the request before its body.
-struct Envelope {
-    correlation_id: Option<Uuid>,
-}
-
-fn envelope<T>(request: &Request<T>) -> Envelope {
-    let correlation_id = request
-        .metadata()
-        .get(CORRELATION_ID_HEADER)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| Uuid::parse_str(value).ok());
-    Envelope { correlation_id }
-}
-
-/// The request's idempotency key: its `request_id`, when set, and a
-/// fingerprint of the whole request, so that the id reused for a different
-/// request is refused instead of answered with the first one's result.
-fn request_key<M: prost::Name>(body: &M, request_id: &str) -> Result<Option<RequestKey>, String> {
-    if request_id.is_empty() {
-        return Ok(None);
-    }
-    let id = Uuid::parse_str(request_id).map_err(|e| format!("must be a UUID: {e}"))?;
-    Ok(Some(RequestKey {
-        id: RequestId(id),
-        fingerprint: Fingerprint::of(&M::full_name(), &body.encode_to_vec()),
-    }))
-}
-
-/// `None` (unset or `any`) lets the server decide on the latest state.
-fn parse_expected(value: Option<pb::ExpectedVersion>) -> Option<ExpectedVersion> {
-    use pb::expected_version::Kind;
-    match value?.kind? {
-        Kind::Any(()) => None,
-        Kind::NoStream(()) => Some(ExpectedVersion::NoStream),
-        Kind::StreamExists(()) => Some(ExpectedVersion::StreamExists),
-        Kind::Exact(version) => Some(ExpectedVersion::Exact(version)),
-    }
-}
-
-fn to_pb(result: AppendResult) -> pb::CommandResult {
-    pb::CommandResult {
-        stream_id: result.stream_id,
-        version: result.version,
-        event_ids: result.event_ids.iter().map(Uuid::to_string).collect(),
+        Ok(Some(command_result(outcome.into_result())))
     }
 }
 
@@ -93,7 +46,7 @@ impl pb::command_service_server::CommandService for CommandApi {
         &self,
         request: Request<pb::CreateFileRequest>,
     ) -> Result<Response<pb::CreateFileResponse>, Status> {
-        let Envelope { correlation_id } = envelope(&request);
+        let correlation_id = correlation_id(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
         let (Some(request_key), Some(file_id), Some(name), Some(folder_id)) = (
@@ -120,7 +73,7 @@ impl pb::command_service_server::CommandService for CommandApi {
         &self,
         request: Request<pb::RenameFileRequest>,
     ) -> Result<Response<pb::RenameFileResponse>, Status> {
-        let Envelope { correlation_id } = envelope(&request);
+        let correlation_id = correlation_id(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
         let (Some(request_key), Some(file_id), Some(new_name)) = (
@@ -134,7 +87,7 @@ impl pb::command_service_server::CommandService for CommandApi {
             .run::<File>(Command {
                 aggregate_id: file_id,
                 command: FileCommand::Rename { new_name },
-                expected: parse_expected(body.expected_version),
+                expected: expected_version(body.expected_version),
                 request_key,
                 correlation_id,
             })
@@ -146,7 +99,7 @@ impl pb::command_service_server::CommandService for CommandApi {
         &self,
         request: Request<pb::MoveFileRequest>,
     ) -> Result<Response<pb::MoveFileResponse>, Status> {
-        let Envelope { correlation_id } = envelope(&request);
+        let correlation_id = correlation_id(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
         let (Some(request_key), Some(file_id), Some(to_folder_id)) = (
@@ -160,7 +113,7 @@ impl pb::command_service_server::CommandService for CommandApi {
             .run::<File>(Command {
                 aggregate_id: file_id,
                 command: FileCommand::Move { to_folder_id },
-                expected: parse_expected(body.expected_version),
+                expected: expected_version(body.expected_version),
                 request_key,
                 correlation_id,
             })
@@ -172,7 +125,7 @@ impl pb::command_service_server::CommandService for CommandApi {
         &self,
         request: Request<pb::DeleteFileRequest>,
     ) -> Result<Response<pb::DeleteFileResponse>, Status> {
-        let Envelope { correlation_id } = envelope(&request);
+        let correlation_id = correlation_id(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
         let (Some(request_key), Some(file_id)) = (
@@ -185,7 +138,7 @@ impl pb::command_service_server::CommandService for CommandApi {
             .run::<File>(Command {
                 aggregate_id: file_id,
                 command: FileCommand::Delete,
-                expected: parse_expected(body.expected_version),
+                expected: expected_version(body.expected_version),
                 request_key,
                 correlation_id,
             })
@@ -197,7 +150,7 @@ impl pb::command_service_server::CommandService for CommandApi {
         &self,
         request: Request<pb::AddCommentRequest>,
     ) -> Result<Response<pb::AddCommentResponse>, Status> {
-        let Envelope { correlation_id } = envelope(&request);
+        let correlation_id = correlation_id(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
         let (Some(request_key), Some(file_id), Some(author), Some(text)) = (
@@ -212,7 +165,7 @@ impl pb::command_service_server::CommandService for CommandApi {
             .run::<File>(Command {
                 aggregate_id: file_id,
                 command: FileCommand::AddComment { author, text },
-                expected: parse_expected(body.expected_version),
+                expected: expected_version(body.expected_version),
                 request_key,
                 correlation_id,
             })
@@ -224,7 +177,7 @@ impl pb::command_service_server::CommandService for CommandApi {
         &self,
         request: Request<pb::IncrementCounterRequest>,
     ) -> Result<Response<pb::IncrementCounterResponse>, Status> {
-        let Envelope { correlation_id } = envelope(&request);
+        let correlation_id = correlation_id(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
         let (Some(request_key), Some(counter_id), Some(amount)) = (
@@ -238,7 +191,7 @@ impl pb::command_service_server::CommandService for CommandApi {
             .run::<Counter>(Command {
                 aggregate_id: counter_id,
                 command: CounterCommand::Increment { amount },
-                expected: parse_expected(body.expected_version),
+                expected: expected_version(body.expected_version),
                 request_key,
                 correlation_id,
             })

@@ -3,7 +3,7 @@
 //!
 //! Read models trail the event log. A caller that just wrote passes the
 //! stream versions its commands returned; a read waits, polling with
-//! backoff (1 ms doubling to [`MAX_POLL`]), until the document has applied
+//! backoff (1 ms doubling to `MAX_POLL`), until the document has applied
 //! them (its `_applied` map), and
 //! gives up at the deadline with [`QueryError::NotCaughtUp`] rather than
 //! answer with a view that is older than what the caller knows happened.

@@ -7,10 +7,10 @@
 //! writer gets in between load and append, it is decided again on the fresh
 //! state, a bounded number of times with jittered backoff.
 //!
-//! Commands on one stream take turns inside one process (see [`locks`]), so
+//! Commands on one stream take turns inside one process (see `locks`), so
 //! concurrent callers of one instance queue instead of racing; the expected
 //! version check still guards against other instances. Between turns the
-//! folded state is cached (see [`cache`]), so a command reads only the events
+//! folded state is cached (see `cache`), so a command reads only the events
 //! appended since the previous one.
 
 mod cache;

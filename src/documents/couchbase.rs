@@ -7,7 +7,7 @@
 //! TMPFAIL, NOT_MY_VBUCKET or a frozen server make a call wait without
 //! end), so every call here is bounded by the configured timeout and a call
 //! that runs out of it is [`DocumentError::Unavailable`]. What the SDK does
-//! return is sorted by [`classify`].
+//! return is sorted by `classify`.
 
 use std::future::Future;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //!
 //! Backends are narrow on purpose: they keep rows (already-encoded payloads
 //! plus metadata), check versions and commit; serialization and rehydration
-//! belong to the kernel. Every backend shares [`plan`]'s decision of what a
+//! belong to the kernel. Every backend shares `plan`'s decision of what a
 //! batch of appends does, so their semantics cannot drift apart, and each one
 //! commits many concurrent appends in one durable transaction (group commit).
 //!

@@ -4,7 +4,7 @@
 //! the group commit queue (streams are spread over them), commit each batch
 //! in one transaction. A batch locks the rows of
 //! the streams it touches (in stream id order, so writers never deadlock on
-//! them), loads their versions and the request ids it carries, asks [`plan`]
+//! them), loads their versions and the request ids it carries, asks `plan`
 //! and writes. A stream or request id that another writer creates after those
 //! reads is caught by a primary key; the batch then rolls back and is redone,
 //! and this time it reads the winner's rows.

@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::bus::{BusMessage, EventBus};
 use crate::store::EventStore;
 
@@ -193,10 +194,6 @@ impl Relay {
     }
 
     fn backoff(&self, failures: u32) -> Duration {
-        self.config
-            .backoff_min
-            .saturating_mul(1 << failures.min(16))
-            .min(self.config.backoff_max)
-            .mul_f64(0.5 + fastrand::f64() / 2.0)
+        Backoff::waiting(self.config.backoff_min, self.config.backoff_max).pause(failures)
     }
 }

@@ -1,11 +1,13 @@
 //! The projector's wiring.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{Application, PROJECTOR_HEALTH, ServeError, serve_then_drain};
+use crate::backoff::Backoff;
 use crate::bus::{EventBus, Subscription};
 use crate::config::ServerArgs;
 use crate::documents::DocumentStore;
@@ -155,12 +157,14 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let mut pause = std::time::Duration::from_millis(100);
+    let mut restarts = 0;
     loop {
         let ended = tokio::spawn(worker()).await;
         if stopping.is_cancelled() {
             return;
         }
+        let pause = RESTART_BACKOFF.pause(restarts);
+        restarts = restarts.saturating_add(1);
         match ended {
             Err(error) if error.is_panic() => {
                 tracing::error!(%error, ?pause, "a projector worker panicked; restarting it")
@@ -168,17 +172,17 @@ where
             _ => tracing::error!(?pause, "a projector worker stopped; restarting it"),
         }
         ProjectorMetrics::add(&metrics.worker_restarts, 1);
-        ProjectorMetrics::add(&metrics.paused, 1);
+        let _waiting = metrics.pause();
         tokio::select! {
             () = stopping.cancelled() => {}
             () = tokio::time::sleep(pause) => {}
         }
-        metrics
-            .paused
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        pause = (pause * 2).min(std::time::Duration::from_secs(5));
     }
 }
+
+/// Pauses before restarting a worker, or subscribing again.
+const RESTART_BACKOFF: Backoff =
+    Backoff::waiting(Duration::from_millis(100), Duration::from_secs(5));
 
 /// Subscribes, retrying with backoff while the bus is away; `None` once stopping.
 async fn subscribe(
@@ -186,8 +190,10 @@ async fn subscribe(
     subscription: &Subscription,
     stopping: &CancellationToken,
 ) -> Option<Box<dyn crate::bus::Subscriber>> {
-    let mut pause = std::time::Duration::from_millis(100);
+    let mut failures = 0;
     loop {
+        let pause = RESTART_BACKOFF.pause(failures);
+        failures = failures.saturating_add(1);
         match bus.subscribe(subscription).await {
             Ok(subscriber) => return Some(subscriber),
             Err(error) => tracing::warn!(%error, ?pause, "cannot subscribe yet; retrying"),
@@ -196,7 +202,6 @@ async fn subscribe(
             () = stopping.cancelled() => return None,
             () = tokio::time::sleep(pause) => {}
         }
-        pause = (pause * 2).min(std::time::Duration::from_secs(5));
     }
 }
 

@@ -42,11 +42,14 @@ use super::{
     BusError, BusMessage, CONTENT_TYPE, DeadLetter, DeadLetterPage, Delivery, EventBus, Settle,
     Subscriber, Subscription,
 };
+use crate::backoff::Backoff;
 
 /// Longest a connect or a declaration may take before the broker counts as away.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// The default of [`RabbitConfig::with_publish_timeout`].
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 const ROUTING_KEY_HEADER: &str = "x-scaleout-routing-key";
 const TRACEPARENT_HEADER: &str = "traceparent";
@@ -62,6 +65,7 @@ const DEATH_HEADER: &str = "x-death";
 pub struct RabbitConfig {
     url: String,
     prefix: String,
+    publish_timeout: Duration,
 }
 
 impl std::fmt::Debug for RabbitConfig {
@@ -69,6 +73,7 @@ impl std::fmt::Debug for RabbitConfig {
         f.debug_struct("RabbitConfig")
             .field("url", &crate::config::redact(&self.url))
             .field("prefix", &self.prefix)
+            .field("publish_timeout", &self.publish_timeout)
             .finish()
     }
 }
@@ -79,7 +84,16 @@ impl RabbitConfig {
         Self {
             url: url.to_owned(),
             prefix: "scaleout".to_owned(),
+            publish_timeout: PUBLISH_TIMEOUT,
         }
+    }
+
+    /// How long a batch of publishes may wait for the broker's confirms
+    /// before they count as unavailable (default 10 s): a half-dead
+    /// connection would otherwise hold the relay, and its health, forever.
+    pub fn with_publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
     }
 
     /// Prefixes every exchange and queue name, so deployments (or tests)
@@ -289,25 +303,37 @@ impl Inner {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
+        // Sends and confirms share one deadline.
+        let timeout = self.config.publish_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let late = || BusError::Unavailable(format!("no confirm from RabbitMQ within {timeout:?}"));
         let mut pending = Vec::with_capacity(publishes.len());
         for (routing_key, properties, body) in publishes {
-            let sent = channel
-                .basic_publish(
+            let sent = tokio::time::timeout_at(
+                deadline,
+                channel.basic_publish(
                     exchange.into(),
                     routing_key.as_str().into(),
                     mandatory,
                     body,
                     properties,
-                )
-                .await;
+                ),
+            )
+            .await
+            .map_err(|_| late())
+            .and_then(|sent| sent.map_err(unavailable));
             pending.push((routing_key, sent));
         }
         let mut results = Vec::with_capacity(pending.len());
         for (routing_key, sent) in pending {
             let result = match sent {
-                Err(error) => Err(unavailable(error)),
-                Ok(confirm) => match confirm.await {
-                    Err(error) => Err(unavailable(error)),
+                Err(error) => Err(error),
+                Ok(confirm) => match tokio::time::timeout_at(deadline, confirm)
+                    .await
+                    .map_err(|_| late())
+                    .and_then(|confirmed| confirmed.map_err(unavailable))
+                {
+                    Err(error) => Err(error),
                     Ok(confirmation) if confirmation.is_nack() => {
                         Err(BusError::Nacked(routing_key))
                     }
@@ -740,8 +766,5 @@ fn unavailable(error: lapin::Error) -> BusError {
 }
 
 fn backoff(failures: u32) -> Duration {
-    RECONNECT_MIN
-        .saturating_mul(1 << failures.min(10))
-        .min(RECONNECT_MAX)
-        .mul_f64(0.5 + fastrand::f64() / 2.0)
+    Backoff::waiting(RECONNECT_MIN, RECONNECT_MAX).pause(failures)
 }

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::backoff::Backoff;
+
 /// Bounded retries with "full jitter" exponential backoff: the n-th pause is
 /// uniform in `[0, min(cap, base * 2^n)]`, so writers that collided once do
 /// not collide again in lockstep.
@@ -26,8 +28,7 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// The pause before retry number `attempt` (from 0).
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let ceiling = self.base.saturating_mul(1 << attempt.min(20)).min(self.cap);
-        ceiling.mul_f64(fastrand::f64())
+        Backoff::racing(self.base, self.cap).pause(attempt)
     }
 }
 

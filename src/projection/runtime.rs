@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::metrics::ProjectorMetrics;
 use super::{AnyProjection, Order, Outcome, ProjectedEvent};
+use crate::backoff::Backoff;
 use crate::bus::{Delivery, Subscriber};
 use crate::documents::{DocumentError, DocumentStore};
 use crate::domain::KnownTypes;
@@ -40,6 +41,10 @@ use crate::store::StoreError;
 /// document; a longer gap (a document rolled far back) is filled over
 /// several writes.
 const MAX_GAP_FILL: usize = 10_000;
+
+/// Pauses between reading and folding a document again after a lost CAS
+/// race: short, and spread so that racing writers do not meet again.
+const CAS_BACKOFF: Backoff = Backoff::racing(Duration::from_micros(500), Duration::from_millis(64));
 
 /// How a projector worker paces itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,8 +340,7 @@ impl Projector {
                     | DocumentError::NotFound(_),
                 ) => {
                     ProjectorMetrics::add(&self.metrics.cas_conflicts, 1);
-                    let ceiling = 500u64 << attempt.min(7);
-                    tokio::time::sleep(Duration::from_micros(fastrand::u64(0..=ceiling))).await;
+                    tokio::time::sleep(CAS_BACKOFF.pause(attempt)).await;
                 }
                 Err(error) => return Err(context(WriteError::document(error))),
             }
@@ -449,11 +453,7 @@ impl Projector {
 
     /// Exponential from `backoff_min` to `backoff_max`, jittered.
     pub(super) fn backoff(&self, pauses: u32) -> Duration {
-        self.config
-            .backoff_min
-            .saturating_mul(1 << pauses.min(16))
-            .min(self.config.backoff_max)
-            .mul_f64(0.5 + fastrand::f64() / 2.0)
+        Backoff::waiting(self.config.backoff_min, self.config.backoff_max).pause(pauses)
     }
 }
 

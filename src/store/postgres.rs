@@ -31,14 +31,18 @@ use super::{
     AppendOutcome, AppendRequest, AppendResult, EventMetadata, EventStore, Fingerprint, LogFilter,
     LogPage, NewEvent, RecordedEvent, RecordedRequest, RequestId, StoreError, page_window,
 };
+use crate::backoff::Backoff;
 
 /// How long opening a connection (and preparing its statements) or a ping
 /// may take before the server counts as unavailable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts at a batch that keeps losing races with other writers.
-const MAX_ATTEMPTS: u64 = 5;
+const MAX_ATTEMPTS: u32 = 5;
 /// Bounds of the pause between reconnection attempts.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// Pauses before redoing a batch that lost a race with another process.
+const CONFLICT_BACKOFF: Backoff =
+    Backoff::racing(Duration::from_millis(2), Duration::from_millis(50));
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// Serializes migrations of processes starting at once ("scaleout" in ASCII).
 const MIGRATION_LOCK: i64 = 0x7363_616c_656f_7574;
@@ -554,8 +558,7 @@ impl Writer {
                 Err(Failure::Conflict(message)) if attempt < MAX_ATTEMPTS => {
                     tracing::debug!(%message, attempt, "batch lost a race, redoing it");
                     // Jittered, so that two writers that collided do not collide again.
-                    let pause = fastrand::u64(1..=5 * attempt);
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    tokio::time::sleep(CONFLICT_BACKOFF.pause(attempt - 1)).await;
                     attempt += 1;
                 }
                 Err(Failure::Conflict(message)) => {
@@ -753,10 +756,7 @@ fn answer_all(batch: Vec<Pending>, failure: &Failure) {
 /// Exponential from [`RECONNECT_MIN`] up to [`RECONNECT_MAX`], jittered so
 /// that writers do not reconnect in lockstep.
 fn reconnect_pause(failed_connects: u32) -> Duration {
-    let ceiling = RECONNECT_MIN
-        .saturating_mul(1 << failed_connects.min(10))
-        .min(RECONNECT_MAX);
-    ceiling / 2 + ceiling.mul_f64(fastrand::f64() / 2.0)
+    Backoff::waiting(RECONNECT_MIN, RECONNECT_MAX).pause(failed_connects)
 }
 
 /// An event from a row of [`EVENT_COLUMNS`], read by index: by name, each

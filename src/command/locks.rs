@@ -1,34 +1,107 @@
 //! Per-stream turns inside one process.
 //!
-//! A fixed set of async mutexes, picked by the stream id's hash: memory stays
-//! bounded whatever the number of streams, and two streams share a turn only
-//! when they hash alike, which at 1,024 shards is rare enough to ignore.
+//! One async mutex per stream that has a command running or waiting, made on
+//! first use and dropped with its last user: two streams never wait on each
+//! other, and memory follows the commands in flight (bounded by the
+//! server's concurrency limits), not the number of streams ever seen.
 
-use std::hash::{BuildHasher, RandomState};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::OwnedMutexGuard;
 
-const SHARDS: usize = 1024;
+type Turns = Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(super) struct StreamLocks {
-    shards: Box<[Mutex<()>]>,
-    hasher: RandomState,
+    turns: Turns,
 }
 
-impl Default for StreamLocks {
-    fn default() -> Self {
-        Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(())).collect(),
-            hasher: RandomState::new(),
+/// A stream's turn; it lasts until this drops.
+#[derive(Debug)]
+pub(super) struct Turn<'a> {
+    turns: &'a Turns,
+    stream_id: String,
+    /// `None` while waiting: a cancelled wait still cleans up.
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl StreamLocks {
+    /// Waits for the stream's turn.
+    pub(super) async fn lock(&self, stream_id: &str) -> Turn<'_> {
+        let mutex = Arc::clone(
+            self.turns
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .entry(stream_id.to_owned())
+                .or_default(),
+        );
+        let mut turn = Turn {
+            turns: &self.turns,
+            stream_id: stream_id.to_owned(),
+            guard: None,
+        };
+        turn.guard = Some(mutex.lock_owned().await);
+        turn
+    }
+
+    /// Streams with a command running or waiting.
+    #[cfg(test)]
+    fn active(&self) -> usize {
+        self.turns.lock().unwrap().len()
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut turns = self
+            .turns
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Only the map holds it: nobody runs or waits on this stream.
+        if turns
+            .get(&self.stream_id)
+            .is_some_and(|mutex| Arc::strong_count(mutex) == 1)
+        {
+            turns.remove(&self.stream_id);
         }
     }
 }
 
-impl StreamLocks {
-    /// Waits for the stream's turn; it lasts until the guard drops.
-    pub(super) async fn lock(&self, stream_id: &str) -> MutexGuard<'_, ()> {
-        let shard = self.hasher.hash_one(stream_id) as usize % self.shards.len();
-        self.shards[shard].lock().await
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn one_stream_waits_its_turn_and_another_does_not() {
+        let locks = StreamLocks::default();
+        let first = locks.lock("a").await;
+        // Another stream goes ahead at once.
+        let other = tokio::time::timeout(Duration::from_secs(1), locks.lock("b"))
+            .await
+            .expect("an unrelated stream never waits");
+        drop(other);
+        // The same stream waits until the turn is released.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), locks.lock("a"))
+                .await
+                .is_err()
+        );
+        drop(first);
+        drop(locks.lock("a").await);
+        assert_eq!(locks.active(), 0, "no stream is remembered once idle");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_wait_leaves_nothing_behind() {
+        let locks = StreamLocks::default();
+        let held = locks.lock("a").await;
+        let waiting = tokio::time::timeout(Duration::from_millis(10), locks.lock("a")).await;
+        assert!(waiting.is_err());
+        drop(held);
+        assert_eq!(locks.active(), 0);
     }
 }

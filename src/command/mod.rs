@@ -97,7 +97,7 @@ impl CommandHandler {
         {
             return Ok(AppendOutcome::Replayed(first.replay(key, &stream_id)?));
         }
-        let _turn = self.locks.lock(&stream_id).await;
+        let mut turn = self.locks.lock(&stream_id).await;
         let retryable = !matches!(command.expected, Some(ExpectedVersion::Exact(_)));
         let expected = command.expected.unwrap_or(ExpectedVersion::Any);
         let metadata = EventMetadata {
@@ -157,7 +157,11 @@ impl CommandHandler {
                         .into());
                     }
                     tracing::debug!(stream = %stream_id, attempt, "lost a race, deciding again");
+                    // Not holding the turn: the stream's other commands go
+                    // on meanwhile.
+                    drop(turn);
                     tokio::time::sleep(self.retry.backoff(attempt)).await;
+                    turn = self.locks.lock(&stream_id).await;
                     attempt += 1;
                     known = Some((version, state));
                 }

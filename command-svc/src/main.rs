@@ -2,6 +2,7 @@
 //! the event store, serves until SIGINT or SIGTERM.
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
@@ -49,9 +50,11 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
-    args.server.exit_if_checking_health(args.listen).await;
+    if let Some(verdict) = args.server.check_health_exit_code(args.listen).await {
+        return Ok(verdict);
+    }
     scaleout::telemetry::init(&args.telemetry).context("invalid --log-filter")?;
     let stopping = scaleout::shutdown::on_signal();
     let store = scaleout::store::open(&args.event_store, &args.postgres_schema)
@@ -92,5 +95,5 @@ async fn main() -> anyhow::Result<()> {
     };
     scaleout::app::run_command_service(listener, service, stopping).await?;
     tracing::info!("command-svc stopped");
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

@@ -3,6 +3,7 @@
 //! store, serves health and /metrics, runs until SIGINT or SIGTERM.
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -71,9 +72,11 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
-    args.server.exit_if_checking_health(args.listen).await;
+    if let Some(verdict) = args.server.check_health_exit_code(args.listen).await {
+        return Ok(verdict);
+    }
     scaleout::telemetry::init(&args.telemetry).context("invalid --log-filter")?;
     // Refuse a wrong --projections before connecting to anything.
     scaleout::projection::choose(reference::Reference.projections(), &args.projections)?;
@@ -121,5 +124,5 @@ async fn main() -> anyhow::Result<()> {
     };
     scaleout::app::run_projector(listener, service, stopping).await?;
     tracing::info!("projector stopped");
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

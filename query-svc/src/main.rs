@@ -2,6 +2,7 @@
 //! document store, serves until SIGINT or SIGTERM.
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -28,9 +29,11 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
-    args.server.exit_if_checking_health(args.listen).await;
+    if let Some(verdict) = args.server.check_health_exit_code(args.listen).await {
+        return Ok(verdict);
+    }
     scaleout::telemetry::init(&args.telemetry).context("invalid --log-filter")?;
     let stopping = scaleout::shutdown::on_signal();
     let documents = args
@@ -55,5 +58,5 @@ async fn main() -> anyhow::Result<()> {
     };
     scaleout::app::run_query_service(listener, service, stopping).await?;
     tracing::info!("query-svc stopped");
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

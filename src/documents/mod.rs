@@ -95,7 +95,12 @@ pub trait DocumentStore: Send + Sync + fmt::Debug + 'static {
 /// [`crate::config::DocumentStoreArgs::open`]).
 pub async fn open(spec: &str) -> Result<Arc<dyn DocumentStore>, DocumentError> {
     if let Some(path) = spec.strip_prefix("redb:") {
-        Ok(Arc::new(redb::RedbDocuments::open(path)?))
+        // Opening may repair a file after a crash: not on a runtime thread.
+        let path = path.to_owned();
+        let opened = tokio::task::spawn_blocking(move || redb::RedbDocuments::open(path))
+            .await
+            .map_err(|e| DocumentError::Backend(format!("opening the read models: {e}")))?;
+        Ok(Arc::new(opened?))
     } else {
         Err(DocumentError::Backend(format!(
             "unknown document store {spec:?}: expected redb:PATH"

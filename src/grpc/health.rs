@@ -124,11 +124,15 @@ pub async fn check(addr: std::net::SocketAddr, timeout: Duration) -> Result<bool
 }
 
 impl crate::config::ServerArgs {
-    /// With `--check-health`, checks the server on `listen` and exits the
-    /// process with its verdict; otherwise returns.
-    pub async fn exit_if_checking_health(&self, listen: std::net::SocketAddr) {
+    /// With `--check-health`: asks the server on `listen` for its health and
+    /// says what the process should exit with (success when SERVING); the
+    /// binary exits with it. `None` without the flag.
+    pub async fn check_health_exit_code(
+        &self,
+        listen: std::net::SocketAddr,
+    ) -> Option<std::process::ExitCode> {
         if !self.check_health {
-            return;
+            return None;
         }
         // A server bound to all interfaces answers on loopback.
         let addr = if listen.ip().is_unspecified() {
@@ -136,16 +140,16 @@ impl crate::config::ServerArgs {
         } else {
             listen
         };
-        match check(addr, Duration::from_secs(3)).await {
-            Ok(true) => std::process::exit(0),
+        Some(match check(addr, Duration::from_secs(3)).await {
+            Ok(true) => std::process::ExitCode::SUCCESS,
             Ok(false) => {
                 eprintln!("{addr} is NOT_SERVING");
-                std::process::exit(1)
+                std::process::ExitCode::FAILURE
             }
             Err(error) => {
                 eprintln!("{error}");
-                std::process::exit(1)
+                std::process::ExitCode::FAILURE
             }
-        }
+        })
     }
 }

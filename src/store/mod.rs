@@ -126,7 +126,12 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
 /// whose tables live in `postgres_schema`.
 pub async fn open(spec: &str, postgres_schema: &str) -> Result<Arc<dyn EventStore>, StoreError> {
     if let Some(path) = spec.strip_prefix("redb:") {
-        Ok(Arc::new(redb::RedbStore::open(path)?))
+        // Opening may repair a file after a crash: not on a runtime thread.
+        let path = path.to_owned();
+        let opened = tokio::task::spawn_blocking(move || redb::RedbStore::open(path))
+            .await
+            .map_err(|e| StoreError::Backend(format!("opening the event store: {e}")))?;
+        Ok(Arc::new(opened?))
     } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
         let config = postgres::PostgresConfig::new(spec).with_schema(postgres_schema.to_owned());
         Ok(Arc::new(postgres::PostgresStore::connect(config).await?))

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
@@ -31,9 +32,11 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     let args = Args::parse();
-    args.server.exit_if_checking_health(args.listen).await;
+    if let Some(verdict) = args.server.check_health_exit_code(args.listen).await {
+        return Ok(verdict);
+    }
     scaleout::telemetry::init(&args.telemetry).map_err(|e| format!("invalid --log-filter: {e}"))?;
     let stopping = scaleout::shutdown::on_signal();
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -54,5 +57,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     scaleout::app::run_platform(listener, platform, stopping).await?;
     tracing::info!("scaleout platform stopped");
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

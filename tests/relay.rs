@@ -375,3 +375,88 @@ async fn commands_keep_flowing_while_rabbitmq_is_away_and_arrive_once_it_is_back
     .await;
     consumers.abort_all();
 }
+
+/// A broker that hangs (the connection stays open, nothing comes back): the
+/// relay's publish gives up at its timeout, health says NOT_SERVING instead
+/// of SERVING while nothing moves, and everything arrives once it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_broker_takes_the_relay_health_down_and_loses_nothing() {
+    use reference::pb;
+    use support::{CommandService, Proxy, wait_for_health};
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let config = support::bus::rabbit_config();
+    let _cleanup = support::Cleanup {
+        schema: None,
+        rabbit: Some(config.clone()),
+    };
+    let seen = Arc::new(Seen::default());
+    let mut consumers = JoinSet::new();
+    consume(&rabbit(&config), &seen, &mut consumers).await;
+    const BROKER: &str = "127.0.0.1:5672";
+    let addr = Proxy::free_addr().await;
+    let proxy = Proxy::start(addr, BROKER).await;
+    let proxied =
+        RabbitConfig::new(&support::bus::rabbitmq_url().replace(BROKER, &addr.to_string()))
+            .with_prefix(config.prefix())
+            .with_publish_timeout(Duration::from_secs(1));
+    let (store, _dir) = support::redb_store();
+    let service = CommandService::start_full(scaleout::app::CommandService {
+        app: std::sync::Arc::new(reference::Reference),
+        store,
+        bus: Some(Arc::new(RabbitBus::new(proxied))),
+        server: scaleout::config::ServerArgs {
+            health_interval: Duration::from_millis(100),
+            ..Default::default()
+        },
+        retry: Default::default(),
+        relay: RelayConfig {
+            backoff_max: Duration::from_millis(500),
+            ..Default::default()
+        },
+    })
+    .await;
+    let mut client = service.client().await;
+    let mut increment = async |ids: &mut Vec<String>| {
+        let response = client
+            .increment_counter(pb::IncrementCounterRequest {
+                counter_id: "visits".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("commands are accepted whatever the broker does");
+        ids.extend(response.into_inner().result.unwrap().event_ids);
+    };
+    let relay_health = scaleout::app::OUTBOX_RELAY_HEALTH;
+
+    let mut ids = Vec::new();
+    increment(&mut ids).await;
+    seen.wait_for_all(&ids).await;
+    wait_for_health(
+        service.channel().await,
+        relay_health,
+        ServingStatus::Serving,
+    )
+    .await;
+
+    proxy.freeze();
+    for _ in 0..20 {
+        increment(&mut ids).await;
+    }
+    wait_for_health(
+        service.channel().await,
+        relay_health,
+        ServingStatus::NotServing,
+    )
+    .await;
+
+    proxy.thaw();
+    seen.wait_for_all(&ids).await;
+    wait_for_health(
+        service.channel().await,
+        relay_health,
+        ServingStatus::Serving,
+    )
+    .await;
+    consumers.abort_all();
+}

@@ -154,29 +154,49 @@ impl Drop for Cleanup {
 
 /// Forwards connections on `addr` to `upstream` until dropped; dropping it
 /// closes the listener and every forwarded connection: a server going away,
-/// for this test only.
+/// for this test only. [`Proxy::freeze`] keeps the connections open but
+/// forwards nothing: a server that hangs.
 pub struct Proxy {
+    frozen: tokio::sync::watch::Sender<bool>,
     _forwarding: tokio::task::JoinSet<()>,
 }
 
 impl Proxy {
     pub async fn start(addr: SocketAddr, upstream: &'static str) -> Proxy {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let (frozen, gate) = tokio::sync::watch::channel(false);
         let mut forwarding = tokio::task::JoinSet::new();
         forwarding.spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             loop {
-                let (mut client, _) = listener.accept().await.unwrap();
+                let (client, _) = listener.accept().await.unwrap();
+                let gate = gate.clone();
                 connections.spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::join!(
+                        pump(client_read, server_write, gate.clone()),
+                        pump(server_read, client_write, gate),
+                    );
                 });
             }
         });
         Proxy {
+            frozen,
             _forwarding: forwarding,
         }
+    }
+
+    /// Stops forwarding (what arrives meanwhile is held) until [`Proxy::thaw`].
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
     }
 
     /// A free port to proxy on.
@@ -186,6 +206,27 @@ impl Proxy {
             .unwrap()
             .local_addr()
             .unwrap()
+    }
+}
+
+/// Copies `from` to `to`, holding what it read while `gate` says frozen.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut gate: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if gate.wait_for(|frozen| !*frozen).await.is_err()
+            || to.write_all(&buffer[..read]).await.is_err()
+        {
+            return;
+        }
     }
 }
 

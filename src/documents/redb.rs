@@ -2,28 +2,25 @@
 //!
 //! redb serializes write transactions, so compare-and-swap is a check inside
 //! the write transaction. Writes are durable on return (fsync), and group
-//! committed like the event store's: one writer thread applies every write
-//! that queued during the previous fsync, each with its own check, in one
-//! transaction. A projector writes all the documents of a batch at once, so
+//! committed by the event store's engine (`group_commit`): one writer thread
+//! applies every write that queued during the previous fsync, each with its
+//! own check, in one transaction. A projector writes all the documents of a batch at once, so
 //! they cost one fsync instead of one each.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use super::{Cas, Document, DocumentError, DocumentStore};
+use crate::group_commit::{self, Stopped};
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::{mpsc, oneshot};
-
-use super::{Cas, Document, DocumentError, DocumentStore};
 
 /// Key → (CAS, JSON body).
 const DOCUMENTS: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("documents");
 /// Holds the last CAS handed out, so every write gets a new one.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LAST_CAS: &str = "last_cas";
-/// Most writes one transaction takes.
-const MAX_BATCH: usize = 512;
 
 /// The redb-backed [`DocumentStore`].
 #[derive(Debug, Clone)]
@@ -35,7 +32,7 @@ pub struct RedbDocuments {
 struct Inner {
     db: Arc<Database>,
     /// `None` only while dropping, so the writer sees the queue close.
-    writes: Option<mpsc::Sender<Write>>,
+    writes: Option<Submitter>,
     writer: Option<JoinHandle<()>>,
 }
 
@@ -53,8 +50,11 @@ impl Drop for Inner {
 struct Write {
     key: String,
     op: Op,
-    reply: oneshot::Sender<Result<Option<Cas>, DocumentError>>,
 }
+
+type Outcome = Result<Option<Cas>, DocumentError>;
+type Submitter = group_commit::Submitter<Write, Outcome>;
+type Batches = group_commit::Batches<Write, Outcome>;
 
 #[derive(Debug)]
 enum Op {
@@ -77,11 +77,12 @@ impl RedbDocuments {
         txn.open_table(META).map_err(backend)?;
         txn.commit().map_err(backend)?;
         let db = Arc::new(db);
-        let (writes, queue) = mpsc::channel(4096);
+        let (writes, mut partitions) = group_commit::queue(1);
+        let batches = partitions.pop().expect("one partition");
         let writer_db = Arc::clone(&db);
         let writer = std::thread::Builder::new()
             .name("redb-document-writer".into())
-            .spawn(move || write_loop(&writer_db, queue))
+            .spawn(move || write_loop(&writer_db, batches))
             .map_err(|e| DocumentError::Backend(format!("starting the writer thread: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -95,36 +96,29 @@ impl RedbDocuments {
     async fn write(&self, key: &str, op: Op) -> Result<Option<Cas>, DocumentError> {
         let stopped = || DocumentError::Unavailable("the redb document writer has stopped".into());
         let writes = self.inner.writes.as_ref().ok_or_else(stopped)?;
-        let (reply, answer) = oneshot::channel();
         let write = Write {
             key: key.to_owned(),
             op,
-            reply,
         };
-        writes.send(write).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        writes
+            .submit(write, |write| &write.key)
+            .await
+            .unwrap_or_else(|Stopped| Err(stopped()))
     }
 }
 
-fn write_loop(db: &Database, mut queue: mpsc::Receiver<Write>) {
-    while let Some(first) = queue.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(write) => batch.push(write),
-                Err(_) => break,
-            }
-        }
+fn write_loop(db: &Database, mut batches: Batches) {
+    while let Some(batch) = batches.next_blocking() {
         match commit(db, &batch) {
             Ok(outcomes) => {
-                for (write, outcome) in batch.into_iter().zip(outcomes) {
-                    let _ = write.reply.send(outcome);
+                for (pending, outcome) in batch.into_iter().zip(outcomes) {
+                    pending.answer(outcome);
                 }
             }
             Err(error) => {
                 tracing::error!(%error, writes = batch.len(), "redb document commit failed");
-                for write in batch {
-                    let _ = write.reply.send(Err(error.clone()));
+                for pending in batch {
+                    pending.answer(Err(error.clone()));
                 }
             }
         }
@@ -135,8 +129,8 @@ fn write_loop(db: &Database, mut queue: mpsc::Receiver<Write>) {
 /// before it left, and commits once.
 fn commit(
     db: &Database,
-    batch: &[Write],
-) -> Result<Vec<Result<Option<Cas>, DocumentError>>, DocumentError> {
+    batch: &[group_commit::Pending<Write, Outcome>],
+) -> Result<Vec<Outcome>, DocumentError> {
     let txn = db.begin_write().map_err(backend)?;
     let outcomes = {
         let mut documents = txn.open_table(DOCUMENTS).map_err(backend)?;
@@ -146,7 +140,7 @@ fn commit(
             .map_err(backend)?
             .map_or(0, |v| v.value());
         let mut outcomes = Vec::with_capacity(batch.len());
-        for write in batch {
+        for write in batch.iter().map(|pending| &pending.write) {
             let key = write.key.as_str();
             let current = documents.get(key).map_err(backend)?.map(|v| v.value().0);
             let refusal = match (&write.op, current) {

@@ -9,7 +9,6 @@
 //! Chosen at run time from config, so the trait is object safe and held as
 //! `Arc<dyn EventStore>`.
 
-mod group_commit;
 mod plan;
 pub mod postgres;
 pub mod redb;
@@ -26,6 +25,26 @@ pub use self::types::{
     Fingerprint, LogFilter, LogPage, NewEvent, NewEvents, RecordedEvent, RecordedRequest,
     RequestId, RequestKey,
 };
+
+/// An append waiting for its batch to commit (see [`crate::group_commit`]).
+type Pending = crate::group_commit::Pending<AppendRequest, Result<AppendOutcome, StoreError>>;
+type Submitter = crate::group_commit::Submitter<AppendRequest, Result<AppendOutcome, StoreError>>;
+type Batches = crate::group_commit::Batches<AppendRequest, Result<AppendOutcome, StoreError>>;
+
+/// Queues an append on its stream's writer and waits for its outcome.
+async fn submit(
+    submitter: &Submitter,
+    request: AppendRequest,
+) -> Result<AppendOutcome, StoreError> {
+    submitter
+        .submit(request, |request| &request.stream_id)
+        .await
+        .unwrap_or_else(|crate::group_commit::Stopped| {
+            Err(StoreError::Unavailable(
+                "the event store's writer has stopped".into(),
+            ))
+        })
+}
 
 /// Most positions a filtered [`EventStore::read_all`] looks at in one call,
 /// so that a filter matching little of a long log still answers promptly

@@ -25,13 +25,14 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 use uuid::Uuid;
 
-use super::group_commit::{self, Batches, Pending, Submitter};
 use super::plan::{BatchState, Planned, plan};
 use super::{
     AppendOutcome, AppendRequest, AppendResult, EventMetadata, EventStore, Fingerprint, LogFilter,
     LogPage, NewEvent, RecordedEvent, RecordedRequest, RequestId, StoreError, page_window,
 };
+use super::{Batches, Pending, Submitter, submit};
 use crate::backoff::Backoff;
+use crate::group_commit;
 
 /// How long opening a connection (and preparing its statements) or a ping
 /// may take before the server counts as unavailable.
@@ -162,7 +163,7 @@ impl PostgresStore {
 #[async_trait]
 impl EventStore for PostgresStore {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
-        self.submitter.submit(request).await
+        submit(&self.submitter, request).await
     }
 
     async fn read_stream(
@@ -574,7 +575,7 @@ impl Writer {
     /// One transaction: lock and load, plan, write, commit. An error drops
     /// the transaction, which rolls it back.
     async fn try_commit(&mut self, batch: &[Pending]) -> Result<Vec<Planned>, Failure> {
-        let requests = || batch.iter().map(|pending| &pending.request);
+        let requests = || batch.iter().map(|pending| &pending.write);
         let statements = &self.statements;
         let stream_ids: Vec<&str> = requests().map(|r| r.stream_id.as_str()).collect();
         let request_ids: Vec<Uuid> = requests()

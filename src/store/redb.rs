@@ -19,12 +19,13 @@ use redb::{
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use super::group_commit::{self, Batches, Pending, Submitter};
 use super::plan::{BatchState, Planned, plan};
 use super::{
     AppendOutcome, AppendRequest, AppendResult, EventStore, Fingerprint, LogFilter, LogPage,
     RecordedEvent, RecordedRequest, RequestId, StoreError, page_window,
 };
+use super::{Batches, Pending, Submitter, submit};
+use crate::group_commit;
 use crate::pb;
 
 /// Stream id → current version.
@@ -130,7 +131,7 @@ impl RedbStore {
 #[async_trait]
 impl EventStore for RedbStore {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
-        self.submitter.submit(request).await
+        submit(&self.submitter, request).await
     }
 
     async fn read_stream(
@@ -312,7 +313,7 @@ fn commit(db: &Database, batch: &[Pending], outbox: Outbox) -> Result<Vec<Planne
         let mut meta = txn.open_table(META)?;
 
         let mut state = BatchState::default();
-        for request in batch.iter().map(|p| &p.request) {
+        for request in batch.iter().map(|p| &p.write) {
             if !state.versions.contains_key(&request.stream_id)
                 && let Some(version) = streams.get(request.stream_id.as_str())?
             {
@@ -326,10 +327,10 @@ fn commit(db: &Database, batch: &[Pending], outbox: Outbox) -> Result<Vec<Planne
                 state.requests.insert(key.id, found);
             }
         }
-        let planned = plan(batch.iter().map(|p| &p.request), state);
+        let planned = plan(batch.iter().map(|p| &p.write), state);
 
         let mut position = meta.get(NEXT_POSITION)?.map_or(1, |v| v.value());
-        for (request, planned) in batch.iter().map(|p| &p.request).zip(&planned) {
+        for (request, planned) in batch.iter().map(|p| &p.write).zip(&planned) {
             let Planned::Write {
                 first_version,
                 result,

@@ -946,7 +946,7 @@ async fn postgres_reconnects_after_losing_its_connections() {
             let retry = with_request_id(append("s", Exact(1), 1), request_id);
             match store.append(retry).await {
                 Ok(outcome) => break outcome.into_result(),
-                Err(StoreError::Unavailable(_)) if unavailable < 20 => unavailable += 1,
+                Err(StoreError::Unavailable { .. }) if unavailable < 20 => unavailable += 1,
                 other => panic!("expected the append to recover, got {other:?}"),
             }
         };
@@ -962,7 +962,11 @@ async fn postgres_unreachable_is_unavailable() {
     let config = PostgresConfig::new("postgres://scaleout:secret@127.0.0.1:1/scaleout");
     assert!(!format!("{config:?}").contains("secret"));
     match PostgresStore::connect(config).await {
-        Err(StoreError::Unavailable(_)) => {}
+        Err(error @ StoreError::Unavailable { .. }) => {
+            assert!(error.is_transient());
+            let cause = std::error::Error::source(&error).expect("the driver's error is kept");
+            assert!(cause.is::<tokio_postgres::Error>(), "{cause:?}");
+        }
         other => panic!("expected Unavailable, got {other:?}"),
     }
 }
@@ -971,7 +975,7 @@ async fn postgres_unreachable_is_unavailable() {
 async fn postgres_rejects_an_unsafe_schema_name() {
     let config = PostgresConfig::new(&postgres_url()).with_schema("x; DROP TABLE y".into());
     match PostgresStore::connect(config).await {
-        Err(StoreError::Backend(_)) => {}
+        Err(StoreError::Backend { .. }) => {}
         other => panic!("expected Backend, got {other:?}"),
     }
 }

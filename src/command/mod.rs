@@ -156,19 +156,24 @@ impl CommandHandler {
                         }
                         .into());
                     }
-                    tracing::debug!(stream = %stream_id, attempt, "lost a race, deciding again");
-                    // Not holding the turn: the stream's other commands go
-                    // on meanwhile.
-                    drop(turn);
-                    tokio::time::sleep(self.retry.backoff(attempt)).await;
-                    turn = self.locks.lock(&stream_id).await;
-                    attempt += 1;
-                    known = Some((version, state));
+                }
+                // Nothing was written: as safe to decide again as a lost race.
+                Err(contended @ StoreError::Contended { .. }) => {
+                    if !retryable || attempt >= self.retry.max_retries {
+                        return Err(contended.into());
+                    }
                 }
                 // Includes a replay: another call with this request id
                 // committed between our lookup and our append.
                 other => return Ok(other?),
             }
+            tracing::debug!(stream = %stream_id, attempt, "lost a race, deciding again");
+            // Not holding the turn: the stream's other commands go on meanwhile.
+            drop(turn);
+            tokio::time::sleep(self.retry.backoff(attempt)).await;
+            turn = self.locks.lock(&stream_id).await;
+            attempt += 1;
+            known = Some((version, state));
         }
     }
 

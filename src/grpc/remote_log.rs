@@ -26,7 +26,7 @@ impl RemoteLog {
     /// use and again after a loss; each call is bounded by `timeout`.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, StoreError> {
         let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| StoreError::Backend(format!("invalid event log URL {url:?}: {e}")))?
+            .map_err(|e| StoreError::backend(format!("invalid event log URL {url:?}: {e}")))?
             .connect_timeout(timeout)
             .tcp_nodelay(true);
         Ok(Self {
@@ -39,12 +39,13 @@ impl RemoteLog {
 
     fn failure(&self, status: tonic::Status) -> StoreError {
         let message = format!("event log {}: {}", self.url, status.message());
-        match status.code() {
+        let error = match status.code() {
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-                StoreError::Unavailable(message)
+                StoreError::unavailable(message)
             }
-            _ => StoreError::Backend(message),
-        }
+            _ => StoreError::backend(message),
+        };
+        error.caused_by(status)
     }
 
     async fn call<T>(
@@ -54,7 +55,7 @@ impl RemoteLog {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(status)) => Err(self.failure(status)),
-            Err(_) => Err(StoreError::Unavailable(format!(
+            Err(_) => Err(StoreError::unavailable(format!(
                 "event log {} did not answer within {:?}",
                 self.url, self.timeout
             ))),
@@ -65,9 +66,9 @@ impl RemoteLog {
 fn recorded(logged: pb::LoggedEvent) -> Result<RecordedEvent, StoreError> {
     let envelope = logged
         .event
-        .ok_or_else(|| StoreError::Backend("a logged event without its envelope".into()))?;
+        .ok_or_else(|| StoreError::backend("a logged event without its envelope"))?;
     RecordedEvent::from_envelope(logged.position, envelope)
-        .map_err(|e| StoreError::Backend(e.to_string()))
+        .map_err(|e| StoreError::backend(e.to_string()))
 }
 
 #[async_trait]

@@ -123,12 +123,19 @@ impl From<StoreError> for Status {
                 message.clone(),
                 ErrorDetails::with_bad_request_violation("request_id", message),
             ),
-            StoreError::Unavailable(_) => Status::with_error_details(
+            StoreError::Unavailable { .. } => Status::with_error_details(
                 Code::Unavailable,
                 message,
                 ErrorDetails::with_error_info("STORE_UNAVAILABLE", ERROR_DOMAIN, HashMap::new()),
             ),
-            error @ StoreError::Backend(_) => internal(&error),
+            // Nothing was written and the same request will most likely go
+            // through: a conflict to retry, like a lost race.
+            StoreError::Contended { .. } => Status::with_error_details(
+                Code::Aborted,
+                message,
+                ErrorDetails::with_error_info("STORE_CONTENDED", ERROR_DOMAIN, HashMap::new()),
+            ),
+            error @ StoreError::Backend { .. } => internal(&error),
         }
     }
 }
@@ -310,12 +317,27 @@ mod tests {
     #[test]
     fn store_failures_are_unavailable_or_internal_without_internals() {
         assert_eq!(
-            Status::from(StoreError::Unavailable("down".into())).code(),
+            Status::from(StoreError::unavailable("down")).code(),
             Code::Unavailable
         );
-        let internal = Status::from(StoreError::Backend("disk on fire at /var/x".into()));
+        let internal = Status::from(StoreError::backend("disk on fire at /var/x"));
         assert_eq!(internal.code(), Code::Internal);
         assert!(!internal.message().contains("/var/x"));
+    }
+
+    #[test]
+    fn a_store_that_kept_losing_races_is_aborted_to_retry_not_internal() {
+        let contended = StoreError::Contended {
+            context: "still losing races after 5 attempts".into(),
+            cause: None,
+        };
+        assert!(contended.is_transient());
+        let status = Status::from(contended);
+        assert_eq!(status.code(), Code::Aborted);
+        assert_eq!(
+            status.get_details_error_info().unwrap().reason,
+            "STORE_CONTENDED"
+        );
     }
 
     #[test]

@@ -40,8 +40,8 @@ async fn submit(
         .submit(request, |request| &request.stream_id)
         .await
         .unwrap_or_else(|crate::group_commit::Stopped| {
-            Err(StoreError::Unavailable(
-                "the event store's writer has stopped".into(),
+            Err(StoreError::unavailable(
+                "the event store's writer has stopped",
             ))
         })
 }
@@ -52,7 +52,7 @@ async fn submit(
 pub const MAX_SCAN: u64 = 16_384;
 
 /// Everything an append or a read can fail with.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The stream was not at the version the append required; nothing was written.
     #[error("wrong expected version on stream {stream}: expected {expected}, actual {actual}")]
@@ -71,13 +71,71 @@ pub enum StoreError {
         request_id: RequestId,
         first_stream: String,
     },
-    /// The backend cannot be reached; the outcome of an append is unknown, so
-    /// the caller may retry it with the same request id.
-    #[error("event store unavailable: {0}")]
-    Unavailable(String),
-    /// The backend answered with something the store cannot make sense of.
-    #[error("event store failure: {0}")]
-    Backend(String),
+    /// Writers of other processes kept taking the rows this append needed,
+    /// past the store's budget of retries: nothing was written, and the same
+    /// append will most likely go through if sent again.
+    #[error("event store contended: {context}")]
+    Contended {
+        context: String,
+        #[source]
+        cause: Option<Cause>,
+    },
+    /// The backend cannot be reached or did not answer in time; the outcome
+    /// of an append is unknown, so the caller may retry it with the same
+    /// request id.
+    #[error("event store unavailable: {context}")]
+    Unavailable {
+        context: String,
+        #[source]
+        cause: Option<Cause>,
+    },
+    /// The backend answered with something the store cannot make sense of:
+    /// retrying the same call will fail the same way.
+    #[error("event store failure: {context}")]
+    Backend {
+        context: String,
+        #[source]
+        cause: Option<Cause>,
+    },
+}
+
+/// What a failure came from (a driver's or a file's error), kept as the
+/// error's `source()` so that callers can inspect it; shared, so that one
+/// failed batch can answer every append in it.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
+impl StoreError {
+    pub fn unavailable(context: impl Into<String>) -> Self {
+        Self::Unavailable {
+            context: context.into(),
+            cause: None,
+        }
+    }
+
+    pub fn backend(context: impl Into<String>) -> Self {
+        Self::Backend {
+            context: context.into(),
+            cause: None,
+        }
+    }
+
+    /// The same error, caused by `cause`.
+    pub fn caused_by(mut self, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        if let Self::Contended { cause: kept, .. }
+        | Self::Unavailable { cause: kept, .. }
+        | Self::Backend { cause: kept, .. } = &mut self
+        {
+            *kept = Some(Arc::new(cause));
+        }
+        self
+    }
+
+    /// Whether the same call may succeed later: the backend was away or
+    /// busy. Expected-version and request-id refusals are answers, not
+    /// failures, and a backend failure repeats.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Contended { .. } | Self::Unavailable { .. })
+    }
 }
 
 /// Where events are appended and read back.
@@ -149,13 +207,13 @@ pub async fn open(spec: &str, postgres_schema: &str) -> Result<Arc<dyn EventStor
         let path = path.to_owned();
         let opened = tokio::task::spawn_blocking(move || redb::RedbStore::open(path))
             .await
-            .map_err(|e| StoreError::Backend(format!("opening the event store: {e}")))?;
+            .map_err(|e| StoreError::backend(format!("opening the event store: {e}")))?;
         Ok(Arc::new(opened?))
     } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
         let config = postgres::PostgresConfig::new(spec).with_schema(postgres_schema.to_owned());
         Ok(Arc::new(postgres::PostgresStore::connect(config).await?))
     } else {
-        Err(StoreError::Backend(format!(
+        Err(StoreError::backend(format!(
             "unknown event store {spec:?}: expected redb:PATH or postgres://…"
         )))
     }

@@ -151,7 +151,7 @@ impl PostgresStore {
     }
 
     /// The read connection, replaced first if it has closed.
-    async fn reader(&self) -> Result<Arc<Reader>, Failure> {
+    async fn reader(&self) -> Result<Arc<Reader>, StoreError> {
         let mut reader = self.reader.lock().await;
         if reader.client.is_closed() {
             *reader = Arc::new(Reader::open(&self.connector).await?);
@@ -180,7 +180,7 @@ impl EventStore for PostgresStore {
             .client
             .query(&reader.read_stream, &[&stream_id, &from_version, &limit])
             .await
-            .map_err(Failure::from)?;
+            .map_err(StoreError::from)?;
         Ok(rows.iter().map(recorded).collect::<Result<_, _>>()?)
     }
 
@@ -197,8 +197,8 @@ impl EventStore for PostgresStore {
             .client
             .query_one(&reader.head, &[])
             .await
-            .map_err(Failure::from)?;
-        let head = to_u64(head_row.try_get(0).map_err(Failure::from)?)?;
+            .map_err(StoreError::from)?;
+        let head = to_u64(head_row.try_get(0).map_err(StoreError::from)?)?;
         // A tight range keeps the plan an index range scan, even before the
         // table has statistics.
         let (from, window) = page_window(from_position, limit, filter, head);
@@ -222,7 +222,7 @@ impl EventStore for PostgresStore {
             .client
             .query(&reader.read_all, &params)
             .await
-            .map_err(Failure::from)?;
+            .map_err(StoreError::from)?;
         page.events = rows.iter().map(recorded).collect::<Result<_, _>>()?;
         page.next_position = match page.events.last() {
             Some(event) if page.events.len() == limit => event.position + 1,
@@ -240,7 +240,7 @@ impl EventStore for PostgresStore {
             .client
             .query_opt(&reader.find_request, &[&request_id.0])
             .await
-            .map_err(Failure::from)?;
+            .map_err(StoreError::from)?;
         Ok(row.as_ref().map(recorded_request).transpose()?)
     }
 
@@ -251,7 +251,7 @@ impl EventStore for PostgresStore {
             .client
             .query(&reader.read_outbox, &[&limit])
             .await
-            .map_err(Failure::from)?;
+            .map_err(StoreError::from)?;
         Ok(rows.iter().map(recorded).collect::<Result<_, _>>()?)
     }
 
@@ -269,7 +269,7 @@ impl EventStore for PostgresStore {
                 &[&OUTBOX_LOCK, &self.schema],
             )
             .await
-            .map_err(Failure::from)?;
+            .map_err(StoreError::from)?;
         let held: bool = row.get(0);
         *lease = held.then_some(client);
         Ok(held)
@@ -280,13 +280,13 @@ impl EventStore for PostgresStore {
             .iter()
             .map(|&p| i64::try_from(p))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| StoreError::Backend("outbox position out of range".into()))?;
+            .map_err(|_| StoreError::backend("outbox position out of range"))?;
         let reader = self.reader().await?;
         reader
             .client
             .execute("DELETE FROM outbox WHERE position = ANY($1)", &[&positions])
             .await
-            .map_err(Failure::from)?;
+            .map_err(StoreError::from)?;
         Ok(())
     }
 
@@ -298,8 +298,8 @@ impl EventStore for PostgresStore {
         let reader = self.reader().await?;
         tokio::time::timeout(CONNECT_TIMEOUT, reader.client.batch_execute("SELECT 1"))
             .await
-            .map_err(|_| StoreError::Unavailable("PostgreSQL did not answer a ping".into()))?
-            .map_err(Failure::from)?;
+            .map_err(|_| StoreError::unavailable("PostgreSQL did not answer a ping"))?
+            .map_err(StoreError::from)?;
         Ok(())
     }
 }
@@ -317,12 +317,12 @@ impl Connector {
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
         if !valid {
-            return Err(StoreError::Backend(format!(
+            return Err(StoreError::backend(format!(
                 "invalid PostgreSQL schema {schema:?}: use 1 to 63 of a-z, 0-9 and _"
             )));
         }
         let mut pg: tokio_postgres::Config = config.url.parse().map_err(|e| {
-            StoreError::Backend(format!("invalid PostgreSQL URL: {}", describe(&e)))
+            StoreError::backend(format!("invalid PostgreSQL URL: {}", describe(&e)))
         })?;
         // Appended last, so it wins over a search_path the URL's options may set.
         let search_path = format!("-c search_path={schema}");
@@ -335,12 +335,12 @@ impl Connector {
     }
 
     /// A new connection, its I/O driven by a task of its own.
-    async fn connect(&self) -> Result<Client, Failure> {
+    async fn connect(&self) -> Result<Client, StoreError> {
         let (client, connection) = self
             .0
             .connect(NoTls)
             .await
-            .map_err(|e| Failure::Disconnected(describe(&e)))?;
+            .map_err(|e| StoreError::unavailable(describe(&e)).caused_by(e))?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::warn!(error = %describe(&error), "PostgreSQL connection lost");
@@ -351,11 +351,13 @@ impl Connector {
 }
 
 /// Runs `open` within [`CONNECT_TIMEOUT`].
-async fn within_timeout<T>(open: impl Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
+async fn within_timeout<T>(
+    open: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
     tokio::time::timeout(CONNECT_TIMEOUT, open)
         .await
         .map_err(|_| {
-            Failure::Disconnected(format!(
+            StoreError::unavailable(format!(
                 "no connection to PostgreSQL within {CONNECT_TIMEOUT:?}"
             ))
         })?
@@ -365,7 +367,7 @@ async fn within_timeout<T>(open: impl Future<Output = Result<T, Failure>>) -> Re
 /// start together: the advisory lock makes the others wait for the first.
 async fn migrate(connector: &Connector, schema: &str) -> Result<(), StoreError> {
     let mut client = within_timeout(connector.connect()).await?;
-    let txn = client.transaction().await.map_err(Failure::from)?;
+    let txn = client.transaction().await.map_err(StoreError::from)?;
     txn.batch_execute(&format!(
         r#"
         SELECT pg_advisory_xact_lock({MIGRATION_LOCK});
@@ -410,8 +412,8 @@ async fn migrate(connector: &Connector, schema: &str) -> Result<(), StoreError> 
         "#
     ))
     .await
-    .map_err(Failure::from)?;
-    txn.commit().await.map_err(Failure::from)?;
+    .map_err(StoreError::from)?;
+    txn.commit().await.map_err(StoreError::from)?;
     Ok(())
 }
 
@@ -427,7 +429,7 @@ struct Reader {
 }
 
 impl Reader {
-    async fn open(connector: &Connector) -> Result<Self, Failure> {
+    async fn open(connector: &Connector) -> Result<Self, StoreError> {
         within_timeout(async {
             let client = connector.connect().await?;
             let read_stream = client
@@ -488,7 +490,7 @@ struct WriteStatements {
 }
 
 impl Writer {
-    async fn open(connector: &Connector) -> Result<Self, Failure> {
+    async fn open(connector: &Connector) -> Result<Self, StoreError> {
         within_timeout(async {
             let client = connector.connect().await?;
             let statements = WriteStatements {
@@ -552,20 +554,23 @@ impl Writer {
     }
 
     /// Commits a batch, redoing it while it loses races with other writers.
-    async fn commit(&mut self, batch: &[Pending]) -> Result<Vec<Planned>, Failure> {
+    async fn commit(&mut self, batch: &[Pending]) -> Result<Vec<Planned>, StoreError> {
         let mut attempt = 1;
         loop {
             match self.try_commit(batch).await {
-                Err(Failure::Conflict(message)) if attempt < MAX_ATTEMPTS => {
-                    tracing::debug!(%message, attempt, "batch lost a race, redoing it");
+                Err(lost @ StoreError::Contended { .. }) if attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(error = %lost, attempt, "batch lost a race, redoing it");
                     // Jittered, so that two writers that collided do not collide again.
                     tokio::time::sleep(CONFLICT_BACKOFF.pause(attempt - 1)).await;
                     attempt += 1;
                 }
-                Err(Failure::Conflict(message)) => {
-                    return Err(Failure::Backend(format!(
-                        "still conflicting after {MAX_ATTEMPTS} attempts: {message}"
-                    )));
+                Err(StoreError::Contended { context, cause }) => {
+                    return Err(StoreError::Contended {
+                        context: format!(
+                            "still losing races after {MAX_ATTEMPTS} attempts: {context}"
+                        ),
+                        cause,
+                    });
                 }
                 outcome => return outcome,
             }
@@ -574,7 +579,7 @@ impl Writer {
 
     /// One transaction: lock and load, plan, write, commit. An error drops
     /// the transaction, which rolls it back.
-    async fn try_commit(&mut self, batch: &[Pending]) -> Result<Vec<Planned>, Failure> {
+    async fn try_commit(&mut self, batch: &[Pending]) -> Result<Vec<Planned>, StoreError> {
         let requests = || batch.iter().map(|pending| &pending.write);
         let statements = &self.statements;
         let stream_ids: Vec<&str> = requests().map(|r| r.stream_id.as_str()).collect();
@@ -740,7 +745,7 @@ async fn write_loop(
             Err(failure) => {
                 tracing::error!(error = %failure, appends = batch.len(), "PostgreSQL commit failed");
                 answer_all(batch, &failure);
-                if !matches!(failure, Failure::Disconnected(_)) {
+                if !matches!(failure, StoreError::Unavailable { .. }) {
                     writer = Some(current);
                 }
             }
@@ -748,9 +753,9 @@ async fn write_loop(
     }
 }
 
-fn answer_all(batch: Vec<Pending>, failure: &Failure) {
+fn answer_all(batch: Vec<Pending>, failure: &StoreError) {
     for pending in batch {
-        pending.answer(Err(failure.clone().into()));
+        pending.answer(Err(failure.clone()));
     }
 }
 
@@ -762,7 +767,7 @@ fn reconnect_pause(failed_connects: u32) -> Duration {
 
 /// An event from a row of [`EVENT_COLUMNS`], read by index: by name, each
 /// column is a search, which costs as much as the rest of the row.
-fn recorded(row: &Row) -> Result<RecordedEvent, Failure> {
+fn recorded(row: &Row) -> Result<RecordedEvent, StoreError> {
     Ok(RecordedEvent {
         position: to_u64(row.try_get(0)?)?,
         stream_id: row.try_get(1)?,
@@ -780,11 +785,11 @@ fn recorded(row: &Row) -> Result<RecordedEvent, Failure> {
     })
 }
 
-fn recorded_request(row: &Row) -> Result<RecordedRequest, Failure> {
+fn recorded_request(row: &Row) -> Result<RecordedRequest, StoreError> {
     let fingerprint = match row.try_get::<_, Option<&[u8]>>("fingerprint")? {
         None => None,
         Some(bytes) => Some(Fingerprint(bytes.try_into().map_err(|_| {
-            Failure::Backend(format!("a request fingerprint of {} bytes", bytes.len()))
+            StoreError::backend(format!("a request fingerprint of {} bytes", bytes.len()))
         })?)),
     };
     Ok(RecordedRequest {
@@ -802,26 +807,12 @@ fn saturating_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-fn to_u64(n: i64) -> Result<u64, Failure> {
-    u64::try_from(n).map_err(|_| Failure::Backend(format!("negative version or position {n}")))
+fn to_u64(n: i64) -> Result<u64, StoreError> {
+    u64::try_from(n).map_err(|_| StoreError::backend(format!("negative version or position {n}")))
 }
 
-fn to_i64(n: u64) -> Result<i64, Failure> {
-    i64::try_from(n).map_err(|_| Failure::Backend(format!("version {n} exceeds bigint")))
-}
-
-/// A failed database call, sorted by what to do about it.
-#[derive(Debug, Clone, thiserror::Error)]
-enum Failure {
-    /// Lost a race with another transaction: redoing it reads the winner's rows.
-    #[error("{0}")]
-    Conflict(String),
-    /// The connection is gone or the server is going away; a commit in flight
-    /// may or may not have happened.
-    #[error("{0}")]
-    Disconnected(String),
-    #[error("{0}")]
-    Backend(String),
+fn to_i64(n: u64) -> Result<i64, StoreError> {
+    i64::try_from(n).map_err(|_| StoreError::backend(format!("version {n} exceeds bigint")))
 }
 
 /// What a transaction that lost a race fails with: a unique key another
@@ -832,32 +823,31 @@ const RACES: [&SqlState; 3] = [
     &SqlState::T_R_DEADLOCK_DETECTED,
 ];
 
-impl From<tokio_postgres::Error> for Failure {
+/// A failed database call, sorted by what to do about it: a lost race is
+/// [`StoreError::Contended`] (the batch is redone), a connection that is gone
+/// or a server going away [`StoreError::Unavailable`] (a commit in flight may
+/// or may not have happened), anything else [`StoreError::Backend`].
+impl From<tokio_postgres::Error> for StoreError {
     fn from(error: tokio_postgres::Error) -> Self {
-        let message = describe(&error);
-        match error.code() {
-            Some(code) if RACES.contains(&code) => Self::Conflict(message),
+        let context = describe(&error);
+        let failure = match error.code() {
+            Some(code) if RACES.contains(&code) => Self::Contended {
+                context,
+                cause: None,
+            },
             // Class 08 is connection exceptions, 57P the server shutting down.
             Some(code) if code.code().starts_with("08") || code.code().starts_with("57P") => {
-                Self::Disconnected(message)
+                Self::unavailable(context)
             }
-            Some(_) => Self::Backend(message),
+            Some(_) => Self::backend(context),
             None if error.is_closed()
                 || error.source().is_some_and(|e| e.is::<std::io::Error>()) =>
             {
-                Self::Disconnected(message)
+                Self::unavailable(context)
             }
-            None => Self::Backend(message),
-        }
-    }
-}
-
-impl From<Failure> for StoreError {
-    fn from(failure: Failure) -> Self {
-        match failure {
-            Failure::Disconnected(message) => Self::Unavailable(message),
-            Failure::Conflict(message) | Failure::Backend(message) => Self::Backend(message),
-        }
+            None => Self::backend(context),
+        };
+        failure.caused_by(error)
     }
 }
 

@@ -94,7 +94,7 @@ impl RedbStore {
         let path = path.as_ref();
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Backend(format!("creating {}: {e}", dir.display())))?;
+                .map_err(|e| StoreError::backend(format!("creating {}: {e}", dir.display())))?;
         }
         let db = Database::create(path).map_err(backend)?;
         create_tables(&db).map_err(backend)?;
@@ -108,7 +108,7 @@ impl RedbStore {
         let thread = std::thread::Builder::new()
             .name("redb-event-writer".into())
             .spawn(move || write_loop(&writer_db, batches, &notify, outbox))
-            .map_err(|e| StoreError::Backend(format!("starting the writer thread: {e}")))?;
+            .map_err(|e| StoreError::backend(format!("starting the writer thread: {e}")))?;
         Ok(Self {
             submitter,
             writer: Writer(Some(thread)),
@@ -124,7 +124,7 @@ impl RedbStore {
         let db = Arc::clone(&self.db);
         tokio::task::spawn_blocking(move || f(&db))
             .await
-            .map_err(|e| StoreError::Backend(format!("read task failed: {e}")))?
+            .map_err(|e| StoreError::backend(format!("read task failed: {e}")))?
     }
 }
 
@@ -239,7 +239,7 @@ impl EventStore for RedbStore {
             // consumers skip; it need not cost an fsync of its own (the next
             // append's durable commit persists it).
             txn.set_durability(Durability::None)
-                .map_err(|e| StoreError::Backend(e.to_string()))?;
+                .map_err(|e| StoreError::backend(e.to_string()))?;
             {
                 let mut unpublished = txn.open_table(UNPUBLISHED).map_err(backend)?;
                 for position in positions {
@@ -259,8 +259,8 @@ impl EventStore for RedbStore {
         if self.writer.0.as_ref().is_some_and(|t| !t.is_finished()) {
             Ok(())
         } else {
-            Err(StoreError::Unavailable(
-                "the redb writer thread has stopped".into(),
+            Err(StoreError::unavailable(
+                "the redb writer thread has stopped",
             ))
         }
     }
@@ -293,7 +293,7 @@ fn write_loop(db: &Database, mut batches: Batches, appended: &Notify, outbox: Ou
             Err(error) => {
                 tracing::error!(%error, appends = batch.len(), "redb commit failed");
                 for pending in batch {
-                    pending.answer(Err(StoreError::Backend(format!("commit failed: {error}"))));
+                    pending.answer(Err(StoreError::backend(format!("commit failed: {error}"))));
                 }
             }
         }
@@ -394,15 +394,15 @@ fn event_at(
     let bytes = log
         .get(position)
         .map_err(backend)?
-        .ok_or_else(|| StoreError::Backend(format!("no event at indexed position {position}")))?;
+        .ok_or_else(|| StoreError::backend(format!("no event at indexed position {position}")))?;
     decode_event(position, bytes.value())
 }
 
 fn decode_event(position: u64, bytes: &[u8]) -> Result<RecordedEvent, StoreError> {
     let envelope = pb::EventEnvelope::decode(bytes)
-        .map_err(|e| StoreError::Backend(format!("corrupt event at position {position}: {e}")))?;
+        .map_err(|e| StoreError::backend(format!("corrupt event at position {position}: {e}")))?;
     RecordedEvent::from_envelope(position, envelope)
-        .map_err(|e| StoreError::Backend(format!("corrupt event at position {position}: {e}")))
+        .map_err(|e| StoreError::backend(format!("corrupt event at position {position}: {e}")))
 }
 
 fn recorded_request(
@@ -429,7 +429,8 @@ fn recorded_request(
 }
 
 fn backend(error: impl Into<redb::Error>) -> StoreError {
-    StoreError::Backend(error.into().to_string())
+    let error = error.into();
+    StoreError::backend(error.to_string()).caused_by(error)
 }
 
 /// Files written before the log was keyed by position: their events and

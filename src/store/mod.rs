@@ -100,9 +100,20 @@ pub enum StoreError {
 }
 
 /// What a failure came from (a driver's or a file's error), kept as the
-/// error's `source()` so that callers can inspect it; shared, so that one
-/// failed batch can answer every append in it.
-pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+/// error's `source()` so that callers can inspect and downcast it; shared,
+/// so that one failed batch can answer every append in it.
+#[derive(Debug, Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
+
+/// Derefs to the error itself (and is not an error of its own), so that
+/// `source()` yields the driver's error, not a wrapper around it.
+impl std::ops::Deref for Cause {
+    type Target = dyn std::error::Error + Send + Sync + 'static;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
 
 impl StoreError {
     pub fn unavailable(context: impl Into<String>) -> Self {
@@ -125,7 +136,7 @@ impl StoreError {
         | Self::Unavailable { cause: kept, .. }
         | Self::Backend { cause: kept, .. } = &mut self
         {
-            *kept = Some(Arc::new(cause));
+            *kept = Some(Cause(Arc::new(cause)));
         }
         self
     }

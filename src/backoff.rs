@@ -8,6 +8,16 @@
 use std::time::Duration;
 
 /// Pauses that double from `first` up to `max`, jittered.
+///
+/// ```
+/// use std::time::Duration;
+/// use scaleout::backoff::Backoff;
+///
+/// let reconnect = Backoff::waiting(Duration::from_millis(100), Duration::from_secs(5));
+/// assert_eq!(reconnect.ceiling(3), Duration::from_millis(800));
+/// let pause = reconnect.pause(3);
+/// assert!(pause >= Duration::from_millis(400) && pause <= Duration::from_millis(800));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     pub first: Duration,

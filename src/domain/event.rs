@@ -37,14 +37,31 @@ pub fn is_type<M: prost::Name>(event_type: &str) -> bool {
 /// Declares an aggregate's event enum, one variant per Protobuf message,
 /// and implements [`DomainEvent`] for it. The crate using it needs `prost`.
 ///
-/// ```ignore
+/// ```
+/// #[derive(Clone, PartialEq, prost::Message)]
+/// pub struct AccountOpened {
+///     #[prost(string, tag = "1")]
+///     pub owner: String,
+/// }
+///
+/// impl prost::Name for AccountOpened {
+///     const NAME: &'static str = "AccountOpened";
+///     const PACKAGE: &'static str = "bank.v1";
+/// }
+///
 /// scaleout::domain_event!(
 ///     /// Everything that happens to an account.
 ///     AccountEvent {
-///         Opened(pb::AccountOpened),
-///         Deposited(pb::MoneyDeposited),
+///         Opened(AccountOpened),
 ///     }
 /// );
+///
+/// use scaleout::domain::DomainEvent;
+/// let opened = AccountEvent::Opened(AccountOpened { owner: "Ada".into() });
+/// assert_eq!(opened.event_type(), "bank.v1.AccountOpened");
+/// let stored = opened.encode();
+/// assert_eq!(AccountEvent::decode("bank.v1.AccountOpened", &stored).unwrap(), opened);
+/// assert!(AccountEvent::decode("bank.v1.Closed", &stored).is_err());
 /// ```
 #[macro_export]
 macro_rules! domain_event {

@@ -47,7 +47,9 @@ pub struct KnownTypes {
 }
 
 impl KnownTypes {
-    /// These types and those of the aggregate `A`.
+    /// These types and those of the aggregate `A`: an application lists
+    /// every aggregate it has, e.g.
+    /// `KnownTypes::default().with::<File>().with::<Counter>()`.
     pub fn with<A: Aggregate>(mut self) -> Self {
         self.stream_types.push(A::STREAM_TYPE.to_owned());
         self.event_types.extend(A::Event::types());

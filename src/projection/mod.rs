@@ -107,7 +107,16 @@ pub struct UnknownProjection {
 }
 
 /// The projections of `all` with these names, in that order; all of them
-/// when `names` is empty.
+/// when `names` is empty (how a projector's `--projections` picks).
+///
+/// ```
+/// use scaleout::projection::{AnyProjection, choose};
+///
+/// let all: Vec<Box<dyn AnyProjection>> = Vec::new(); // an application's projections
+/// assert!(choose(all, &[]).unwrap().is_empty());
+/// let refused = choose(Vec::new(), &["balance".to_owned()]).err().unwrap();
+/// assert_eq!(refused.to_string(), "unknown projection \"balance\": expected some of ");
+/// ```
 pub fn choose(
     mut all: Vec<Box<dyn AnyProjection>>,
     names: &[String],

@@ -25,6 +25,15 @@ pub enum ExpectedVersion {
 
 impl ExpectedVersion {
     /// Whether a stream currently at `actual` satisfies this expectation.
+    ///
+    /// ```
+    /// use scaleout::store::ExpectedVersion;
+    ///
+    /// assert!(ExpectedVersion::NoStream.accepts(0));
+    /// assert!(ExpectedVersion::Exact(3).accepts(3));
+    /// assert!(!ExpectedVersion::Exact(3).accepts(4));
+    /// assert!(!ExpectedVersion::StreamExists.accepts(0));
+    /// ```
     pub fn accepts(self, actual: u64) -> bool {
         match self {
             Self::Any => true,
@@ -67,6 +76,14 @@ impl Fingerprint {
     /// request's encoded content. Encode a decoded message again rather than
     /// hashing the bytes received, so that encodings of equal values (field
     /// order, explicit defaults, unknown fields) fingerprint alike.
+    ///
+    /// ```
+    /// use scaleout::store::Fingerprint;
+    ///
+    /// let create = Fingerprint::of("bank.v1.DepositRequest", b"\x10\x05");
+    /// assert_eq!(create, Fingerprint::of("bank.v1.DepositRequest", b"\x10\x05"));
+    /// assert_ne!(create, Fingerprint::of("bank.v1.WithdrawRequest", b"\x10\x05"));
+    /// ```
     pub fn of(kind: &str, content: &[u8]) -> Self {
         use sha2::Digest;
         let mut hasher = sha2::Sha256::new();

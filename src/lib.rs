@@ -37,6 +37,7 @@ pub mod config;
 pub mod documents;
 pub mod domain;
 pub mod envelope;
+pub mod error;
 mod group_commit;
 pub mod grpc;
 pub mod log;

@@ -86,12 +86,12 @@ impl CouchbaseDocuments {
         )
         .await
         .map_err(|_| {
-            DocumentError::Unavailable(format!(
+            DocumentError::unavailable(format!(
                 "no connection to {} within {connecting:?} (wrong address or credentials?)",
                 config.connection_string
             ))
         })?
-        .map_err(|e| DocumentError::Unavailable(e.to_string()))?;
+        .map_err(|e| DocumentError::unavailable(e.to_string()).caused_by(e))?;
         let collection = cluster
             .bucket(&config.bucket)
             .scope(&config.scope)
@@ -124,9 +124,9 @@ impl CouchbaseDocuments {
         tokio::time::timeout(self.timeout, operation)
             .await
             .map_err(|_| {
-                DocumentError::Unavailable(format!("no answer for {key} within {:?}", self.timeout))
+                DocumentError::unavailable(format!("no answer for {key} within {:?}", self.timeout))
             })?
-            .map_err(|e| classify(key, &e))
+            .map_err(|e| classify(key, e))
     }
 }
 
@@ -135,8 +135,8 @@ impl CouchbaseDocuments {
 /// and write with CAS, so trying again is safe. [`DocumentError::Rejected`]:
 /// this document can never be written. [`DocumentError::Backend`]:
 /// trying again cannot help.
-fn classify(key: &str, error: &CouchbaseError) -> DocumentError {
-    match error.kind() {
+fn classify(key: &str, error: CouchbaseError) -> DocumentError {
+    let classified = match error.kind() {
         ErrorKind::DocumentNotFound => DocumentError::NotFound(key.to_owned()),
         ErrorKind::DocumentExists => DocumentError::Exists(key.to_owned()),
         ErrorKind::CasMismatch => DocumentError::CasMismatch(key.to_owned()),
@@ -156,27 +156,28 @@ fn classify(key: &str, error: &CouchbaseError) -> DocumentError {
         | ErrorKind::DurabilityAmbiguous
         | ErrorKind::DurabilityWriteInProgress
         | ErrorKind::DurableWriteRecommitInProgress => {
-            DocumentError::Unavailable(error.to_string())
+            DocumentError::unavailable(error.to_string())
         }
-        ErrorKind::ValueTooLarge => DocumentError::Rejected(format!(
+        ErrorKind::ValueTooLarge => DocumentError::rejected(format!(
             "document {key} is larger than Couchbase's 20 MiB limit"
         )),
         ErrorKind::InvalidArgument(_) | ErrorKind::EncodingFailure(_) => {
-            DocumentError::Rejected(format!("document {key}: {error}"))
+            DocumentError::rejected(format!("document {key}: {error}"))
         }
-        ErrorKind::DurabilityImpossible => DocumentError::Backend(format!(
+        ErrorKind::DurabilityImpossible => DocumentError::backend(format!(
             "writing {key}: the bucket has too few data nodes for --couchbase-durability \
              (on one node, create the bucket with --bucket-replica 0)"
         )),
         // Wrong credentials, bucket, scope or collection, a quota, an
         // unsupported durability level or operation, bad input: permanent.
-        _ => DocumentError::Backend(error.to_string()),
-    }
+        _ => DocumentError::backend(error.to_string()),
+    };
+    classified.caused_by(error)
 }
 
 fn cas(key: &str, value: u64) -> Result<Cas, DocumentError> {
     Cas::new(value)
-        .ok_or_else(|| DocumentError::Backend(format!("Couchbase returned CAS 0 for {key}")))
+        .ok_or_else(|| DocumentError::backend(format!("Couchbase returned CAS 0 for {key}")))
 }
 
 #[async_trait]
@@ -194,7 +195,7 @@ impl DocumentStore for CouchbaseDocuments {
 
     async fn insert(&self, key: &str, body: &[u8]) -> Result<Cas, DocumentError> {
         let (body, flags) =
-            couchbase::transcoding::raw_json::encode(&body).map_err(|e| classify(key, &e))?;
+            couchbase::transcoding::raw_json::encode(&body).map_err(|e| classify(key, e))?;
         let options = InsertOptions::new().durability_level(self.durability.clone());
         let written = self
             .bounded(key, self.collection.insert_raw(key, body, flags, options))
@@ -204,7 +205,7 @@ impl DocumentStore for CouchbaseDocuments {
 
     async fn replace(&self, key: &str, body: &[u8], expected: Cas) -> Result<Cas, DocumentError> {
         let (body, flags) =
-            couchbase::transcoding::raw_json::encode(&body).map_err(|e| classify(key, &e))?;
+            couchbase::transcoding::raw_json::encode(&body).map_err(|e| classify(key, e))?;
         let options = ReplaceOptions::new()
             .cas(expected.get())
             .durability_level(self.durability.clone());
@@ -236,27 +237,24 @@ mod tests {
     use super::*;
 
     fn classified(kind: ErrorKind) -> DocumentError {
-        classify("doc::a", &CouchbaseError::new(kind))
+        classify("doc::a", CouchbaseError::new(kind))
     }
 
     fn is_unavailable(kind: ErrorKind) -> bool {
-        matches!(classified(kind), DocumentError::Unavailable(_))
+        matches!(classified(kind), DocumentError::Unavailable { .. })
     }
 
     #[test]
     fn missing_taken_and_changed_documents_keep_their_meaning() {
-        let key = || "doc::a".to_owned();
-        assert_eq!(
-            classified(ErrorKind::DocumentNotFound),
-            DocumentError::NotFound(key())
+        let is_a = |key: &String| key == "doc::a";
+        assert!(
+            matches!(classified(ErrorKind::DocumentNotFound), DocumentError::NotFound(k) if is_a(&k))
         );
-        assert_eq!(
-            classified(ErrorKind::DocumentExists),
-            DocumentError::Exists(key())
+        assert!(
+            matches!(classified(ErrorKind::DocumentExists), DocumentError::Exists(k) if is_a(&k))
         );
-        assert_eq!(
-            classified(ErrorKind::CasMismatch),
-            DocumentError::CasMismatch(key())
+        assert!(
+            matches!(classified(ErrorKind::CasMismatch), DocumentError::CasMismatch(k) if is_a(&k))
         );
     }
 
@@ -279,6 +277,14 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_keeps_the_sdk_error_as_its_source() {
+        let failure = classified(ErrorKind::TemporaryFailure);
+        assert!(failure.is_transient());
+        let source = std::error::Error::source(&failure).expect("a source");
+        assert!(source.is::<CouchbaseError>(), "{source:?}");
+    }
+
+    #[test]
     fn a_durable_write_of_unknown_fate_or_waiting_on_another_is_unavailable() {
         for kind in [
             ErrorKind::DurabilityAmbiguous,
@@ -291,7 +297,10 @@ mod tests {
 
     #[test]
     fn a_value_too_large_is_rejected_and_says_so() {
-        let DocumentError::Rejected(message) = classified(ErrorKind::ValueTooLarge) else {
+        let DocumentError::Rejected {
+            context: message, ..
+        } = classified(ErrorKind::ValueTooLarge)
+        else {
             panic!("not Rejected");
         };
         assert!(
@@ -302,7 +311,10 @@ mod tests {
 
     #[test]
     fn impossible_durability_is_a_backend_failure_that_names_the_fix() {
-        let DocumentError::Backend(message) = classified(ErrorKind::DurabilityImpossible) else {
+        let DocumentError::Backend {
+            context: message, ..
+        } = classified(ErrorKind::DurabilityImpossible)
+        else {
             panic!("not Backend");
         };
         assert!(message.contains("--bucket-replica 0"), "{message}");
@@ -321,7 +333,7 @@ mod tests {
             ErrorKind::InternalServerFailure,
         ] {
             assert!(
-                matches!(classified(kind.clone()), DocumentError::Backend(_)),
+                matches!(classified(kind.clone()), DocumentError::Backend { .. }),
                 "{kind:?}"
             );
         }
@@ -335,7 +347,7 @@ mod tests {
             ErrorKind::InvalidArgument(InvalidArgumentErrorKind::new(None, "key too long")),
         ] {
             assert!(
-                matches!(classified(kind.clone()), DocumentError::Rejected(_)),
+                matches!(classified(kind.clone()), DocumentError::Rejected { .. }),
                 "{kind:?}"
             );
         }

@@ -19,6 +19,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::error::Cause;
+
 /// A document's version as its store counts it; never 0 (the port has no
 /// "any version" write).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,8 +50,9 @@ pub struct Document {
     pub cas: Cas,
 }
 
-/// What a document operation can fail with.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// What a document operation can fail with. Keys name the document;
+/// failures of the store keep their cause as `source()`.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DocumentError {
     #[error("document {0} does not exist")]
     NotFound(String),
@@ -59,16 +62,68 @@ pub enum DocumentError {
     #[error("document {0} changed since it was read")]
     CasMismatch(String),
     /// The store cannot be reached or did not answer in time.
-    #[error("document store unavailable: {0}")]
-    Unavailable(String),
+    #[error("document store unavailable: {context}")]
+    Unavailable {
+        context: String,
+        #[source]
+        cause: Option<Cause>,
+    },
     /// The store refuses this document for good (too large, an invalid
     /// key): the same write will fail again, whatever the store's health.
-    #[error("document refused: {0}")]
-    Rejected(String),
+    #[error("document refused: {context}")]
+    Rejected {
+        context: String,
+        #[source]
+        cause: Option<Cause>,
+    },
     /// The store answered with a failure that is not the document's
     /// fault (wrong credentials, a missing bucket, an internal error).
-    #[error("document store failure: {0}")]
-    Backend(String),
+    #[error("document store failure: {context}")]
+    Backend {
+        context: String,
+        #[source]
+        cause: Option<Cause>,
+    },
+}
+
+impl DocumentError {
+    pub fn unavailable(context: impl Into<String>) -> Self {
+        Self::Unavailable {
+            context: context.into(),
+            cause: None,
+        }
+    }
+
+    pub fn rejected(context: impl Into<String>) -> Self {
+        Self::Rejected {
+            context: context.into(),
+            cause: None,
+        }
+    }
+
+    pub fn backend(context: impl Into<String>) -> Self {
+        Self::Backend {
+            context: context.into(),
+            cause: None,
+        }
+    }
+
+    /// The same error, caused by `cause`.
+    pub fn caused_by(mut self, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        if let Self::Unavailable { cause: kept, .. }
+        | Self::Rejected { cause: kept, .. }
+        | Self::Backend { cause: kept, .. } = &mut self
+        {
+            *kept = Some(Cause::new(cause));
+        }
+        self
+    }
+
+    /// Whether the same call may succeed later because the store was away;
+    /// a CAS conflict is an answer to act on, not a failure.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
 }
 
 /// Where read models live.
@@ -99,10 +154,10 @@ pub async fn open(spec: &str) -> Result<Arc<dyn DocumentStore>, DocumentError> {
         let path = path.to_owned();
         let opened = tokio::task::spawn_blocking(move || redb::RedbDocuments::open(path))
             .await
-            .map_err(|e| DocumentError::Backend(format!("opening the read models: {e}")))?;
+            .map_err(|e| DocumentError::backend(format!("opening the read models: {e}")))?;
         Ok(Arc::new(opened?))
     } else {
-        Err(DocumentError::Backend(format!(
+        Err(DocumentError::backend(format!(
             "unknown document store {spec:?}: expected redb:PATH"
         )))
     }

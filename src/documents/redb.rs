@@ -69,7 +69,7 @@ impl RedbDocuments {
         let path = path.as_ref();
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
-                .map_err(|e| DocumentError::Backend(format!("creating {}: {e}", dir.display())))?;
+                .map_err(|e| DocumentError::backend(format!("creating {}: {e}", dir.display())))?;
         }
         let db = Database::create(path).map_err(backend)?;
         let txn = db.begin_write().map_err(backend)?;
@@ -83,7 +83,7 @@ impl RedbDocuments {
         let writer = std::thread::Builder::new()
             .name("redb-document-writer".into())
             .spawn(move || write_loop(&writer_db, batches))
-            .map_err(|e| DocumentError::Backend(format!("starting the writer thread: {e}")))?;
+            .map_err(|e| DocumentError::backend(format!("starting the writer thread: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
@@ -94,7 +94,7 @@ impl RedbDocuments {
     }
 
     async fn write(&self, key: &str, op: Op) -> Result<Option<Cas>, DocumentError> {
-        let stopped = || DocumentError::Unavailable("the redb document writer has stopped".into());
+        let stopped = || DocumentError::unavailable("the redb document writer has stopped");
         let writes = self.inner.writes.as_ref().ok_or_else(stopped)?;
         let write = Write {
             key: key.to_owned(),
@@ -192,7 +192,7 @@ impl DocumentStore for RedbDocuments {
                 .map(|value| {
                     let (cas, body) = value.value();
                     let cas = Cas::new(cas)
-                        .ok_or_else(|| DocumentError::Backend(format!("{key} has CAS 0")))?;
+                        .ok_or_else(|| DocumentError::backend(format!("{key} has CAS 0")))?;
                     Ok(Document {
                         body: body.to_vec(),
                         cas,
@@ -201,7 +201,7 @@ impl DocumentStore for RedbDocuments {
                 .transpose()
         })
         .await
-        .map_err(|e| DocumentError::Backend(format!("read task failed: {e}")))?
+        .map_err(|e| DocumentError::backend(format!("read task failed: {e}")))?
     }
 
     async fn insert(&self, key: &str, body: &[u8]) -> Result<Cas, DocumentError> {
@@ -219,17 +219,18 @@ impl DocumentStore for RedbDocuments {
     async fn ping(&self) -> Result<(), DocumentError> {
         match &self.inner.writer {
             Some(writer) if !writer.is_finished() => Ok(()),
-            _ => Err(DocumentError::Unavailable(
-                "the redb document writer has stopped".into(),
+            _ => Err(DocumentError::unavailable(
+                "the redb document writer has stopped",
             )),
         }
     }
 }
 
 fn written(key: &str, cas: Option<Cas>) -> Result<Cas, DocumentError> {
-    cas.ok_or_else(|| DocumentError::Backend(format!("no CAS for the write of {key}")))
+    cas.ok_or_else(|| DocumentError::backend(format!("no CAS for the write of {key}")))
 }
 
 fn backend(error: impl Into<redb::Error>) -> DocumentError {
-    DocumentError::Backend(error.into().to_string())
+    let error = error.into();
+    DocumentError::backend(error.to_string()).caused_by(error)
 }

@@ -190,7 +190,7 @@ impl From<QueryError> for Status {
                     ]),
                 ),
             ),
-            QueryError::Store(DocumentError::Unavailable(_)) => Status::with_error_details(
+            QueryError::Store(DocumentError::Unavailable { .. }) => Status::with_error_details(
                 Code::Unavailable,
                 message,
                 ErrorDetails::with_error_info(

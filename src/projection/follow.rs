@@ -213,7 +213,7 @@ impl Projector {
         let body = serde_json::to_vec(&Checkpoint {
             next_position: next,
         })
-        .map_err(|e| DocumentError::Backend(e.to_string()))?;
+        .map_err(|e| DocumentError::backend(e.to_string()).caused_by(e))?;
         loop {
             let written = match self.store.get(key).await? {
                 Some(document) if read_checkpoint(key, &document.body)? >= next => return Ok(()),
@@ -232,7 +232,7 @@ impl Projector {
 fn read_checkpoint(key: &str, body: &[u8]) -> Result<u64, DocumentError> {
     serde_json::from_slice::<Checkpoint>(body)
         .map(|c| c.next_position)
-        .map_err(|e| DocumentError::Backend(format!("unreadable checkpoint {key}: {e}")))
+        .map_err(|e| DocumentError::backend(format!("unreadable checkpoint {key}: {e}")))
 }
 
 /// Waits until an event that occurred at `occurred_at` is `delay` old;

@@ -129,7 +129,7 @@ impl WriteError {
     /// so that no good event is parked because of it.
     fn document(error: DocumentError) -> Self {
         match error {
-            DocumentError::Rejected(_) => Self::Permanent(error.to_string()),
+            DocumentError::Rejected { .. } => Self::Permanent(error.to_string()),
             error => Self::Transient(error.to_string()),
         }
     }

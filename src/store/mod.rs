@@ -25,6 +25,7 @@ pub use self::types::{
     Fingerprint, LogFilter, LogPage, NewEvent, NewEvents, RecordedEvent, RecordedRequest,
     RequestId, RequestKey,
 };
+pub use crate::error::Cause;
 
 /// An append waiting for its batch to commit (see [`crate::group_commit`]).
 type Pending = crate::group_commit::Pending<AppendRequest, Result<AppendOutcome, StoreError>>;
@@ -99,22 +100,6 @@ pub enum StoreError {
     },
 }
 
-/// What a failure came from (a driver's or a file's error), kept as the
-/// error's `source()` so that callers can inspect and downcast it; shared,
-/// so that one failed batch can answer every append in it.
-#[derive(Debug, Clone)]
-pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
-
-/// Derefs to the error itself (and is not an error of its own), so that
-/// `source()` yields the driver's error, not a wrapper around it.
-impl std::ops::Deref for Cause {
-    type Target = dyn std::error::Error + Send + Sync + 'static;
-
-    fn deref(&self) -> &Self::Target {
-        &*self.0
-    }
-}
-
 impl StoreError {
     pub fn unavailable(context: impl Into<String>) -> Self {
         Self::Unavailable {
@@ -136,7 +121,7 @@ impl StoreError {
         | Self::Unavailable { cause: kept, .. }
         | Self::Backend { cause: kept, .. } = &mut self
         {
-            *kept = Some(Cause(Arc::new(cause)));
+            *kept = Some(Cause::new(cause));
         }
         self
     }

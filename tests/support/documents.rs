@@ -81,8 +81,8 @@ impl Outage {
         if self.down.load(std::sync::atomic::Ordering::SeqCst) {
             self.refused
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Err(scaleout::documents::DocumentError::Unavailable(
-                "outage (test)".into(),
+            Err(scaleout::documents::DocumentError::unavailable(
+                "outage (test)",
             ))
         } else {
             Ok(())

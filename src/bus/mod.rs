@@ -21,15 +21,22 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::error::Cause;
+
 pub use self::delivery::{Delivery, Settle};
 pub use self::message::{BusMessage, CONTENT_TYPE};
 
 /// Everything a bus operation can fail with.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BusError {
-    /// The broker cannot be reached; try again later.
-    #[error("event bus unavailable: {0}")]
-    Unavailable(String),
+    /// The broker cannot be reached or did not answer in time; try again
+    /// later.
+    #[error("event bus unavailable: {context}")]
+    Unavailable {
+        context: String,
+        #[source]
+        cause: Option<Cause>,
+    },
     /// No queue is bound for the message: it must wait, not be dropped.
     #[error("no queue is bound for routing key {0}")]
     Unroutable(String),
@@ -40,8 +47,46 @@ pub enum BusError {
     /// queues, and asking about it creates none.
     #[error("no service type {0} has subscribed to this bus")]
     UnknownServiceType(String),
-    #[error("event bus failure: {0}")]
-    Backend(String),
+    #[error("event bus failure: {context}")]
+    Backend {
+        context: String,
+        #[source]
+        cause: Option<Cause>,
+    },
+}
+
+impl BusError {
+    pub fn unavailable(context: impl Into<String>) -> Self {
+        Self::Unavailable {
+            context: context.into(),
+            cause: None,
+        }
+    }
+
+    pub fn backend(context: impl Into<String>) -> Self {
+        Self::Backend {
+            context: context.into(),
+            cause: None,
+        }
+    }
+
+    /// The same error, caused by `cause`.
+    pub fn caused_by(mut self, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        if let Self::Unavailable { cause: kept, .. } | Self::Backend { cause: kept, .. } = &mut self
+        {
+            *kept = Some(Cause::new(cause));
+        }
+        self
+    }
+
+    /// Whether trying again later may succeed: the broker was away, or
+    /// refused or could not route the message for now.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Unavailable { .. } | Self::Unroutable(_) | Self::Nacked(_)
+        )
+    }
 }
 
 /// How a service type consumes.
@@ -126,15 +171,14 @@ pub fn open(spec: &str, prefix: &str) -> Result<Arc<dyn EventBus>, BusError> {
     } else if spec.starts_with("amqps://") {
         // lapin is built without a TLS stack (see Cargo.toml): refuse rather
         // than fail obscurely at the first connection.
-        Err(BusError::Backend(
-            "amqps:// is not supported by this build: use amqp:// (TLS to RabbitMQ is not built in yet)"
-                .into(),
+        Err(BusError::backend(
+            "amqps:// is not supported by this build: use amqp:// (TLS to RabbitMQ is not built in yet)",
         ))
     } else if spec.starts_with("amqp://") {
         let config = rabbitmq::RabbitConfig::new(spec).with_prefix(prefix);
         Ok(Arc::new(rabbitmq::RabbitBus::new(config)))
     } else {
-        Err(BusError::Backend(format!(
+        Err(BusError::backend(format!(
             "unknown event bus {spec:?}: expected memory or amqp://…"
         )))
     }
@@ -148,7 +192,7 @@ mod tests {
     fn a_bus_this_build_cannot_reach_is_refused_when_opened() {
         for spec in ["amqps://guest:guest@127.0.0.1:5671/%2f", "kafka://x"] {
             let error = open(spec, "scaleout").unwrap_err();
-            assert!(matches!(error, BusError::Backend(_)), "{spec}: {error}");
+            assert!(matches!(error, BusError::Backend { .. }), "{spec}: {error}");
         }
         assert!(open("amqp://guest:guest@127.0.0.1:5672/%2f", "scaleout").is_ok());
     }

@@ -179,7 +179,7 @@ impl Inner {
             Connection::connect(&self.config.url, properties),
         )
         .await
-        .map_err(|_| BusError::Unavailable(format!("no connection within {CONNECT_TIMEOUT:?}")))?
+        .map_err(|_| BusError::unavailable(format!("no connection within {CONNECT_TIMEOUT:?}")))?
         .map_err(unavailable)?;
         let connection = Arc::new(connection);
         *current = Some(Arc::clone(&connection));
@@ -306,7 +306,7 @@ impl Inner {
         // Sends and confirms share one deadline.
         let timeout = self.config.publish_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
-        let late = || BusError::Unavailable(format!("no confirm from RabbitMQ within {timeout:?}"));
+        let late = || BusError::unavailable(format!("no confirm from RabbitMQ within {timeout:?}"));
         let mut pending = Vec::with_capacity(publishes.len());
         for (routing_key, properties, body) in publishes {
             let sent = tokio::time::timeout_at(
@@ -347,7 +347,7 @@ impl Inner {
         }
         if results
             .iter()
-            .any(|r| matches!(r, Err(BusError::Unavailable(_))))
+            .any(|r| matches!(r, Err(BusError::Unavailable { .. })))
         {
             // Start afresh next time rather than reuse a channel in doubt.
             *self.publisher.lock().await = None;
@@ -590,9 +590,7 @@ impl Settle for RabbitSettle {
                     .await;
                 Err(error)
             }
-            None => Err(BusError::Backend(
-                "no confirm for the dead-letter publish".into(),
-            )),
+            None => Err(BusError::backend("no confirm for the dead-letter publish")),
         }
     }
 }
@@ -602,9 +600,7 @@ impl Settle for RabbitSettle {
 fn settled(outcome: lapin::Result<bool>) -> Result<(), BusError> {
     match outcome {
         Ok(true) => Ok(()),
-        Ok(false) => Err(BusError::Unavailable(
-            "the delivery's channel is gone".into(),
-        )),
+        Ok(false) => Err(BusError::unavailable("the delivery's channel is gone")),
         Err(error) => Err(unavailable(error)),
     }
 }
@@ -722,7 +718,7 @@ async fn bounded<T>(operation: impl Future<Output = lapin::Result<T>>) -> Result
     tokio::time::timeout(CONNECT_TIMEOUT, operation)
         .await
         .map_err(|_| {
-            BusError::Unavailable(format!(
+            BusError::unavailable(format!(
                 "no answer from RabbitMQ within {CONNECT_TIMEOUT:?}"
             ))
         })?
@@ -746,7 +742,7 @@ async fn existing_queue(
     )
     .await
     .map_err(|_| {
-        BusError::Unavailable(format!(
+        BusError::unavailable(format!(
             "no answer from RabbitMQ within {CONNECT_TIMEOUT:?}"
         ))
     })?;
@@ -762,7 +758,7 @@ async fn existing_queue(
 }
 
 fn unavailable(error: lapin::Error) -> BusError {
-    BusError::Unavailable(error.to_string())
+    BusError::unavailable(error.to_string()).caused_by(error)
 }
 
 fn backoff(failures: u32) -> Duration {

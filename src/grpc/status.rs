@@ -153,7 +153,7 @@ impl From<BusError> for Status {
                     "never subscribed",
                 ),
             ),
-            BusError::Unavailable(_) => Status::with_error_details(
+            BusError::Unavailable { .. } => Status::with_error_details(
                 Code::Unavailable,
                 error.to_string(),
                 ErrorDetails::with_error_info("BUS_UNAVAILABLE", ERROR_DOMAIN, HashMap::new()),
@@ -342,7 +342,7 @@ mod tests {
 
     #[test]
     fn bus_failures_are_unavailable_or_internal() {
-        let down = Status::from(BusError::Unavailable("connection refused".into()));
+        let down = Status::from(BusError::unavailable("connection refused"));
         assert_eq!(down.code(), Code::Unavailable);
         assert_eq!(
             down.get_details_error_info().unwrap().reason,

@@ -30,8 +30,8 @@ pub struct Platform {
     pub max_wait: std::time::Duration,
 }
 
-/// The whole platform in one process: the command service, the read API,
-/// a projector following the event log, and the query service, all on
+/// The whole platform in one process: the application's command and query
+/// services, the read API and a projector following the event log, all on
 /// `listener` (with health and reflection), until `stopping` is cancelled.
 ///
 /// There is no bus in between: the projector reads the log itself from a

@@ -4,6 +4,13 @@
 //! take from the front; a requeued message goes to the back (as in a quorum
 //! queue) with its delivery count raised; each subscriber holds at most
 //! `prefetch` unsettled deliveries; a dead-letter list per service type.
+//!
+//! Memory is bounded the way a broker's disk is: a queue holds at most
+//! [`QUEUE_CAPACITY`] messages, ready and parked alike (plus what its
+//! subscribers hold unsettled, at most their prefetch), and past it refuses
+//! more as [`BusError::Unavailable`]. The relay then keeps the events in the
+//! store's durable outbox and tries again, so a stalled consumer costs
+//! outbox rows, not this process's memory.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,10 +24,20 @@ use super::{
     Subscription,
 };
 
+/// Messages a queue holds at most, ready and parked together.
+pub const QUEUE_CAPACITY: usize = 100_000;
+
 /// The in-process [`EventBus`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MemoryBus {
     queues: Arc<Mutex<HashMap<String, Queue>>>,
+    capacity: usize,
+}
+
+impl Default for MemoryBus {
+    fn default() -> Self {
+        Self::with_capacity(QUEUE_CAPACITY)
+    }
 }
 
 #[derive(Debug)]
@@ -33,9 +50,24 @@ struct Queue {
     arrived: Arc<Notify>,
 }
 
+impl Queue {
+    /// Messages held, ready and parked.
+    fn len(&self) -> usize {
+        self.ready.len() + self.dead.len()
+    }
+}
+
 impl MemoryBus {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A bus whose queues hold at most `capacity` messages each.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            queues: Arc::default(),
+            capacity,
+        }
     }
 
     fn queues(&self) -> MutexGuard<'_, HashMap<String, Queue>> {
@@ -58,26 +90,33 @@ impl MemoryBus {
 impl EventBus for MemoryBus {
     async fn publish(&self, messages: &[BusMessage]) -> Vec<Result<(), BusError>> {
         let mut queues = self.queues();
+        let capacity = self.capacity;
         messages
             .iter()
             .map(|message| {
-                let mut routed = false;
-                for queue in queues.values_mut() {
-                    if queue
+                let routes = |queue: &Queue| {
+                    queue
                         .bindings
                         .iter()
                         .any(|b| topic::matches(b, &message.routing_key))
-                    {
-                        queue.ready.push_back((message.clone(), 0));
-                        queue.arrived.notify_one();
-                        routed = true;
-                    }
+                };
+                if !queues.values().any(routes) {
+                    return Err(BusError::Unroutable(message.routing_key.clone()));
                 }
-                if routed {
-                    Ok(())
-                } else {
-                    Err(BusError::Unroutable(message.routing_key.clone()))
+                // Into every queue it routes to, or into none.
+                if let Some((full, _)) = queues
+                    .iter()
+                    .find(|(_, queue)| routes(queue) && queue.len() >= capacity)
+                {
+                    return Err(BusError::unavailable(format!(
+                        "queue {full} holds {capacity} messages"
+                    )));
                 }
+                for queue in queues.values_mut().filter(|queue| routes(queue)) {
+                    queue.ready.push_back((message.clone(), 0));
+                    queue.arrived.notify_one();
+                }
+                Ok(())
             })
             .collect()
     }
@@ -240,5 +279,43 @@ impl Drop for MemorySettle {
         if let Some((message, delivered)) = self.message.take() {
             self.bus.push(&self.service_type, message, delivered);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(version: u64) -> BusMessage {
+        BusMessage {
+            message_id: format!("m{version}"),
+            event_type: "test.Happened".into(),
+            routing_key: "test.test.Happened".into(),
+            correlation_id: String::new(),
+            traceparent: String::new(),
+            body: version.to_be_bytes().to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_what_it_cannot_hold_and_takes_it_once_there_is_room() {
+        let bus = MemoryBus::with_capacity(2);
+        let mut subscriber = bus
+            .subscribe(&Subscription {
+                service_type: "s".into(),
+                bindings: vec!["#".into()],
+                prefetch: 10,
+                max_attempts: 3,
+            })
+            .await
+            .unwrap();
+        let published = bus.publish(&[message(1), message(2), message(3)]).await;
+        assert!(published[0].is_ok() && published[1].is_ok());
+        assert!(
+            matches!(&published[2], Err(error @ BusError::Unavailable { .. }) if error.is_transient()),
+            "{published:?}"
+        );
+        subscriber.next().await.unwrap().ack().await.unwrap();
+        assert!(bus.publish(&[message(3)]).await[0].is_ok());
     }
 }

@@ -3,7 +3,8 @@
 //! service adds (a projector's counters, the relay's state).
 //!
 //! The label set is closed: a method is labelled by name only if the
-//! contract defines it (the scaleout services, health, reflection), and any
+//! contract defines it (the kernel's and the application's services,
+//! health, reflection), and any
 //! other path a client sends counts as `other`, so no client can grow the
 //! page or break its syntax.
 

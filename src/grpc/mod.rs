@@ -1,4 +1,6 @@
-//! gRPC adapters: decode a request, call the kernel, map the error.
+//! The kernel's gRPC side: the read API and admin services, what every
+//! application's services share (request helpers, the one status mapping),
+//! and serving.
 //!
 //! Every server also carries health (`grpc.health.v1`, following its
 //! dependencies), reflection v1 and v1alpha, request limits and a graceful

@@ -8,6 +8,7 @@
 //! | state forbids it | `FAILED_PRECONDITION` | `PreconditionFailure` |
 //! | version conflict | `ABORTED` | `ErrorInfo` `WRONG_EXPECTED_VERSION` |
 //! | store down | `UNAVAILABLE` | `ErrorInfo` `STORE_UNAVAILABLE` |
+//! | store kept losing races with other processes | `ABORTED` | `ErrorInfo` `STORE_CONTENDED` |
 //! | bus down | `UNAVAILABLE` | `ErrorInfo` `BUS_UNAVAILABLE` |
 //! | view behind `min_version` at the deadline | `UNAVAILABLE` | `ErrorInfo` `VIEW_NOT_CAUGHT_UP` |
 //! | document store down | `UNAVAILABLE` | `ErrorInfo` `DOCUMENT_STORE_UNAVAILABLE` |

@@ -148,11 +148,109 @@ fn paused_workers(metrics: &str) -> Option<u64> {
         .and_then(|n| n.trim().parse().ok())
 }
 
-/// A projector whose queue cannot be declared (here: it exists with another
-/// delivery limit, as after changing `--max-attempts`) consumes nothing, so
-/// it must not say SERVING, however well its bus and store answer pings.
+/// Starts a projector process on `config`'s broker names and a fresh
+/// document store, with `--max-attempts 5` and health probed every 100 ms.
+async fn projector_on(
+    config: &scaleout::bus::rabbitmq::RabbitConfig,
+    log: &support::CommandService,
+    views: &std::path::Path,
+) -> Process {
+    let args: Vec<String> = [
+        "--event-log",
+        &log.url(),
+        "--listen",
+        "127.0.0.1:0",
+        "--event-bus",
+        &support::bus::rabbitmq_url(),
+        "--event-bus-prefix",
+        config.prefix(),
+        "--document-store",
+        &format!("redb:{}", views.join("views.redb").display()),
+        "--max-attempts",
+        "5",
+        "--health-interval",
+        "100ms",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    Process::start("projector", &args)
+}
+
+async fn overall_health(
+    projector: &Process,
+) -> tonic_health::pb::health_check_response::ServingStatus {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", projector.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+/// A projector whose queue it cannot use (here another connection holds it
+/// exclusively) consumes nothing, so it must not say SERVING, however well
+/// its bus and store answer pings.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projector_that_cannot_consume_is_not_serving() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let config = support::bus::rabbit_config();
+    let _cleanup = support::Cleanup {
+        schema: None,
+        rabbit: Some(config.clone()),
+    };
+    let holder = lapin::Connection::connect(
+        &support::bus::rabbitmq_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = holder.create_channel().await.unwrap();
+    channel
+        .queue_declare(
+            config.queue("projector").as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let (store, _dir) = support::redb_store();
+    let log = support::CommandService::start(store).await;
+    let views = tempfile::tempdir().unwrap();
+    let projector = projector_on(&config, &log, views.path()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while paused_workers(&projector.http_get("/metrics").await) != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the refused worker is not counted as paused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Several health rounds later, still not serving.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(overall_health(&projector).await, ServingStatus::NotServing);
+    }
+    drop(holder);
+}
+
+/// Changing `--max-attempts` on a deployment whose queue already exists
+/// (with another delivery limit, which the broker would refuse to
+/// redeclare) still consumes: the queue is used as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_with_a_changed_max_attempts_uses_the_existing_queue() {
+    use tonic_health::pb::health_check_response::ServingStatus;
     let config = support::bus::rabbit_config();
     let _cleanup = support::Cleanup {
         schema: None,
@@ -170,54 +268,14 @@ async fn a_projector_that_cannot_consume_is_not_serving() {
     let (store, _dir) = support::redb_store();
     let log = support::CommandService::start(store).await;
     let views = tempfile::tempdir().unwrap();
-    let args: Vec<String> = [
-        "--event-log",
-        &log.url(),
-        "--listen",
-        "127.0.0.1:0",
-        "--event-bus",
-        &support::bus::rabbitmq_url(),
-        "--event-bus-prefix",
-        config.prefix(),
-        "--document-store",
-        &format!("redb:{}", views.path().join("views.redb").display()),
-        "--max-attempts",
-        "5",
-        "--health-interval",
-        "100ms",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    let projector = Process::start("projector", &args);
+    let projector = projector_on(&config, &log, views.path()).await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while paused_workers(&projector.http_get("/metrics").await) != Some(1) {
-        assert!(
-            Instant::now() < deadline,
-            "the refused worker is not counted as paused"
-        );
+    while overall_health(&projector).await != ServingStatus::Serving {
+        assert!(Instant::now() < deadline, "the projector never consumed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Several health rounds later, still not serving.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", projector.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        let status = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status();
-        assert_eq!(
-            status,
-            tonic_health::pb::health_check_response::ServingStatus::NotServing
-        );
-    }
+    assert_eq!(
+        paused_workers(&projector.http_get("/metrics").await),
+        Some(0)
+    );
 }

@@ -252,7 +252,22 @@ impl Inner {
             AMQPValue::LongString(service.as_str().into()),
         );
         let queue = self.config.queue(service);
-        bounded(channel.queue_declare(queue.as_str().into(), durable_queue(), arguments)).await?;
+        // An existing queue is used as it is: declaring it again with other
+        // arguments (a changed --max-attempts) would be refused, and the
+        // subscriber parks by its own count anyway (`Delivery::arrive`); the
+        // queue's delivery limit is only the broker's backstop. Looked up on
+        // a channel of its own, which a missing queue closes.
+        let probe = self.channel().await?;
+        match existing_queue(&probe, &queue, service).await {
+            Ok(_) => {
+                let _ = probe.close(200, "looked up".into()).await;
+            }
+            Err(BusError::UnknownServiceType(_)) => {
+                bounded(channel.queue_declare(queue.as_str().into(), durable_queue(), arguments))
+                    .await?;
+            }
+            Err(error) => return Err(error),
+        }
         for binding in &subscription.bindings {
             bounded(channel.queue_bind(
                 queue.as_str().into(),

@@ -201,6 +201,7 @@ async fn grpc_commands(name: &str, store: Arc<dyn EventStore>) {
         bus: None,
         server: ServerArgs::default(),
         retry: RetryPolicy::default(),
+        snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
         relay: Default::default(),
     };
     let served = tokio::spawn(scaleout::app::run_command_service(

@@ -119,6 +119,7 @@ async fn embedded(rate: u32) {
         data_dir: dir.path().to_owned(),
         server: Default::default(),
         retry: Default::default(),
+        snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
         max_wait: Duration::from_secs(10),
     };
     let served = tokio::spawn(scaleout::app::run_platform(
@@ -277,6 +278,7 @@ async fn split(rate: u32, freeze: Option<Duration>) {
         bus: Some(Arc::new(RabbitBus::new(rabbit.clone())) as Arc<dyn EventBus>),
         server: Default::default(),
         retry: Default::default(),
+        snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
         relay: Default::default(),
     };
     let command_stopping = stopping.clone();

@@ -31,6 +31,7 @@ async fn a_parked_event_is_listed_with_its_reason_and_replayed() {
         bus: Some(Arc::clone(&bus)),
         server: Default::default(),
         retry: Default::default(),
+        snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
         relay: Default::default(),
     })
     .await;
@@ -146,6 +147,7 @@ async fn dead_letters_page_within_a_byte_bound() {
         bus: Some(Arc::clone(&bus)),
         server: Default::default(),
         retry: Default::default(),
+        snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
         relay: Default::default(),
     })
     .await;

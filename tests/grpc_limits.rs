@@ -78,6 +78,7 @@ async fn a_call_past_the_request_timeout_is_deadline_exceeded() {
             ..ServerArgs::default()
         },
         retry: Default::default(),
+        snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
         max_wait: Duration::from_secs(5),
     };
     tokio::spawn(scaleout::app::run_platform(
@@ -191,6 +192,7 @@ async fn a_listing_waits_for_a_bounded_set_of_file_streams() {
         data_dir: data.path().to_owned(),
         server: ServerArgs::default(),
         retry: Default::default(),
+        snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
         max_wait: Duration::from_secs(5),
     };
     tokio::spawn(scaleout::app::run_platform(

@@ -27,6 +27,7 @@ async fn start(data_dir: &std::path::Path) -> Running {
         data_dir: data_dir.to_owned(),
         server: Default::default(),
         retry: Default::default(),
+        snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
         max_wait: Duration::from_secs(5),
     };
     let served = tokio::spawn(scaleout::app::run_platform(

@@ -319,6 +319,7 @@ async fn commands_keep_flowing_while_rabbitmq_is_away_and_arrive_once_it_is_back
             ..Default::default()
         },
         retry: Default::default(),
+        snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
         relay: RelayConfig {
             backoff_max: Duration::from_millis(500),
             ..Default::default()
@@ -410,6 +411,7 @@ async fn a_hanging_broker_takes_the_relay_health_down_and_loses_nothing() {
             ..Default::default()
         },
         retry: Default::default(),
+        snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
         relay: RelayConfig {
             backoff_max: Duration::from_millis(500),
             ..Default::default()

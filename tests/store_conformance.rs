@@ -15,7 +15,7 @@ use scaleout::store::redb::RedbStore;
 use scaleout::store::{
     AppendOutcome, AppendRequest, AppendResult, EventMetadata, EventStore, ExpectedVersion,
     Fingerprint, LogFilter, LogPage, NewEvent, RecordedEvent, RecordedRequest, RequestId,
-    RequestKey, StoreError,
+    RequestKey, Snapshot, StoreError,
 };
 use tokio::sync::Barrier;
 use uuid::Uuid;
@@ -745,7 +745,35 @@ macro_rules! conformance {
     };
 }
 
+async fn a_stream_keeps_its_latest_snapshot(store: Arc<dyn EventStore>) {
+    let snapshot = |version: u64, state: &[u8]| Snapshot {
+        stream_id: "s".into(),
+        version,
+        shape: 3,
+        state: state.to_vec(),
+    };
+    assert_eq!(store.load_snapshot("s").await.unwrap(), None);
+    store.save_snapshot(snapshot(10, b"ten")).await.unwrap();
+    assert_eq!(
+        store.load_snapshot("s").await.unwrap(),
+        Some(snapshot(10, b"ten"))
+    );
+    // An older one, saved late, does not replace a newer one.
+    store.save_snapshot(snapshot(5, b"five")).await.unwrap();
+    assert_eq!(
+        store.load_snapshot("s").await.unwrap(),
+        Some(snapshot(10, b"ten"))
+    );
+    store.save_snapshot(snapshot(20, b"twenty")).await.unwrap();
+    assert_eq!(
+        store.load_snapshot("s").await.unwrap(),
+        Some(snapshot(20, b"twenty"))
+    );
+    assert_eq!(store.load_snapshot("other").await.unwrap(), None);
+}
+
 conformance!(
+    a_stream_keeps_its_latest_snapshot,
     expected_any,
     expected_no_stream,
     expected_stream_exists,

@@ -43,6 +43,12 @@ struct Args {
     /// decided again after losing a race.
     #[arg(long, env = "SCALEOUT_MAX_RETRIES", default_value_t = RetryPolicy::default().max_retries)]
     max_retries: u32,
+    /// Take a snapshot of an aggregate each time its stream passes a
+    /// multiple of this many events (for aggregates that take them), so that
+    /// loading it after a restart or on another instance folds only the
+    /// events since; 0 takes none.
+    #[arg(long, env = "SCALEOUT_SNAPSHOT_EVERY", default_value_t = scaleout::command::DEFAULT_SNAPSHOT_EVERY)]
+    snapshot_every: u64,
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
@@ -91,6 +97,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             max_retries: args.max_retries,
             ..RetryPolicy::default()
         },
+        snapshot_every: args.snapshot_every,
         relay: RelayConfig::default(),
     };
     scaleout::app::run_command_service(listener, service, stopping).await?;

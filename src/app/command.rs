@@ -23,6 +23,9 @@ pub struct CommandService {
     pub bus: Option<Arc<dyn EventBus>>,
     pub server: ServerArgs,
     pub retry: RetryPolicy,
+    /// Events between two snapshots of a stream (0: none); see
+    /// [`CommandHandler::with_snapshots_every`].
+    pub snapshot_every: u64,
     pub relay: RelayConfig,
 }
 
@@ -40,9 +43,12 @@ pub async fn run_command_service(
         bus,
         server: server_args,
         retry,
+        snapshot_every,
         relay,
     } = service;
-    let handler = Arc::new(CommandHandler::new(Arc::clone(&store), retry));
+    let handler = Arc::new(
+        CommandHandler::new(Arc::clone(&store), retry).with_snapshots_every(snapshot_every),
+    );
     let mut services = Services::new(server_args.max_message_bytes);
     app.command_services(handler, &mut services);
     // Health reports on the application's command services.

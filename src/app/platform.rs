@@ -27,6 +27,9 @@ pub struct Platform {
     pub data_dir: std::path::PathBuf,
     pub server: ServerArgs,
     pub retry: RetryPolicy,
+    /// Events between two snapshots of a stream (0: none); see
+    /// [`CommandHandler::with_snapshots_every`].
+    pub snapshot_every: u64,
     pub max_wait: std::time::Duration,
 }
 
@@ -48,6 +51,7 @@ pub async fn run_platform(
         data_dir,
         server: server_args,
         retry,
+        snapshot_every,
         max_wait,
     } = platform;
     // Opening may repair a file after a crash: not on a runtime thread.
@@ -61,7 +65,9 @@ pub async fn run_platform(
     let store: Arc<dyn EventStore> = Arc::new(store);
     let documents: Arc<dyn DocumentStore> = Arc::new(documents);
 
-    let handler = Arc::new(CommandHandler::new(Arc::clone(&store), retry));
+    let handler = Arc::new(
+        CommandHandler::new(Arc::clone(&store), retry).with_snapshots_every(snapshot_every),
+    );
     let mut services = Services::new(server_args.max_message_bytes);
     app.command_services(handler, &mut services);
     let commands = services.names().to_vec();

@@ -27,7 +27,7 @@ use crate::domain::values::Id;
 use crate::domain::{Aggregate, DomainError, DomainEvent, UnknownEvent};
 use crate::store::{
     AppendOutcome, AppendRequest, AppendResult, EventMetadata, EventStore, ExpectedVersion,
-    NewEvent, NewEvents, RequestKey, StoreError,
+    NewEvent, NewEvents, RequestKey, Snapshot, StoreError,
 };
 
 /// A command for the aggregate `aggregate_id`, with what the caller expects.
@@ -67,7 +67,13 @@ pub struct CommandHandler {
     retry: RetryPolicy,
     locks: locks::StreamLocks,
     states: cache::StateCache,
+    /// Take a snapshot each time a stream passes a multiple of this many
+    /// events; 0 takes none.
+    snapshot_every: u64,
 }
+
+/// Events between two snapshots of a stream, unless configured otherwise.
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 100;
 
 /// Aggregate states kept in memory between commands.
 const CACHED_STATES: usize = 10_000;
@@ -79,7 +85,17 @@ impl CommandHandler {
             retry,
             locks: locks::StreamLocks::default(),
             states: cache::StateCache::new(CACHED_STATES),
+            snapshot_every: 0,
         }
+    }
+
+    /// Snapshots every `every` events (0: none) for aggregates that take
+    /// them (see [`Aggregate::snapshot`]): a state that is not cached here
+    /// (after a restart, or last changed by another instance) is then loaded
+    /// from its snapshot plus the events after it, not from the stream's start.
+    pub fn with_snapshots_every(mut self, every: u64) -> Self {
+        self.snapshot_every = every;
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn EventStore> {
@@ -108,7 +124,10 @@ impl CommandHandler {
                 .map_or_else(Uuid::now_v7, |key| key.id.0),
         };
         let mut attempt = 0;
-        let mut known = self.states.take::<A>(&stream_id);
+        let mut known = match self.states.take::<A>(&stream_id) {
+            Some(cached) => Some(cached),
+            None => self.load_snapshot::<A>(&stream_id).await,
+        };
         loop {
             let (state, version) = self.catch_up(&stream_id, known.take()).await?;
             if !expected.accepts(version) {
@@ -144,6 +163,7 @@ impl CommandHandler {
                 Ok(AppendOutcome::Appended(result)) => {
                     let mut state = state;
                     decided.into_iter().for_each(|event| state.apply(event));
+                    self.take_snapshot(&stream_id, version, result.version, &state);
                     self.states.put(stream_id, result.version, state);
                     return Ok(AppendOutcome::Appended(result));
                 }
@@ -175,6 +195,52 @@ impl CommandHandler {
             attempt += 1;
             known = Some((version, state));
         }
+    }
+
+    /// The stream's snapshot, if snapshots are on, one is kept, and it is of
+    /// `A`'s current shape; anything else reads as none (folded from the
+    /// stream's start), so a snapshot never makes a command fail.
+    async fn load_snapshot<A: Aggregate>(&self, stream_id: &str) -> Option<(u64, A)> {
+        if self.snapshot_every == 0 {
+            return None;
+        }
+        let snapshot = match self.store.load_snapshot(stream_id).await {
+            Ok(snapshot) => snapshot?,
+            Err(error) => {
+                tracing::warn!(%error, stream = %stream_id, "no snapshot: folding the whole stream");
+                return None;
+            }
+        };
+        if snapshot.shape != A::SNAPSHOT_SHAPE {
+            tracing::debug!(stream = %stream_id, shape = snapshot.shape, "discarding a snapshot of another shape");
+            return None;
+        }
+        A::from_snapshot(&snapshot.state).map(|state| (snapshot.version, state))
+    }
+
+    /// Saves a snapshot in the background when the append from `before` to
+    /// `after` passed a multiple of `snapshot_every`: the command's answer
+    /// does not wait for it, and a lost one only costs a longer fold.
+    fn take_snapshot<A: Aggregate>(&self, stream_id: &str, before: u64, after: u64, state: &A) {
+        let every = self.snapshot_every;
+        if every == 0 || after / every == before / every {
+            return;
+        }
+        let Some(encoded) = state.snapshot() else {
+            return;
+        };
+        let snapshot = Snapshot {
+            stream_id: stream_id.to_owned(),
+            version: after,
+            shape: A::SNAPSHOT_SHAPE,
+            state: encoded,
+        };
+        let store = Arc::clone(&self.store);
+        tokio::spawn(async move {
+            if let Err(error) = store.save_snapshot(snapshot).await {
+                tracing::warn!(%error, "could not save a snapshot");
+            }
+        });
     }
 
     /// Folds the events after `known` (or the whole stream) into the state;

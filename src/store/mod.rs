@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 pub use self::types::{
     AppendOutcome, AppendRequest, AppendResult, EmptyAppend, EventMetadata, ExpectedVersion,
     Fingerprint, LogFilter, LogPage, NewEvent, NewEvents, RecordedEvent, RecordedRequest,
-    RequestId, RequestKey,
+    RequestId, RequestKey, Snapshot,
 };
 pub use crate::error::Cause;
 
@@ -192,6 +192,13 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Checks that the backend answers, for health reporting.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Keeps `snapshot` as its stream's snapshot, unless one at a later
+    /// version is kept already.
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError>;
+
+    /// The stream's latest snapshot, if any.
+    async fn load_snapshot(&self, stream_id: &str) -> Result<Option<Snapshot>, StoreError>;
 }
 
 /// Opens the store a `--event-store` value names: `redb:PATH` or a

@@ -28,7 +28,8 @@ use uuid::Uuid;
 use super::plan::{BatchState, Planned, plan};
 use super::{
     AppendOutcome, AppendRequest, AppendResult, EventMetadata, EventStore, Fingerprint, LogFilter,
-    LogPage, NewEvent, RecordedEvent, RecordedRequest, RequestId, StoreError, page_window,
+    LogPage, NewEvent, RecordedEvent, RecordedRequest, RequestId, Snapshot, StoreError,
+    page_window,
 };
 use super::{Batches, Pending, Submitter, submit};
 use crate::backoff::Backoff;
@@ -302,6 +303,42 @@ impl EventStore for PostgresStore {
             .map_err(StoreError::from)?;
         Ok(())
     }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        let reader = self.reader().await?;
+        let params: [Param; 4] = [
+            &snapshot.stream_id,
+            &to_i64(snapshot.version)?,
+            &i64::from(snapshot.shape),
+            &snapshot.state,
+        ];
+        reader
+            .client
+            .execute(&reader.save_snapshot, &params)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    async fn load_snapshot(&self, stream_id: &str) -> Result<Option<Snapshot>, StoreError> {
+        let reader = self.reader().await?;
+        let Some(row) = reader
+            .client
+            .query_opt(&reader.load_snapshot, &[&stream_id])
+            .await
+            .map_err(StoreError::from)?
+        else {
+            return Ok(None);
+        };
+        let shape: i64 = row.try_get(1).map_err(StoreError::from)?;
+        Ok(Some(Snapshot {
+            stream_id: stream_id.to_owned(),
+            version: to_u64(row.try_get(0).map_err(StoreError::from)?)?,
+            shape: u32::try_from(shape)
+                .map_err(|_| StoreError::backend(format!("snapshot shape {shape}")))?,
+            state: row.try_get(2).map_err(StoreError::from)?,
+        }))
+    }
 }
 
 /// Opens connections whose `search_path` is the store's schema.
@@ -407,6 +444,12 @@ async fn migrate(connector: &Connector, schema: &str) -> Result<(), StoreError> 
             version    bigint NOT NULL,
             event_ids  uuid[] NOT NULL
         );
+        CREATE TABLE IF NOT EXISTS "{schema}".snapshots (
+            stream_id text PRIMARY KEY,
+            version   bigint NOT NULL,
+            shape     bigint NOT NULL,
+            state     bytea NOT NULL
+        );
         -- NULL for requests recorded before fingerprints were kept.
         ALTER TABLE "{schema}".requests ADD COLUMN IF NOT EXISTS fingerprint bytea NULL;
         "#
@@ -426,6 +469,8 @@ struct Reader {
     read_all: Statement,
     find_request: Statement,
     read_outbox: Statement,
+    save_snapshot: Statement,
+    load_snapshot: Statement,
 }
 
 impl Reader {
@@ -460,6 +505,20 @@ impl Reader {
                      ORDER BY position LIMIT $1"
                 ))
                 .await?;
+            // Only a later version replaces a kept snapshot.
+            let save_snapshot = client
+                .prepare(
+                    "INSERT INTO snapshots (stream_id, version, shape, state) \
+                     VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (stream_id) DO UPDATE \
+                     SET version = excluded.version, shape = excluded.shape, \
+                         state = excluded.state \
+                     WHERE snapshots.version < excluded.version",
+                )
+                .await?;
+            let load_snapshot = client
+                .prepare("SELECT version, shape, state FROM snapshots WHERE stream_id = $1")
+                .await?;
             Ok(Self {
                 client,
                 read_stream,
@@ -467,6 +526,8 @@ impl Reader {
                 read_all,
                 find_request,
                 read_outbox,
+                save_snapshot,
+                load_snapshot,
             })
         })
         .await

@@ -22,7 +22,7 @@ use uuid::Uuid;
 use super::plan::{BatchState, Planned, plan};
 use super::{
     AppendOutcome, AppendRequest, AppendResult, EventStore, Fingerprint, LogFilter, LogPage,
-    RecordedEvent, RecordedRequest, RequestId, StoreError, page_window,
+    RecordedEvent, RecordedRequest, RequestId, Snapshot, StoreError, page_window,
 };
 use super::{Batches, Pending, Submitter, submit};
 use crate::group_commit;
@@ -41,6 +41,8 @@ const REQUESTS: TableDefinition<u128, (&str, u64, &[u8])> = TableDefinition::new
 /// Request id → the fingerprint of its request; missing for requests
 /// recorded before fingerprints were kept.
 const FINGERPRINTS: TableDefinition<u128, [u8; 32]> = TableDefinition::new("request_fingerprints");
+/// Stream id → its latest snapshot (version, shape, state).
+const SNAPSHOTS: TableDefinition<&str, (u64, u32, &[u8])> = TableDefinition::new("snapshots");
 /// Counters; holds the next event position.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_POSITION: &str = "next_position";
@@ -264,6 +266,48 @@ impl EventStore for RedbStore {
             ))
         }
     }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        // A write transaction of its own: it waits its turn beside the
+        // appends' group commits, on a blocking thread.
+        self.read(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut snapshots = txn.open_table(SNAPSHOTS).map_err(backend)?;
+                let kept = snapshots
+                    .get(snapshot.stream_id.as_str())
+                    .map_err(backend)?
+                    .map(|kept| kept.value().0);
+                if kept.is_none_or(|kept| kept < snapshot.version) {
+                    let value = (snapshot.version, snapshot.shape, snapshot.state.as_slice());
+                    snapshots
+                        .insert(snapshot.stream_id.as_str(), value)
+                        .map_err(backend)?;
+                }
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn load_snapshot(&self, stream_id: &str) -> Result<Option<Snapshot>, StoreError> {
+        let stream_id = stream_id.to_owned();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let snapshots = txn.open_table(SNAPSHOTS).map_err(backend)?;
+            let found = snapshots.get(stream_id.as_str()).map_err(backend)?;
+            Ok(found.map(|kept| {
+                let (version, shape, state) = kept.value();
+                Snapshot {
+                    stream_id: stream_id.clone(),
+                    version,
+                    shape,
+                    state: state.to_vec(),
+                }
+            }))
+        })
+        .await
+    }
 }
 
 fn create_tables(db: &Database) -> Result<(), redb::Error> {
@@ -274,6 +318,7 @@ fn create_tables(db: &Database) -> Result<(), redb::Error> {
     txn.open_table(UNPUBLISHED)?;
     txn.open_table(REQUESTS)?;
     txn.open_table(FINGERPRINTS)?;
+    txn.open_table(SNAPSHOTS)?;
     txn.open_table(META)?;
     txn.commit()?;
     Ok(())

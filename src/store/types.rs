@@ -242,6 +242,19 @@ pub struct RecordedEvent {
     pub request_id: Option<RequestId>,
 }
 
+/// An aggregate's state as of a version of its stream, encoded by the
+/// aggregate, so that loading it needs only the events after `version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub stream_id: String,
+    pub version: u64,
+    /// The encoding's own version (see
+    /// [`crate::domain::Aggregate::SNAPSHOT_SHAPE`]): a snapshot of another
+    /// shape is discarded, never decoded.
+    pub shape: u32,
+    pub state: Vec<u8>,
+}
+
 /// Which events a read of the whole log returns: an empty list does not
 /// filter, a non-empty one keeps the events whose field is in it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -39,6 +39,7 @@ impl CommandService {
             bus: None,
             server: args,
             retry: RetryPolicy::default(),
+            snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
             relay: Default::default(),
         };
         Self::start_service(listener, service, stopping).await

@@ -13,6 +13,7 @@
 //!     data_dir: "data".into(),
 //!     server: Default::default(),
 //!     retry: Default::default(),
+//!     snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
 //!     max_wait: std::time::Duration::from_secs(5),
 //! };
 //! scaleout::app::run_platform(listener, platform, scaleout::shutdown::on_signal()).await?;

@@ -41,6 +41,7 @@ async fn start(data: &std::path::Path) -> (String, CancellationToken) {
         data_dir: data.to_owned(),
         server: Default::default(),
         retry: Default::default(),
+        snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
         max_wait: Duration::from_secs(5),
     };
     tokio::spawn(scaleout::app::run_platform(

@@ -53,6 +53,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         data_dir: args.data_dir,
         server: args.server,
         retry: RetryPolicy::default(),
+        snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
         max_wait: args.max_wait,
     };
     scaleout::app::run_platform(listener, platform, stopping).await?;

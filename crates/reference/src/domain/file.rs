@@ -30,8 +30,8 @@ pub enum FileCommand {
     AddComment { author: Author, text: CommentText },
 }
 
-/// A file's state, as far as decisions need it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A file's state, as far as decisions need it; snapshotted as JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum File {
     #[default]
     Missing,
@@ -76,6 +76,14 @@ impl Aggregate for File {
                 decide_active(id, name, folder_id, command).map(|event| vec![event])
             }
         }
+    }
+
+    fn snapshot(&self) -> Option<Vec<u8>> {
+        serde_json::to_vec(self).ok()
+    }
+
+    fn from_snapshot(state: &[u8]) -> Option<Self> {
+        serde_json::from_slice(state).ok()
     }
 
     fn apply(&mut self, event: FileEvent) {

@@ -69,6 +69,22 @@ struct Args {
     server: ServerArgs,
     #[command(flatten)]
     telemetry: TelemetryArgs,
+    #[command(subcommand)]
+    task: Option<Task>,
+}
+
+/// What to do instead of projecting.
+#[derive(Debug, clap::Subcommand)]
+enum Task {
+    /// Fold the event log (`--event-log`) in memory for the projections
+    /// (`--projections`), compare every document they produce with the
+    /// document store, print the drift, and exit 1 if any is left.
+    Verify {
+        /// Write the fold back into each drifted document (with CAS: one a
+        /// projector writes meanwhile is left to it).
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 #[tokio::main]
@@ -79,7 +95,11 @@ async fn main() -> anyhow::Result<ExitCode> {
     }
     scaleout::telemetry::init(&args.telemetry).context("invalid --log-filter")?;
     // Refuse a wrong --projections before connecting to anything.
-    scaleout::projection::choose(reference::Reference.projections(), &args.projections)?;
+    let projections =
+        scaleout::projection::choose(reference::Reference.projections(), &args.projections)?;
+    if let Some(Task::Verify { repair }) = args.task {
+        return verify(&args, projections, repair).await;
+    }
     let stopping = scaleout::shutdown::on_signal();
     let bus = scaleout::bus::open(&args.event_bus, &args.event_bus_prefix)
         .with_context(|| format!("event bus {}", redact(&args.event_bus)))?;
@@ -125,4 +145,51 @@ async fn main() -> anyhow::Result<ExitCode> {
     scaleout::app::run_projector(listener, service, stopping).await?;
     tracing::info!("projector stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `projector verify`: prints what it found; success when no drift is left.
+async fn verify(
+    args: &Args,
+    projections: Vec<Box<dyn scaleout::projection::AnyProjection>>,
+    repair: bool,
+) -> anyhow::Result<ExitCode> {
+    let documents = args
+        .documents
+        .open()
+        .await
+        .context("opening the document store")?;
+    let log = scaleout::grpc::RemoteLog::new(&args.event_log, Duration::from_secs(30))
+        .with_context(|| format!("event log {}", args.event_log))?;
+    let report = scaleout::projection::verify::verify(
+        &log,
+        documents.as_ref(),
+        &reference::Reference.known_types(),
+        &projections,
+        repair,
+    )
+    .await?;
+    println!(
+        "verified {} documents against {} events: {} drifted, {} repaired, {} moved on since, {} unreadable events",
+        report.documents,
+        report.events,
+        report.drifted,
+        report.repaired,
+        report.moved_on,
+        report.unreadable
+    );
+    for drift in &report.examples {
+        let actual = drift
+            .actual
+            .as_ref()
+            .map_or_else(|| "missing".to_owned(), ToString::to_string);
+        println!(
+            "{}\n  expected {}\n  stored   {actual}",
+            drift.key, drift.expected
+        );
+    }
+    Ok(if report.drifted > report.repaired {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

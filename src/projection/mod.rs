@@ -15,6 +15,7 @@ mod fold;
 mod follow;
 pub mod metrics;
 pub mod runtime;
+pub mod verify;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;

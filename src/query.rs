@@ -125,10 +125,6 @@ impl Queries {
         read.await
     }
 
-    pub fn documents(&self) -> &Arc<dyn DocumentStore> {
-        &self.documents
-    }
-
     /// Reads the document at `key` as a `V` once it has applied every
     /// `wanted` (stream, version), waiting until `deadline` at most. `kind`
     /// and `id` name it in errors (`NotFound`, `NotCaughtUp`).

@@ -194,7 +194,13 @@ async fn subscribe(
     loop {
         let pause = RESTART_BACKOFF.pause(failures);
         failures = failures.saturating_add(1);
-        match bus.subscribe(subscription).await {
+        // Stopping ends a subscription attempt too: one that waits on a
+        // half-dead broker must not hold up shutdown.
+        let subscribed = tokio::select! {
+            () = stopping.cancelled() => return None,
+            subscribed = bus.subscribe(subscription) => subscribed,
+        };
+        match subscribed {
             Ok(subscriber) => return Some(subscriber),
             Err(error) => tracing::warn!(%error, ?pause, "cannot subscribe yet; retrying"),
         }

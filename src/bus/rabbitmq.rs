@@ -260,7 +260,7 @@ impl Inner {
         let probe = self.channel().await?;
         match existing_queue(&probe, &queue, service).await {
             Ok(_) => {
-                let _ = probe.close(200, "looked up".into()).await;
+                let _ = bounded(probe.close(200, "looked up".into())).await;
             }
             Err(BusError::UnknownServiceType(_)) => {
                 bounded(channel.queue_declare(queue.as_str().into(), durable_queue(), arguments))
@@ -435,7 +435,7 @@ impl EventBus for RabbitBus {
             };
             bounded(channel.basic_nack(tag, all)).await?;
         }
-        let _ = channel.close(200, "listed".into()).await;
+        let _ = bounded(channel.close(200, "listed".into())).await;
         Ok(DeadLetterPage {
             dead_letters,
             parked: parked as usize,
@@ -472,7 +472,7 @@ impl EventBus for RabbitBus {
             bounded(got.delivery.acker.ack(BasicAckOptions::default())).await?;
             replayed += 1;
         }
-        let _ = channel.close(200, "replayed".into()).await;
+        let _ = bounded(channel.close(200, "replayed".into())).await;
         Ok(replayed)
     }
 

@@ -142,17 +142,30 @@ fn report(store: &str, mut runs: Vec<(Duration, Duration, Duration)>) {
     );
 }
 
+/// Opens the redb store off the runtime's threads (opening may repair).
+async fn open_redb(path: &std::path::Path) -> Arc<dyn EventStore> {
+    let path = path.to_owned();
+    let store = tokio::task::spawn_blocking(move || RedbStore::open(path).unwrap())
+        .await
+        .unwrap();
+    Arc::new(store)
+}
+
 async fn redb() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.redb");
-    let store: Arc<dyn EventStore> = Arc::new(RedbStore::open(&path).unwrap());
+    let store = open_redb(&path).await;
     fill(&store).await;
     drop(store);
 
     let mut runs = Vec::new();
     for _ in 0..ROUNDS {
-        let raw = redb_raw_scan(&path);
-        let store: Arc<dyn EventStore> = Arc::new(RedbStore::open(&path).unwrap());
+        // A blocking scan that waits for the file: on a blocking thread.
+        let scanned = path.clone();
+        let raw = tokio::task::spawn_blocking(move || redb_raw_scan(&scanned))
+            .await
+            .unwrap();
+        let store = open_redb(&path).await;
         let read_all = read_all(store.as_ref()).await;
         let subscribe = subscribe(store).await;
         runs.push((raw, read_all, subscribe));

@@ -64,8 +64,15 @@ async fn a_string_that_is_not_utf8_is_an_invalid_argument() {
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
 }
 
-#[tokio::test]
-async fn a_call_past_the_request_timeout_is_deadline_exceeded() {
+/// The embedded platform on port 0 with `server`: a channel to it, what
+/// stops it, and its data directory (kept until the test ends).
+async fn platform(
+    server: ServerArgs,
+) -> (
+    tonic::transport::Channel,
+    tokio_util::sync::CancellationToken,
+    tempfile::TempDir,
+) {
     let data = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -73,10 +80,7 @@ async fn a_call_past_the_request_timeout_is_deadline_exceeded() {
     let platform = scaleout::app::Platform {
         app: std::sync::Arc::new(reference::Reference),
         data_dir: data.path().to_owned(),
-        server: ServerArgs {
-            request_timeout: Duration::from_millis(300),
-            ..ServerArgs::default()
-        },
+        server,
         retry: Default::default(),
         snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
         max_wait: Duration::from_secs(5),
@@ -89,6 +93,16 @@ async fn a_call_past_the_request_timeout_is_deadline_exceeded() {
     let channel = tonic::transport::Endpoint::from_shared(url)
         .unwrap()
         .connect_lazy();
+    (channel, stopping, data)
+}
+
+#[tokio::test]
+async fn a_call_past_the_request_timeout_is_deadline_exceeded() {
+    let (channel, stopping, _data) = platform(ServerArgs {
+        request_timeout: Duration::from_millis(300),
+        ..ServerArgs::default()
+    })
+    .await;
     // A version nobody wrote: the query would wait up to --max-wait (5 s).
     let mut queries = pb::query_service_client::QueryServiceClient::new(channel);
     let refused = queries
@@ -183,26 +197,7 @@ async fn a_connection_that_sends_nothing_is_closed() {
 
 #[tokio::test]
 async fn a_listing_waits_for_a_bounded_set_of_file_streams() {
-    let data = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stopping = tokio_util::sync::CancellationToken::new();
-    let platform = scaleout::app::Platform {
-        app: std::sync::Arc::new(reference::Reference),
-        data_dir: data.path().to_owned(),
-        server: ServerArgs::default(),
-        retry: Default::default(),
-        snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
-        max_wait: Duration::from_secs(5),
-    };
-    tokio::spawn(scaleout::app::run_platform(
-        listener,
-        platform,
-        stopping.clone(),
-    ));
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .unwrap()
-        .connect_lazy();
+    let (channel, stopping, _data) = platform(ServerArgs::default()).await;
     let mut queries = pb::query_service_client::QueryServiceClient::new(channel);
     let listing = |min_versions: HashMap<String, u64>| pb::ListFolderRequest {
         folder_id: "docs".into(),

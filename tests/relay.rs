@@ -287,94 +287,113 @@ async fn two_relays_on_one_postgres_publish_every_row_once() {
     consumers.abort_all();
 }
 
+/// command-svc relaying through a proxy to RabbitMQ that a test cuts or
+/// freezes, while consumers talk to the broker directly and see what arrives.
+struct ProxiedRelay {
+    seen: Arc<Seen>,
+    consumers: JoinSet<()>,
+    /// `None` while the broker is away.
+    proxy: Option<support::Proxy>,
+    proxy_addr: std::net::SocketAddr,
+    service: support::CommandService,
+    _dir: tempfile::TempDir,
+    _cleanup: support::Cleanup,
+}
+
+impl ProxiedRelay {
+    const BROKER: &'static str = "127.0.0.1:5672";
+
+    async fn start(proxied: impl FnOnce(RabbitConfig) -> RabbitConfig) -> Self {
+        let config = support::bus::rabbit_config();
+        let cleanup = support::Cleanup {
+            schema: None,
+            rabbit: Some(config.clone()),
+        };
+        let seen = Arc::new(Seen::default());
+        let mut consumers = JoinSet::new();
+        consume(&rabbit(&config), &seen, &mut consumers).await;
+        let proxy_addr = support::Proxy::free_addr().await;
+        let proxy = support::Proxy::start(proxy_addr, Self::BROKER).await;
+        let url = support::bus::rabbitmq_url().replace(Self::BROKER, &proxy_addr.to_string());
+        let bus = proxied(RabbitConfig::new(&url).with_prefix(config.prefix()));
+        let (store, dir) = support::redb_store();
+        let service = support::CommandService::start_full(scaleout::app::CommandService {
+            app: std::sync::Arc::new(reference::Reference),
+            store,
+            bus: Some(Arc::new(RabbitBus::new(bus))),
+            server: scaleout::config::ServerArgs {
+                health_interval: Duration::from_millis(100),
+                ..Default::default()
+            },
+            retry: Default::default(),
+            snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
+            relay: RelayConfig {
+                backoff_max: Duration::from_millis(500),
+                ..Default::default()
+            },
+        })
+        .await;
+        Self {
+            seen,
+            consumers,
+            proxy: Some(proxy),
+            proxy_addr,
+            service,
+            _dir: dir,
+            _cleanup: cleanup,
+        }
+    }
+
+    /// Commands are accepted whatever the broker does; their event ids.
+    async fn increment(&self, times: usize) -> Vec<String> {
+        let mut client = self.service.client().await;
+        let mut ids = Vec::new();
+        for _ in 0..times {
+            let response = client
+                .increment_counter(reference::pb::IncrementCounterRequest {
+                    counter_id: "visits".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("commands are accepted whatever the broker does");
+            ids.extend(response.into_inner().result.unwrap().event_ids);
+        }
+        ids
+    }
+
+    async fn relay_is(&self, wanted: tonic_health::pb::health_check_response::ServingStatus) {
+        support::wait_for_health(
+            self.service.channel().await,
+            scaleout::app::OUTBOX_RELAY_HEALTH,
+            wanted,
+        )
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_keep_flowing_while_rabbitmq_is_away_and_arrive_once_it_is_back() {
-    use reference::pb;
-    use support::{CommandService, Proxy, wait_for_health};
     use tonic_health::pb::health_check_response::ServingStatus;
+    let mut relay = ProxiedRelay::start(|config| config).await;
+    let mut ids = relay.increment(1).await;
+    relay.seen.wait_for_all(&ids).await;
+    relay.relay_is(ServingStatus::Serving).await;
 
-    let config = support::bus::rabbit_config();
-    let _cleanup = support::Cleanup {
-        schema: None,
-        rabbit: Some(config.clone()),
-    };
-    // Consumers talk to the broker directly; command-svc through a proxy that
-    // the test cuts: for command-svc, the broker is away.
-    let seen = Arc::new(Seen::default());
-    let mut consumers = JoinSet::new();
-    consume(&rabbit(&config), &seen, &mut consumers).await;
-    const BROKER: &str = "127.0.0.1:5672";
-    let addr = Proxy::free_addr().await;
-    let proxy = Proxy::start(addr, BROKER).await;
-    let proxied =
-        RabbitConfig::new(&support::bus::rabbitmq_url().replace(BROKER, &addr.to_string()))
-            .with_prefix(config.prefix());
-    let (store, _dir) = support::redb_store();
-    let service = CommandService::start_full(scaleout::app::CommandService {
-        app: std::sync::Arc::new(reference::Reference),
-        store,
-        bus: Some(Arc::new(RabbitBus::new(proxied))),
-        server: scaleout::config::ServerArgs {
-            health_interval: Duration::from_millis(100),
-            ..Default::default()
-        },
-        retry: Default::default(),
-        snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
-        relay: RelayConfig {
-            backoff_max: Duration::from_millis(500),
-            ..Default::default()
-        },
-    })
-    .await;
-    let mut client = service.client().await;
-    let mut increment = async |ids: &mut Vec<String>| {
-        let response = client
-            .increment_counter(pb::IncrementCounterRequest {
-                counter_id: "visits".into(),
-                ..Default::default()
-            })
-            .await
-            .expect("commands are accepted whatever the broker does");
-        ids.extend(response.into_inner().result.unwrap().event_ids);
-    };
-    let relay_health = scaleout::app::OUTBOX_RELAY_HEALTH;
-
-    let mut ids = Vec::new();
-    increment(&mut ids).await;
-    seen.wait_for_all(&ids).await;
-    wait_for_health(
-        service.channel().await,
-        relay_health,
-        ServingStatus::Serving,
-    )
-    .await;
-
-    drop(proxy);
-    for _ in 0..20 {
-        increment(&mut ids).await;
-    }
-    wait_for_health(
-        service.channel().await,
-        relay_health,
-        ServingStatus::NotServing,
-    )
-    .await;
-    wait_for_health(
-        service.channel().await,
+    // The broker goes away: the proxy closes every connection.
+    relay.proxy = None;
+    ids.extend(relay.increment(20).await);
+    relay.relay_is(ServingStatus::NotServing).await;
+    support::wait_for_health(
+        relay.service.channel().await,
         "scaleout.v1.CommandService",
         ServingStatus::Serving,
     )
     .await;
 
-    let _proxy = Proxy::start(addr, BROKER).await;
-    seen.wait_for_all(&ids).await;
-    wait_for_health(
-        service.channel().await,
-        relay_health,
-        ServingStatus::Serving,
-    )
-    .await;
-    consumers.abort_all();
+    relay.proxy = Some(support::Proxy::start(relay.proxy_addr, ProxiedRelay::BROKER).await);
+    relay.seen.wait_for_all(&ids).await;
+    relay.relay_is(ServingStatus::Serving).await;
+    relay.consumers.abort_all();
 }
 
 /// A broker that hangs (the connection stays open, nothing comes back): the
@@ -382,83 +401,19 @@ async fn commands_keep_flowing_while_rabbitmq_is_away_and_arrive_once_it_is_back
 /// of SERVING while nothing moves, and everything arrives once it answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_broker_takes_the_relay_health_down_and_loses_nothing() {
-    use reference::pb;
-    use support::{CommandService, Proxy, wait_for_health};
     use tonic_health::pb::health_check_response::ServingStatus;
+    let mut relay =
+        ProxiedRelay::start(|config| config.with_publish_timeout(Duration::from_secs(1))).await;
+    let mut ids = relay.increment(1).await;
+    relay.seen.wait_for_all(&ids).await;
+    relay.relay_is(ServingStatus::Serving).await;
 
-    let config = support::bus::rabbit_config();
-    let _cleanup = support::Cleanup {
-        schema: None,
-        rabbit: Some(config.clone()),
-    };
-    let seen = Arc::new(Seen::default());
-    let mut consumers = JoinSet::new();
-    consume(&rabbit(&config), &seen, &mut consumers).await;
-    const BROKER: &str = "127.0.0.1:5672";
-    let addr = Proxy::free_addr().await;
-    let proxy = Proxy::start(addr, BROKER).await;
-    let proxied =
-        RabbitConfig::new(&support::bus::rabbitmq_url().replace(BROKER, &addr.to_string()))
-            .with_prefix(config.prefix())
-            .with_publish_timeout(Duration::from_secs(1));
-    let (store, _dir) = support::redb_store();
-    let service = CommandService::start_full(scaleout::app::CommandService {
-        app: std::sync::Arc::new(reference::Reference),
-        store,
-        bus: Some(Arc::new(RabbitBus::new(proxied))),
-        server: scaleout::config::ServerArgs {
-            health_interval: Duration::from_millis(100),
-            ..Default::default()
-        },
-        retry: Default::default(),
-        snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
-        relay: RelayConfig {
-            backoff_max: Duration::from_millis(500),
-            ..Default::default()
-        },
-    })
-    .await;
-    let mut client = service.client().await;
-    let mut increment = async |ids: &mut Vec<String>| {
-        let response = client
-            .increment_counter(pb::IncrementCounterRequest {
-                counter_id: "visits".into(),
-                ..Default::default()
-            })
-            .await
-            .expect("commands are accepted whatever the broker does");
-        ids.extend(response.into_inner().result.unwrap().event_ids);
-    };
-    let relay_health = scaleout::app::OUTBOX_RELAY_HEALTH;
+    relay.proxy.as_ref().unwrap().freeze();
+    ids.extend(relay.increment(20).await);
+    relay.relay_is(ServingStatus::NotServing).await;
 
-    let mut ids = Vec::new();
-    increment(&mut ids).await;
-    seen.wait_for_all(&ids).await;
-    wait_for_health(
-        service.channel().await,
-        relay_health,
-        ServingStatus::Serving,
-    )
-    .await;
-
-    proxy.freeze();
-    for _ in 0..20 {
-        increment(&mut ids).await;
-    }
-    wait_for_health(
-        service.channel().await,
-        relay_health,
-        ServingStatus::NotServing,
-    )
-    .await;
-
-    proxy.thaw();
-    seen.wait_for_all(&ids).await;
-    wait_for_health(
-        service.channel().await,
-        relay_health,
-        ServingStatus::Serving,
-    )
-    .await;
-    consumers.abort_all();
+    relay.proxy.as_ref().unwrap().thaw();
+    relay.seen.wait_for_all(&ids).await;
+    relay.relay_is(ServingStatus::Serving).await;
+    relay.consumers.abort_all();
 }

@@ -6,7 +6,9 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as TOKEN;
 use tonic::{Request, Response, Status};
 
+use super::page::{MAX_PAGE_BYTES, within_bytes};
 use super::status::Violations;
+use crate::bus::DeadLetter;
 use crate::bus::EventBus;
 use crate::domain::values::Id;
 use crate::pb::{self, admin_service_server::AdminServiceServer};
@@ -14,9 +16,6 @@ use crate::pb::{self, admin_service_server::AdminServiceServer};
 /// Most dead letters one list call returns.
 const MAX_LIMIT: u32 = 1000;
 const DEFAULT_LIMIT: u32 = 100;
-/// A page ends before its bodies pass this, and a longer body is cut to it,
-/// so a response stays inside the 4 MiB gRPC clients accept by default.
-const MAX_PAGE_BYTES: usize = 1 << 20;
 /// How deep paging reaches into a dead-letter queue: each page re-reads the
 /// messages before it (a queue has no random access), so the depth bounds
 /// the work of one call.
@@ -92,17 +91,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .bus
             .dead_letters(service_type.as_str(), start, limit)
             .await?;
-        let mut bytes = 0;
-        let dead_letters: Vec<pb::DeadLetter> = page
-            .dead_letters
-            .into_iter()
-            .enumerate()
-            // At least one, so that paging always moves on.
-            .take_while(|(n, dead)| {
-                bytes += dead.message.body.len().min(MAX_PAGE_BYTES) + 4 * MAX_TEXT_BYTES;
-                *n == 0 || bytes <= MAX_PAGE_BYTES
-            })
-            .map(|(_, dead)| {
+        // A longer body is cut to a page's bound (its size is kept).
+        let size =
+            |dead: &DeadLetter| dead.message.body.len().min(MAX_PAGE_BYTES) + 4 * MAX_TEXT_BYTES;
+        let dead_letters: Vec<pb::DeadLetter> = within_bytes(page.dead_letters, size)
+            .map(|dead| {
                 let body_bytes = dead.message.body.len() as u64;
                 let mut body = dead.message.body;
                 body.truncate(MAX_PAGE_BYTES);

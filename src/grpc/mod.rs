@@ -11,6 +11,7 @@ pub mod command_request;
 mod health;
 mod idle;
 pub mod metrics;
+pub mod page;
 pub mod query_request;
 mod read_service;
 mod remote_log;

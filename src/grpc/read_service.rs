@@ -15,6 +15,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
+use super::page;
 use super::status::{self, Violations};
 use crate::domain::KnownTypes;
 use crate::log::{EventLog, Follower, StoreLog};
@@ -111,27 +112,16 @@ fn page_limit(limit: u32) -> Result<usize, String> {
     }
 }
 
-/// A page ends before its events pass this many bytes (it always holds at
-/// least one), so a response stays inside the 4 MiB gRPC clients accept by
-/// default whatever `limit` asked for.
-const MAX_PAGE_BYTES: usize = 1 << 20;
-
-/// Cuts `events` after the last one that fits in [`MAX_PAGE_BYTES`]; says
-/// whether it cut.
+/// Cuts `events` after the last one that fits in a page (see
+/// [`page::within_bytes`]); says whether it cut.
 fn within_page_bytes(events: &mut Vec<RecordedEvent>) -> bool {
-    let mut bytes = 0;
-    let fits = events
-        .iter()
-        .take_while(|event| {
-            // The envelope's fixed fields (ids, times, positions) stay under 256 bytes.
-            bytes += event.payload.len() + event.stream_id.len() + event.event_type.len() + 256;
-            bytes <= MAX_PAGE_BYTES
-        })
-        .count()
-        .max(1);
-    let cut = fits < events.len();
-    events.truncate(fits);
-    cut
+    let all = events.len();
+    // The envelope's fixed fields (ids, times, positions) stay under 256 bytes.
+    let size = |event: &RecordedEvent| {
+        event.payload.len() + event.stream_id.len() + event.event_type.len() + 256
+    };
+    *events = page::within_bytes(std::mem::take(events), size).collect();
+    events.len() < all
 }
 
 fn logged(event: &RecordedEvent) -> pb::LoggedEvent {

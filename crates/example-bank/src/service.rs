@@ -13,7 +13,9 @@ use scaleout::grpc::command_request::{
 use scaleout::grpc::query_request::wait_deadline;
 use scaleout::pb::CommandResult;
 use scaleout::query::Queries;
+use scaleout::store::RequestKey;
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
 use crate::account::{Account, AccountCommand, Cents, Owner};
 use crate::balance::{Balance, balance_key};
@@ -70,22 +72,17 @@ impl pb::bank_service_server::BankService for BankApi {
     ) -> Result<Response<pb::DepositResponse>, Status> {
         let correlation_id = correlation_id(&request);
         let body = request.into_inner();
-        let mut violations = Violations::default();
-        let (Some(request_key), Some(account_id), Some(amount)) = (
-            violations.check("request_id", request_key(&body, &body.request_id)),
-            violations.check("account_id", Id::parse(&body.account_id)),
-            violations.check("amount", Cents::parse(body.amount)),
-        ) else {
-            return Err(violations.into_status());
-        };
         let result = self
-            .run(Command {
-                aggregate_id: account_id,
-                command: AccountCommand::Deposit { amount },
-                expected: expected_version(body.expected_version),
-                request_key,
-                correlation_id,
-            })
+            .move_money(
+                Money {
+                    request_key: request_key(&body, &body.request_id),
+                    account_id: &body.account_id,
+                    amount: body.amount,
+                    expected: body.expected_version,
+                    correlation_id,
+                },
+                |amount| AccountCommand::Deposit { amount },
+            )
             .await?;
         Ok(Response::new(pb::DepositResponse { result }))
     }
@@ -96,24 +93,54 @@ impl pb::bank_service_server::BankService for BankApi {
     ) -> Result<Response<pb::WithdrawResponse>, Status> {
         let correlation_id = correlation_id(&request);
         let body = request.into_inner();
+        let result = self
+            .move_money(
+                Money {
+                    request_key: request_key(&body, &body.request_id),
+                    account_id: &body.account_id,
+                    amount: body.amount,
+                    expected: body.expected_version,
+                    correlation_id,
+                },
+                |amount| AccountCommand::Withdraw { amount },
+            )
+            .await?;
+        Ok(Response::new(pb::WithdrawResponse { result }))
+    }
+}
+
+/// What a deposit and a withdrawal both carry, read off their request.
+struct Money<'a> {
+    request_key: Result<Option<RequestKey>, String>,
+    account_id: &'a str,
+    amount: u64,
+    expected: Option<scaleout::pb::ExpectedVersion>,
+    correlation_id: Option<Uuid>,
+}
+
+impl BankApi {
+    /// Validates a deposit's or withdrawal's fields and runs `command`.
+    async fn move_money(
+        &self,
+        money: Money<'_>,
+        command: fn(Cents) -> AccountCommand,
+    ) -> Result<Option<CommandResult>, Status> {
         let mut violations = Violations::default();
         let (Some(request_key), Some(account_id), Some(amount)) = (
-            violations.check("request_id", request_key(&body, &body.request_id)),
-            violations.check("account_id", Id::parse(&body.account_id)),
-            violations.check("amount", Cents::parse(body.amount)),
+            violations.check("request_id", money.request_key),
+            violations.check("account_id", Id::parse(money.account_id)),
+            violations.check("amount", Cents::parse(money.amount)),
         ) else {
             return Err(violations.into_status());
         };
-        let result = self
-            .run(Command {
-                aggregate_id: account_id,
-                command: AccountCommand::Withdraw { amount },
-                expected: expected_version(body.expected_version),
-                request_key,
-                correlation_id,
-            })
-            .await?;
-        Ok(Response::new(pb::WithdrawResponse { result }))
+        self.run(Command {
+            aggregate_id: account_id,
+            command: command(amount),
+            expected: expected_version(money.expected),
+            request_key,
+            correlation_id: money.correlation_id,
+        })
+        .await
     }
 }
 

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use scaleout::grpc::Violations;
+use scaleout::grpc::page::within_bytes;
 use scaleout::grpc::query_request::wait_deadline;
 
 use crate::domain::values::Id;
@@ -18,10 +19,6 @@ use crate::queries::ReferenceQueries;
 
 const DEFAULT_PAGE_SIZE: u32 = 50;
 const MAX_PAGE_SIZE: u32 = 500;
-/// A page of comments ends before this much text, so that a response stays
-/// well inside the 4 MiB that gRPC clients accept by default, whatever the
-/// page size (a comment may hold 4,000 characters).
-const MAX_PAGE_BYTES: usize = 1 << 20;
 
 fn page_size(asked: u32) -> Result<u32, String> {
     match asked {
@@ -194,25 +191,22 @@ impl pb::query_service_server::QueryService for QueryApi {
         // Comments are only ever appended, so a position in the thread is a
         // stable place to continue from.
         let total = thread.comments.len();
-        let mut bytes = 0;
-        let comments: Vec<pb::Comment> = thread
-            .comments
-            .into_iter()
-            .skip(skip)
-            .take(page_size as usize)
-            .enumerate()
-            // At least one, so that paging always moves on.
-            .take_while(|(n, c)| {
-                bytes += c.text.len() + c.author.len() + c.comment_id.len() + 16;
-                *n == 0 || bytes <= MAX_PAGE_BYTES
-            })
-            .map(|(_, c)| pb::Comment {
-                comment_id: c.comment_id,
-                author: c.author,
-                text: c.text,
-                posted_at_ms: c.posted_at_ms,
-            })
-            .collect();
+        // A comment may hold 4,000 characters: a page of them ends in time.
+        let comments: Vec<pb::Comment> = within_bytes(
+            thread
+                .comments
+                .into_iter()
+                .skip(skip)
+                .take(page_size as usize),
+            |c| c.text.len() + c.author.len() + c.comment_id.len() + 16,
+        )
+        .map(|c| pb::Comment {
+            comment_id: c.comment_id,
+            author: c.author,
+            text: c.text,
+            posted_at_ms: c.posted_at_ms,
+        })
+        .collect();
         let next = skip + comments.len();
         let next_page_token = if next < total {
             TOKEN.encode(next.to_string())

@@ -48,11 +48,12 @@ impl ProjectedEvent {
             .map_err(|e| Poison(format!("undecodable body: {e}")))?;
         let recorded =
             RecordedEvent::from_envelope(0, envelope).map_err(|e| Poison(e.to_string()))?;
-        Self::from_recorded(&recorded, known)
+        Self::from_recorded(recorded, known)
     }
 
-    /// An event read from the log, checked against the known types.
-    pub fn from_recorded(event: &RecordedEvent, known: &KnownTypes) -> Result<Self, Poison> {
+    /// An event read from the log, checked against the known types; its
+    /// payload moves over, not copied.
+    pub fn from_recorded(event: RecordedEvent, known: &KnownTypes) -> Result<Self, Poison> {
         if event.version == 0 {
             return Err(Poison("version 0: versions start at 1".into()));
         }
@@ -69,12 +70,12 @@ impl ProjectedEvent {
         }
         Ok(Self {
             event_id: event.event_id,
-            stream_id: event.stream_id.clone(),
-            stream_type: stream_type.clone(),
+            stream_id: event.stream_id,
+            stream_type: event.stream_type,
             version: event.version,
             occurred_at: event.metadata.occurred_at,
-            event_type: event_type.clone(),
-            payload: event.payload.clone(),
+            event_type: event.event_type,
+            payload: event.payload,
         })
     }
 

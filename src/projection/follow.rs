@@ -83,7 +83,7 @@ impl Projector {
                 }
             };
             pauses = 0;
-            let events = self.decode(&step.events);
+            let events = self.decode(step.events);
             if let Some(newest) = events.iter().map(|e| e.occurred_at).max()
                 && !settle(newest, config.settle_delay, &stopping).await
             {
@@ -106,24 +106,24 @@ impl Projector {
 
     /// Events that do not decode cannot be projected by this version of the
     /// application: counted and logged, never guessed at.
-    fn decode(&self, recorded: &[crate::store::RecordedEvent]) -> Vec<ProjectedEvent> {
+    fn decode(&self, recorded: Vec<crate::store::RecordedEvent>) -> Vec<ProjectedEvent> {
         recorded
-            .iter()
-            .filter_map(
-                |event| match ProjectedEvent::from_recorded(event, &self.known) {
+            .into_iter()
+            .filter_map(|event| {
+                let position = event.position;
+                match ProjectedEvent::from_recorded(event, &self.known) {
                     Ok(event) => Some(event),
                     Err(poison) => {
                         ProjectorMetrics::add(&self.metrics.parked, 1);
                         tracing::error!(
-                            position = event.position,
-                            stream = %event.stream_id,
+                            position,
                             %poison,
                             "an event in the log cannot be projected; skipping it"
                         );
                         None
                     }
-                },
-            )
+                }
+            })
             .collect()
     }
 

@@ -382,7 +382,7 @@ impl Projector {
                 .read_stream(stream, from, wanted)
                 .await
                 .map_err(WriteError::log)?;
-            for recorded in &read {
+            for recorded in read {
                 let event = ProjectedEvent::from_recorded(recorded, &self.known)
                     .map_err(|poison| WriteError::Permanent(format!("in the log: {poison}")))?;
                 filled.push(event);

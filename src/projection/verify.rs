@@ -81,7 +81,7 @@ pub async fn verify(
     loop {
         let page = log.read_all(from, PAGE, &LogFilter::all()).await?;
         let head = *head.get_or_insert(page.head);
-        for recorded in page.events.iter().filter(|e| e.position <= head) {
+        for recorded in page.events.into_iter().filter(|e| e.position <= head) {
             report.events += 1;
             let Ok(event) = ProjectedEvent::from_recorded(recorded, known) else {
                 report.unreadable += 1;

@@ -11,6 +11,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::report::{self, Report, Sample};
 use reference::pb::{self, command_service_client::CommandServiceClient};
 use scaleout::command::RetryPolicy;
 use scaleout::config::ServerArgs;
@@ -24,60 +25,21 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-const RUN: Duration = Duration::from_secs(3);
-const WRITERS: [usize; 2] = [1, 16];
-
-/// Latencies of one scenario, summarised.
-struct Stats {
-    ops: usize,
-    elapsed: Duration,
-    latencies: Vec<Duration>,
-}
-
-impl Stats {
-    fn from(mut latencies: Vec<Duration>, elapsed: Duration) -> Self {
-        latencies.sort_unstable();
-        Self {
-            ops: latencies.len(),
-            elapsed,
-            latencies,
-        }
-    }
-
-    fn percentile(&self, p: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        let rank =
-            ((self.latencies.len() as f64 * p).ceil() as usize).clamp(1, self.latencies.len());
-        self.latencies[rank - 1]
-    }
-
-    fn print(&self, label: &str) {
-        println!(
-            "{label:<58} {:>9.0}/s   p50 {:>7.2} ms   p99 {:>7.2} ms   (n={})",
-            self.ops as f64 / self.elapsed.as_secs_f64(),
-            self.percentile(0.50).as_secs_f64() * 1e3,
-            self.percentile(0.99).as_secs_f64() * 1e3,
-            self.ops,
-        );
-    }
-}
-
-/// Runs `writers` closed-loop tasks for [`RUN`]; each calls `op(writer)`.
-async fn closed_loop<F, Fut>(writers: usize, op: F) -> Stats
+/// Runs `writers` closed-loop tasks for [`report::run_for`]; each calls `op(writer)`.
+async fn closed_loop<F, Fut>(writers: usize, op: F) -> Sample
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let op = Arc::new(op);
+    let run = report::run_for();
     let start = Instant::now();
     let mut tasks = JoinSet::new();
     for writer in 0..writers {
         let op = Arc::clone(&op);
         tasks.spawn(async move {
             let mut latencies = Vec::new();
-            while start.elapsed() < RUN {
+            while start.elapsed() < run {
                 let began = Instant::now();
                 op(writer).await;
                 latencies.push(began.elapsed());
@@ -89,7 +51,7 @@ where
     while let Some(latencies) = tasks.join_next().await {
         all.extend(latencies.unwrap());
     }
-    Stats::from(all, start.elapsed())
+    Sample::latencies(all, start.elapsed())
 }
 
 fn one_event(stream_id: String) -> AppendRequest {
@@ -112,176 +74,269 @@ fn one_event(stream_id: String) -> AppendRequest {
     }
 }
 
-async fn store_appends(name: &str, store: Arc<dyn EventStore>) {
-    let run = Uuid::now_v7().simple().to_string();
-    for writers in WRITERS {
-        for shared in [false, true] {
-            let (store, run) = (Arc::clone(&store), run.clone());
-            let stats = closed_loop(writers, move |writer| {
-                let stream = if shared {
-                    format!("{run}-shared-{writers}")
-                } else {
-                    format!("{run}-{writers}-{writer}")
-                };
-                let store = Arc::clone(&store);
-                async move {
-                    store.append(one_event(stream)).await.expect("append");
-                }
-            })
-            .await;
-            let streams = if shared {
-                "one shared stream"
-            } else {
-                "a stream each"
-            };
-            stats.print(&format!("{name}: {writers:>2} writers, {streams}"));
+/// Where a scenario's writers append: a stream each, or one they share.
+#[derive(Clone, Copy)]
+enum Streams {
+    Own,
+    Shared,
+}
+
+impl Streams {
+    fn name(self, writers: usize) -> &'static str {
+        match (self, writers) {
+            (_, 1) => "1 writer",
+            (Streams::Own, _) => "16 writers, a stream each",
+            (Streams::Shared, _) => "16 writers, one shared stream",
         }
     }
 }
 
-/// Baseline: redb with one durable transaction per append, no group commit.
-fn redb_baseline(path: &std::path::Path) -> Stats {
-    const TABLE: redb::TableDefinition<(&str, u64), &[u8]> = redb::TableDefinition::new("raw");
-    let db = redb::Database::create(path).unwrap();
-    let start = Instant::now();
-    let mut latencies = Vec::new();
-    let mut version = 0u64;
-    while start.elapsed() < RUN {
-        let began = Instant::now();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(TABLE)
-            .unwrap()
-            .insert(("raw", version), [8u8; 24].as_slice())
-            .unwrap();
-        txn.commit().unwrap();
-        version += 1;
-        latencies.push(began.elapsed());
-    }
-    Stats::from(latencies, start.elapsed())
-}
+/// The scenarios of the store and gRPC rows: (writers, streams).
+const SHAPES: [(usize, Streams); 3] =
+    [(1, Streams::Own), (16, Streams::Own), (16, Streams::Shared)];
 
-/// Baseline: 16 PostgreSQL connections, one autocommit INSERT each at a time.
-async fn postgres_baseline(url: &str, schema: &str, writers: usize) -> Stats {
-    let mut clients = Vec::new();
-    for _ in 0..writers {
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        clients.push(Arc::new(client));
-    }
-    clients[0]
-        .batch_execute(&format!(
-            "CREATE TABLE {schema}.raw (id bigserial primary key, stream text, payload bytea)"
-        ))
-        .await
-        .unwrap();
-    let insert = format!("INSERT INTO {schema}.raw (stream, payload) VALUES ($1, $2)");
-    let clients = Arc::new(clients);
+/// `writers` appending one event at a time for a run, on fresh streams.
+async fn store_appends(store: &Arc<dyn EventStore>, writers: usize, streams: Streams) -> Sample {
+    let run = Uuid::now_v7().simple().to_string();
+    let store = Arc::clone(store);
     closed_loop(writers, move |writer| {
-        let (clients, insert) = (Arc::clone(&clients), insert.clone());
+        let stream = match streams {
+            Streams::Own => format!("{run}-{writer}"),
+            Streams::Shared => format!("{run}-shared"),
+        };
+        let store = Arc::clone(&store);
         async move {
-            let stream = format!("raw-{writer}");
-            clients[writer]
-                .execute(&insert, &[&stream, &vec![8u8; 24]])
-                .await
-                .unwrap();
+            store.append(one_event(stream)).await.expect("append");
         }
     })
     .await
 }
 
-async fn grpc_commands(name: &str, store: Arc<dyn EventStore>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stopping = CancellationToken::new();
-    let service = scaleout::app::CommandService {
-        app: std::sync::Arc::new(reference::Reference),
-        store,
-        bus: None,
-        server: ServerArgs::default(),
-        retry: RetryPolicy::default(),
-        snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
-        relay: Default::default(),
-    };
-    let served = tokio::spawn(scaleout::app::run_command_service(
-        listener,
-        service,
-        stopping.clone(),
-    ));
-    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
-    let run = Uuid::now_v7().simple().to_string();
-    let increment = move |client: CommandServiceClient<Channel>, counter: String| async move {
-        let mut client = client;
-        client
-            .increment_counter(pb::IncrementCounterRequest {
-                counter_id: counter,
-                ..Default::default()
-            })
+/// Baseline: redb with one durable transaction per append, no group commit
+/// (redb takes one writer at a time, so one writer is its best).
+struct RawRedb(Arc<redb::Database>);
+
+impl RawRedb {
+    const TABLE: redb::TableDefinition<'static, (&'static str, u64), &'static [u8]> =
+        redb::TableDefinition::new("raw");
+
+    fn create(path: &std::path::Path) -> Self {
+        Self(Arc::new(redb::Database::create(path).unwrap()))
+    }
+
+    async fn run(&self) -> Sample {
+        let db = Arc::clone(&self.0);
+        let run = report::run_for();
+        tokio::task::spawn_blocking(move || {
+            let stream = Uuid::now_v7().simple().to_string();
+            let start = Instant::now();
+            let mut latencies = Vec::new();
+            let mut version = 0u64;
+            while start.elapsed() < run {
+                let began = Instant::now();
+                let txn = db.begin_write().unwrap();
+                txn.open_table(Self::TABLE)
+                    .unwrap()
+                    .insert((stream.as_str(), version), [8u8; 24].as_slice())
+                    .unwrap();
+                txn.commit().unwrap();
+                version += 1;
+                latencies.push(began.elapsed());
+            }
+            Sample::latencies(latencies, start.elapsed())
+        })
+        .await
+        .unwrap()
+    }
+}
+
+/// Baseline: what a PostgreSQL store without group commit does, one
+/// transaction per append from each connection: read the stream's version,
+/// insert the event and its outbox row, commit.
+struct RawPostgres {
+    clients: Arc<Vec<tokio_postgres::Client>>,
+    schema: String,
+}
+
+impl RawPostgres {
+    async fn connect(url: &str, schema: &str) -> Self {
+        let mut clients = Vec::new();
+        for _ in 0..16 {
+            let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            clients.push(client);
+        }
+        clients[0]
+            .batch_execute(&format!(
+                "CREATE TABLE {schema}.raw_events (position bigserial PRIMARY KEY, stream text NOT NULL, \
+                 version bigint NOT NULL, payload bytea NOT NULL, UNIQUE (stream, version)); \
+                 CREATE TABLE {schema}.raw_outbox (position bigint PRIMARY KEY)"
+            ))
             .await
-            .expect("increment");
-    };
-    for writers in WRITERS {
-        for shared in [false, true] {
-            let (channel, run) = (channel.clone(), run.clone());
-            let stats = closed_loop(writers, move |writer| {
-                let counter = if shared {
-                    format!("{run}-shared-{writers}")
-                } else {
-                    format!("{run}-{writers}-{writer}")
-                };
-                increment(CommandServiceClient::new(channel.clone()), counter)
-            })
-            .await;
-            let counters = if shared {
-                "one shared counter"
-            } else {
-                "a counter each"
-            };
-            stats.print(&format!("{name} gRPC: {writers:>2} clients, {counters}"));
+            .unwrap();
+        Self {
+            clients: Arc::new(clients),
+            schema: schema.to_owned(),
         }
     }
 
-    // Open loop: 1,000 commands/s spread over 100 counters, latency measured
-    // from the moment each command was due, so queueing counts.
-    let rate = 1000u32;
-    let start = Instant::now();
-    let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
-    let mut tasks = JoinSet::new();
-    for i in 0..(rate as usize * RUN.as_secs() as usize) {
-        let due = ticker.tick().await;
-        let client = CommandServiceClient::new(channel.clone());
-        let counter = format!("{run}-open-{}", i % 100);
-        tasks.spawn(async move {
-            increment(client, counter).await;
-            due.elapsed()
-        });
+    async fn run(&self, writers: usize) -> Sample {
+        let (clients, schema) = (Arc::clone(&self.clients), self.schema.clone());
+        let run = Uuid::now_v7().simple().to_string();
+        closed_loop(writers, move |writer| {
+            let (clients, schema, stream) =
+                (Arc::clone(&clients), schema.clone(), format!("{run}-{writer}"));
+            async move {
+                let client = &clients[writer];
+                client.batch_execute("BEGIN").await.unwrap();
+                let version: i64 = client
+                    .query_one(
+                        &format!(
+                            "SELECT coalesce(max(version), 0) FROM {schema}.raw_events WHERE stream = $1"
+                        ),
+                        &[&stream],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                let position: i64 = client
+                    .query_one(
+                        &format!(
+                            "INSERT INTO {schema}.raw_events (stream, version, payload) \
+                             VALUES ($1, $2, $3) RETURNING position"
+                        ),
+                        &[&stream, &(version + 1), &vec![8u8; 24]],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                client
+                    .execute(
+                        &format!("INSERT INTO {schema}.raw_outbox (position) VALUES ($1)"),
+                        &[&position],
+                    )
+                    .await
+                    .unwrap();
+                client.batch_execute("COMMIT").await.unwrap();
+            }
+        })
+        .await
     }
-    let mut latencies = Vec::new();
-    while let Some(latency) = tasks.join_next().await {
-        latencies.push(latency.unwrap());
-    }
-    Stats::from(latencies, start.elapsed()).print(&format!(
-        "{name} gRPC: open loop at {rate} commands/s, 100 counters"
-    ));
+}
 
-    stopping.cancel();
-    served.await.unwrap().unwrap();
+/// A command service on `store`, with a client channel to it.
+struct CommandServer {
+    channel: Channel,
+    stopping: CancellationToken,
+    served: tokio::task::JoinHandle<Result<(), scaleout::app::ServeError>>,
+}
+
+impl CommandServer {
+    async fn start(store: Arc<dyn EventStore>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stopping = CancellationToken::new();
+        let service = scaleout::app::CommandService {
+            app: Arc::new(reference::Reference),
+            store,
+            bus: None,
+            server: ServerArgs::default(),
+            retry: RetryPolicy::default(),
+            snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
+            relay: Default::default(),
+        };
+        let served = tokio::spawn(scaleout::app::run_command_service(
+            listener,
+            service,
+            stopping.clone(),
+        ));
+        let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+        Self {
+            channel,
+            stopping,
+            served,
+        }
+    }
+
+    async fn stop(self) {
+        self.stopping.cancel();
+        self.served.await.unwrap().unwrap();
+    }
+
+    /// `clients` incrementing counters in a closed loop for a run.
+    async fn increments(&self, clients: usize, streams: Streams) -> Sample {
+        let (channel, run) = (self.channel.clone(), Uuid::now_v7().simple().to_string());
+        closed_loop(clients, move |client| {
+            let counter_id = match streams {
+                Streams::Own => format!("{run}-{client}"),
+                Streams::Shared => format!("{run}-shared"),
+            };
+            increment(CommandServiceClient::new(channel.clone()), counter_id)
+        })
+        .await
+    }
+
+    /// `rate` commands a second over 100 counters for a run, each latency
+    /// taken from the moment the command was due, so queueing counts.
+    async fn open_loop(&self, rate: u32) -> Sample {
+        let run = Uuid::now_v7().simple().to_string();
+        let start = Instant::now();
+        let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
+        let mut tasks = JoinSet::new();
+        let commands = rate as u128 * report::run_for().as_millis() / 1000;
+        for i in 0..commands {
+            let due = ticker.tick().await;
+            let client = CommandServiceClient::new(self.channel.clone());
+            let counter_id = format!("{run}-{}", i % 100);
+            tasks.spawn(async move {
+                increment(client, counter_id).await;
+                due.elapsed()
+            });
+        }
+        let mut latencies = Vec::new();
+        while let Some(latency) = tasks.join_next().await {
+            latencies.push(latency.unwrap());
+        }
+        Sample::latencies(latencies, start.elapsed())
+    }
+}
+
+async fn increment(mut client: CommandServiceClient<Channel>, counter_id: String) {
+    client
+        .increment_counter(pb::IncrementCounterRequest {
+            counter_id,
+            ..Default::default()
+        })
+        .await
+        .expect("increment");
 }
 
 #[tokio::main]
 async fn main() {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!(
-        "scaleout append benchmark: {cores} cores, {RUN:?} per scenario, every append durable\n"
+    let mut report = Report::start(
+        "append",
+        "durable appends and commands, beside one transaction per append",
     );
-
     let dir = tempfile::tempdir().unwrap();
-    redb_baseline(&dir.path().join("raw.redb"))
-        .print("baseline redb: one fsync'd transaction per append");
-    let redb: Arc<dyn EventStore> =
-        Arc::new(RedbStore::open(dir.path().join("events.redb")).unwrap());
-    store_appends("redb", Arc::clone(&redb)).await;
+    let raw_redb = RawRedb::create(&dir.path().join("raw.redb"));
+    let path = dir.path().join("events.redb");
+    let redb: Arc<dyn EventStore> = Arc::new(
+        tokio::task::spawn_blocking(move || RedbStore::open(path).unwrap())
+            .await
+            .unwrap(),
+    );
+    for (writers, streams) in SHAPES {
+        report
+            .compare(
+                &format!("redb store: {}", streams.name(writers)),
+                "raw redb: 1 writer, a transaction per append",
+                async || raw_redb.run().await,
+                async || store_appends(&redb, writers, streams).await,
+            )
+            .await;
+    }
 
     let url = common::postgres_url();
     let schema = format!("bench_{}", Uuid::now_v7().simple());
@@ -290,26 +345,43 @@ async fn main() {
             .await
             .expect("PostgreSQL (scripts/test.sh starts it)"),
     );
-    for writers in WRITERS {
-        postgres_baseline(&url, &schema, writers)
-            .await
-            .print(&format!(
-                "baseline PostgreSQL: {writers:>2} connections, autocommit INSERT"
-            ));
-        let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        admin
-            .batch_execute(&format!("DROP TABLE {schema}.raw"))
-            .await
-            .unwrap();
+    let raw_postgres = RawPostgres::connect(&url, &schema).await;
+    for (writers, streams) in SHAPES {
+        let connections = if writers == 1 { 1 } else { 16 };
+        report
+            .compare(
+                &format!("PostgreSQL store: {}", streams.name(writers)),
+                &format!("a transaction per append, {connections} connection(s)"),
+                async || raw_postgres.run(connections).await,
+                async || store_appends(&postgres, writers, streams).await,
+            )
+            .await;
     }
-    store_appends("PostgreSQL", Arc::clone(&postgres)).await;
 
-    println!();
-    grpc_commands("redb", redb).await;
-    grpc_commands("PostgreSQL", postgres).await;
-
+    for (name, store) in [("redb", &redb), ("PostgreSQL", &postgres)] {
+        let server = CommandServer::start(Arc::clone(store)).await;
+        for streams in [Streams::Shared, Streams::Own] {
+            let what = match streams {
+                Streams::Own => "a counter each",
+                Streams::Shared => "one counter",
+            };
+            report
+                .compare(
+                    &format!("{name} gRPC commands: 16 clients, {what}"),
+                    &format!("{name} store: {}", streams.name(16)),
+                    async || store_appends(store, 16, streams).await,
+                    async || server.increments(16, streams).await,
+                )
+                .await;
+        }
+        report
+            .alone(
+                &format!("{name} gRPC commands: open loop, 1,000/s over 100 counters"),
+                async || server.open_loop(1000).await,
+            )
+            .await;
+        server.stop().await;
+    }
+    report.finish();
     common::drop_schema(&schema).await;
 }

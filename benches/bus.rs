@@ -9,6 +9,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::report::{self, Report, Sample};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -26,159 +27,176 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-const EVENTS: usize = 10_000;
 const CONSUMERS: usize = 3;
 const PREFETCH: u16 = 250;
 /// Confirms the raw publisher keeps in flight, like the relay's batch.
 const WINDOW: usize = 500;
 
-fn rate(label: &str, count: usize, elapsed: Duration) -> f64 {
-    let per_second = count as f64 / elapsed.as_secs_f64();
-    println!("{label:<62} {per_second:>9.0} events/s  ({count} in {elapsed:.2?})");
-    per_second
+/// Raw lapin on a fresh quorum queue bound to a topic exchange, as the
+/// relay's topology is; deleted again by [`RawQueue::delete`].
+struct RawQueue {
+    connection: Connection,
+    channel: lapin::Channel,
+    exchange: String,
+    queue: String,
 }
 
-/// Raw lapin: a quorum queue bound to a topic exchange, persistent mandatory
-/// messages of the relay's size, WINDOW confirms in flight.
-async fn raw(prefix: &str, body: &[u8]) -> (f64, f64) {
-    let connection = Connection::connect(&common::rabbitmq_url(), ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let exchange = format!("{prefix}.raw-events");
-    let queue = format!("{prefix}.raw");
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .exchange_declare(
-            exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    let queue_options = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(queue.as_str().into(), queue_options, arguments)
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-
-    let mandatory = BasicPublishOptions {
-        mandatory: true,
-        ..Default::default()
-    };
-    let started = Instant::now();
-    let mut in_flight = Vec::with_capacity(WINDOW);
-    for i in 0..EVENTS {
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_message_id(Uuid::now_v7().to_string().into());
-        in_flight.push(
-            channel
-                .basic_publish(
-                    exchange.as_str().into(),
-                    "counter.scaleout.v1.CounterIncremented".into(),
-                    mandatory,
-                    body,
-                    properties,
-                )
+impl RawQueue {
+    async fn declare() -> Self {
+        let prefix = format!("bench-raw-{}", Uuid::now_v7().simple());
+        let connection =
+            Connection::connect(&common::rabbitmq_url(), ConnectionProperties::default())
                 .await
-                .unwrap(),
-        );
-        if in_flight.len() == WINDOW || i + 1 == EVENTS {
-            for confirm in in_flight.drain(..) {
-                assert!(confirm.await.unwrap().is_ack());
-            }
-        }
-    }
-    let publish = rate(
-        "raw lapin: publish with confirms",
-        EVENTS,
-        started.elapsed(),
-    );
-
-    let started = Instant::now();
-    let mut consumers = JoinSet::new();
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
-    for _ in 0..CONSUMERS {
+                .unwrap();
         let channel = connection.create_channel().await.unwrap();
+        let (exchange, queue) = (format!("{prefix}.events"), format!("{prefix}.queue"));
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
         channel
-            .basic_qos(PREFETCH, BasicQosOptions::default())
-            .await
-            .unwrap();
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                durable,
                 FieldTable::default(),
             )
             .await
             .unwrap();
-        let done = done_tx.clone();
-        consumers.spawn(async move {
-            let _channel = channel;
-            while let Some(Ok(delivery)) = consumer.next().await {
-                delivery.ack(BasicAckOptions::default()).await.unwrap();
-                let _ = done.send(());
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        let queue_options = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(queue.as_str().into(), queue_options, arguments)
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        Self {
+            connection,
+            channel,
+            exchange,
+            queue,
+        }
+    }
+
+    /// Persistent mandatory messages of `body`, WINDOW confirms in flight.
+    async fn publish(&self, body: &[u8]) -> Sample {
+        let mandatory = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
+        let events = report::events();
+        let started = Instant::now();
+        let mut in_flight = Vec::with_capacity(WINDOW);
+        for i in 0..events {
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(Uuid::now_v7().to_string().into());
+            in_flight.push(
+                self.channel
+                    .basic_publish(
+                        self.exchange.as_str().into(),
+                        "counter.scaleout.v1.CounterIncremented".into(),
+                        mandatory,
+                        body,
+                        properties,
+                    )
+                    .await
+                    .unwrap(),
+            );
+            if in_flight.len() == WINDOW || i + 1 == events {
+                for confirm in in_flight.drain(..) {
+                    assert!(confirm.await.unwrap().is_ack());
+                }
             }
-        });
+        }
+        Sample::throughput(events, started.elapsed())
     }
-    for _ in 0..EVENTS {
-        done_rx.recv().await.unwrap();
+
+    /// CONSUMERS consumers, each on its own channel, acking every message.
+    async fn consume(&self) -> Sample {
+        let events = report::events();
+        let started = Instant::now();
+        let mut consumers = JoinSet::new();
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..CONSUMERS {
+            let channel = self.connection.create_channel().await.unwrap();
+            channel
+                .basic_qos(PREFETCH, BasicQosOptions::default())
+                .await
+                .unwrap();
+            let mut consumer = channel
+                .basic_consume(
+                    self.queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            let done = done_tx.clone();
+            consumers.spawn(async move {
+                let _channel = channel;
+                while let Some(Ok(delivery)) = consumer.next().await {
+                    delivery.ack(BasicAckOptions::default()).await.unwrap();
+                    let _ = done.send(());
+                }
+            });
+        }
+        for _ in 0..events {
+            done_rx.recv().await.unwrap();
+        }
+        let sample = Sample::throughput(events, started.elapsed());
+        consumers.abort_all();
+        sample
     }
-    let consume = rate(
-        &format!("raw lapin: consume and ack, {CONSUMERS} consumers"),
-        EVENTS,
-        started.elapsed(),
-    );
-    consumers.abort_all();
-    common::delete(&[queue], &[exchange]).await;
-    (publish, consume)
+
+    async fn delete(self) {
+        drop(self.connection);
+        common::delete(&[self.queue], &[self.exchange]).await;
+    }
 }
 
-/// Appends EVENTS single-event appends from 16 writers (not timed).
+/// Appends [`report::events`] events, ten to an append over 100 streams,
+/// from 16 writers (not timed).
 async fn fill(store: &Arc<dyn EventStore>) {
-    let mut appends = JoinSet::new();
+    let appends = report::events().div_ceil(10);
+    let mut writers = JoinSet::new();
     for writer in 0..16 {
         let store = Arc::clone(store);
-        appends.spawn(async move {
-            for i in (writer..EVENTS).step_by(16) {
-                let event = NewEvent {
-                    event_id: Uuid::now_v7(),
-                    event_type: "scaleout.v1.CounterIncremented".into(),
-                    payload: vec![8; 16],
-                };
+        writers.spawn(async move {
+            for i in (writer..appends).step_by(16) {
+                let events: Vec<NewEvent> = (0..10)
+                    .map(|_| NewEvent {
+                        event_id: Uuid::now_v7(),
+                        event_type: "scaleout.v1.CounterIncremented".into(),
+                        payload: vec![8; 16],
+                    })
+                    .collect();
                 let request = AppendRequest {
                     stream_id: format!("counter-{}", i % 100),
                     stream_type: "counter".into(),
                     expected: ExpectedVersion::Any,
-                    events: vec![event].try_into().unwrap(),
+                    events: events.try_into().unwrap(),
                     request_key: None,
                     metadata: EventMetadata {
                         occurred_at: SystemTime::now(),
@@ -190,22 +208,33 @@ async fn fill(store: &Arc<dyn EventStore>) {
             }
         });
     }
-    while appends.join_next().await.is_some() {}
+    while let Some(done) = writers.join_next().await {
+        done.unwrap();
+    }
 }
 
-/// The relay draining a full outbox, then CONSUMERS subscribers draining the queue.
-async fn scaleout(label: &str, store: Arc<dyn EventStore>, prefix: &str) -> (f64, f64) {
+/// A fresh bus topology with its queue declared, nobody consuming yet.
+async fn topology() -> (RabbitConfig, Arc<dyn EventBus>) {
+    let prefix = format!("bench-{}", Uuid::now_v7().simple());
     let config = RabbitConfig::new(&common::rabbitmq_url()).with_prefix(prefix);
     let bus: Arc<dyn EventBus> = Arc::new(RabbitBus::new(config.clone()));
-    let subscription = Subscription {
+    drop(bus.subscribe(&subscription()).await.unwrap());
+    (config, bus)
+}
+
+fn subscription() -> Subscription {
+    Subscription {
         service_type: "bench".into(),
         bindings: vec!["#".into()],
         prefetch: PREFETCH,
         max_attempts: 5,
-    };
-    drop(bus.subscribe(&subscription).await.unwrap()); // the queue exists, nobody consumes yet
-    fill(&store).await;
+    }
+}
 
+/// The relay draining a full outbox of `store` to a fresh queue.
+async fn relay(store: Arc<dyn EventStore>) -> Sample {
+    let (config, bus) = topology().await;
+    fill(&store).await;
     let stopping = CancellationToken::new();
     let started = Instant::now();
     let relaying = tokio::spawn(
@@ -215,19 +244,28 @@ async fn scaleout(label: &str, store: Arc<dyn EventStore>, prefix: &str) -> (f64
     while !store.read_outbox(1).await.unwrap().is_empty() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let publish = rate(
-        &format!("scaleout relay from {label}: outbox to confirmed"),
-        EVENTS,
-        started.elapsed(),
-    );
+    let sample = Sample::throughput(report::events(), started.elapsed());
     stopping.cancel();
     relaying.await.unwrap();
+    common::delete_topology(&config, "bench").await;
+    sample
+}
 
+/// CONSUMERS subscribers draining a queue the relay's way filled.
+async fn subscribers() -> Sample {
+    let (config, bus) = topology().await;
+    let events = report::events();
+    let messages: Vec<_> = (0..events).map(|_| message()).collect();
+    for chunk in messages.chunks(WINDOW) {
+        for published in bus.publish(chunk).await {
+            published.unwrap();
+        }
+    }
     let started = Instant::now();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut consumers = JoinSet::new();
     for _ in 0..CONSUMERS {
-        let mut subscriber = bus.subscribe(&subscription).await.unwrap();
+        let mut subscriber = bus.subscribe(&subscription()).await.unwrap();
         let done = done_tx.clone();
         consumers.spawn(async move {
             while let Some(delivery) = subscriber.next().await {
@@ -236,73 +274,97 @@ async fn scaleout(label: &str, store: Arc<dyn EventStore>, prefix: &str) -> (f64
             }
         });
     }
-    for _ in 0..EVENTS {
+    for _ in 0..events {
         done_rx.recv().await.unwrap();
     }
-    let consume = rate(
-        &format!("scaleout subscribers: consume and ack, {CONSUMERS} consumers"),
-        EVENTS,
-        started.elapsed(),
-    );
+    let sample = Sample::throughput(events, started.elapsed());
     consumers.abort_all();
-
     common::delete_topology(&config, "bench").await;
-    (publish, consume)
+    sample
+}
+
+/// A message as the relay publishes one event, with an id of its own.
+fn message() -> scaleout::bus::BusMessage {
+    scaleout::bus::BusMessage::from_event(&scaleout::store::RecordedEvent {
+        position: 1,
+        stream_id: "counter-1".into(),
+        stream_type: "counter".into(),
+        version: 1,
+        event_id: Uuid::now_v7(),
+        event_type: "scaleout.v1.CounterIncremented".into(),
+        payload: vec![8; 16],
+        metadata: EventMetadata {
+            occurred_at: SystemTime::now(),
+            correlation_id: Uuid::now_v7(),
+            causation_id: Uuid::now_v7(),
+        },
+        request_id: None,
+    })
 }
 
 #[tokio::main]
 async fn main() {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!(
-        "scaleout bus benchmark: {cores} cores, {EVENTS} events, RabbitMQ quorum queues, persistent messages\n"
+    let mut report = Report::start(
+        "bus",
+        "the relay and subscribers on RabbitMQ quorum queues, beside raw lapin",
     );
-    let run = Uuid::now_v7().simple().to_string();
-    let body_size = {
-        // The relay's messages carry an envelope of about this size.
-        let sample = scaleout::bus::BusMessage::from_event(&scaleout::store::RecordedEvent {
-            position: 1,
-            stream_id: "counter-1".into(),
-            stream_type: "counter".into(),
-            version: 1,
-            event_id: Uuid::now_v7(),
-            event_type: "scaleout.v1.CounterIncremented".into(),
-            payload: vec![8; 16],
-            metadata: EventMetadata {
-                occurred_at: SystemTime::now(),
-                correlation_id: Uuid::now_v7(),
-                causation_id: Uuid::now_v7(),
-            },
-            request_id: None,
-        });
-        sample.body.len()
+    // Raw messages are the size of the relay's.
+    let body = vec![7; message().body.len()];
+    // A first raw run warms the broker up.
+    let warm = RawQueue::declare().await;
+    warm.publish(&body).await;
+    warm.delete().await;
+
+    let raw_publish = async || {
+        let queue = RawQueue::declare().await;
+        let sample = queue.publish(&body).await;
+        queue.delete().await;
+        sample
     };
-    // A first raw run warms the broker up; the second is the baseline.
-    raw(&format!("bench-{run}-warmup"), &vec![7; body_size]).await;
-    println!("  (warm-up above)");
-    let (raw_publish, raw_consume) = raw(&format!("bench-{run}"), &vec![7; body_size]).await;
-
-    let dir = tempfile::tempdir().unwrap();
-    let redb: Arc<dyn EventStore> =
-        Arc::new(RedbStore::open(dir.path().join("events.redb")).unwrap());
-    let (publish, consume) = scaleout("redb", redb, &format!("bench-{run}-redb")).await;
-    println!(
-        "  ratios: relay {:.0}% of raw publish, subscribers {:.0}% of raw consume\n",
-        100.0 * publish / raw_publish,
-        100.0 * consume / raw_consume
-    );
-
-    let pg_url = common::postgres_url();
-    let schema = format!("bench_{run}");
-    let postgres: Arc<dyn EventStore> = Arc::new(
-        PostgresStore::connect(PostgresConfig::new(&pg_url).with_schema(schema.clone()))
-            .await
-            .unwrap(),
-    );
-    let (publish, consume) = scaleout("PostgreSQL", postgres, &format!("bench-{run}-pg")).await;
-    println!(
-        "  ratios: relay {:.0}% of raw publish, subscribers {:.0}% of raw consume",
-        100.0 * publish / raw_publish,
-        100.0 * consume / raw_consume
-    );
-    common::drop_schema(&schema).await;
+    report
+        .compare(
+            "relay from redb: outbox to confirmed",
+            "raw lapin: publish with confirms",
+            raw_publish,
+            async || {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("events.redb");
+                let store = tokio::task::spawn_blocking(move || RedbStore::open(path).unwrap())
+                    .await
+                    .unwrap();
+                relay(Arc::new(store)).await
+            },
+        )
+        .await;
+    report
+        .compare(
+            "relay from PostgreSQL: outbox to confirmed",
+            "raw lapin: publish with confirms",
+            raw_publish,
+            async || {
+                let schema = format!("bench_{}", Uuid::now_v7().simple());
+                let config =
+                    PostgresConfig::new(&common::postgres_url()).with_schema(schema.clone());
+                let store = PostgresStore::connect(config).await.unwrap();
+                let sample = relay(Arc::new(store)).await;
+                common::drop_schema(&schema).await;
+                sample
+            },
+        )
+        .await;
+    report
+        .compare(
+            &format!("subscribers: consume and ack, {CONSUMERS} consumers"),
+            &format!("raw lapin: consume and ack, {CONSUMERS} consumers"),
+            async || {
+                let queue = RawQueue::declare().await;
+                queue.publish(&body).await;
+                let sample = queue.consume().await;
+                queue.delete().await;
+                sample
+            },
+            async || subscribers().await,
+        )
+        .await;
+    report.finish();
 }

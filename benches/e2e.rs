@@ -15,6 +15,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::report::{self, Report, Sample};
 use reference::pb::{
     self, command_service_client::CommandServiceClient, query_service_client::QueryServiceClient,
 };
@@ -30,13 +31,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-const RUN: Duration = Duration::from_secs(4);
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let rank = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1].as_secs_f64() * 1e3
-}
-
 async fn listener() -> (TcpListener, String) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -51,14 +45,15 @@ async fn channel(url: &str) -> Channel {
         .unwrap()
 }
 
-/// Open loop at `rate`: each command, then a read of it with min_version.
-async fn measure(label: &str, commands: Channel, queries: Channel, rate: u32) {
+/// Open loop at `rate` for a run: each command, then a read of it with
+/// min_version; the sample's latencies are accepted → visible.
+async fn measure(commands: Channel, queries: Channel, rate: u32) -> Sample {
     let run = uuid::Uuid::now_v7().simple().to_string();
     let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
     let mut tasks = JoinSet::new();
     let started = Instant::now();
     let mut sent = 0u64;
-    while started.elapsed() < RUN {
+    while started.elapsed() < report::run_for() {
         ticker.tick().await;
         let (mut commands, mut queries) = (
             CommandServiceClient::new(commands.clone()),
@@ -98,19 +93,17 @@ async fn measure(label: &str, commands: Channel, queries: Channel, rate: u32) {
         command_latency.push(command);
         lag.push(visible);
     }
+    let elapsed = started.elapsed();
     command_latency.sort_unstable();
-    lag.sort_unstable();
-    println!(
-        "{label:<34} {rate:>5} cmd/s: command p50 {:>6.2} ms p99 {:>6.2} ms | accepted→visible p50 {:>6.2} ms p99 {:>6.2} ms (n={})",
-        percentile(&command_latency, 0.5),
-        percentile(&command_latency, 0.99),
-        percentile(&lag, 0.5),
-        percentile(&lag, 0.99),
-        lag.len(),
+    eprintln!(
+        "    command p50 {:.2?} p99 {:.2?}",
+        command_latency[command_latency.len() / 2],
+        command_latency[command_latency.len() * 99 / 100],
     );
+    Sample::latencies(lag, elapsed)
 }
 
-async fn embedded(rate: u32) {
+async fn embedded(rate: u32) -> Sample {
     let dir = tempfile::tempdir().unwrap();
     let (listener, url) = listener().await;
     let stopping = CancellationToken::new();
@@ -128,21 +121,23 @@ async fn embedded(rate: u32) {
         stopping.clone(),
     ));
     let channel = channel(&url).await;
-    measure("embedded platform", channel.clone(), channel, rate).await;
+    let sample = measure(channel.clone(), channel, rate).await;
     stopping.cancel();
     served.await.unwrap().unwrap();
+    sample
 }
 
 /// Open loop at `rate` while the document store freezes for `freeze` (from
 /// 1 s in, with 5 s of load after it): the time from the thaw until every
-/// view shows every command acknowledged by the thaw.
+/// view shows every command acknowledged by the thaw is the sample's one
+/// latency.
 async fn measure_freeze(
     commands: Channel,
     queries: Channel,
     faults: couchbase_kv_server::Faults,
     rate: u32,
     freeze: Duration,
-) {
+) -> Sample {
     use std::collections::HashMap;
     use std::sync::Mutex;
     let run = uuid::Uuid::now_v7().simple().to_string();
@@ -202,14 +197,12 @@ async fn measure_freeze(
     }
     let caught_up = thawed.elapsed();
     let sent = sending.await.unwrap();
-    println!(
-        "split, document store frozen {freeze:?} at {rate} cmd/s: {during} commands acknowledged by the thaw, \
-         every view caught up {:.2} s after it ({sent} commands in all)",
-        caught_up.as_secs_f64()
-    );
+    eprintln!("    {during} commands acknowledged by the thaw, {sent} in all");
+    Sample::throughput(sent as usize, freeze + Duration::from_secs(6))
+        .with_latencies(vec![caught_up])
 }
 
-async fn split(rate: u32, freeze: Option<Duration>) {
+async fn split(rate: u32, freeze: Option<Duration>) -> Sample {
     let run = uuid::Uuid::now_v7().simple().to_string();
     let (pg_url, amqp) = (common::postgres_url(), common::rabbitmq_url());
     let schema = format!("e2e_{run}");
@@ -298,24 +291,45 @@ async fn split(rate: u32, freeze: Option<Duration>) {
     });
 
     let (commands, queries) = (channel(&command_url).await, channel(&query_url).await);
-    match freeze {
-        None => measure("split (PostgreSQL, RabbitMQ, CB)", commands, queries, rate).await,
+    let sample = match freeze {
+        None => measure(commands, queries, rate).await,
         Some(freeze) => measure_freeze(commands, queries, couchbase.faults(), rate, freeze).await,
-    }
+    };
     stopping.cancel();
     services.abort_all();
 
     common::drop_schema(&schema).await;
     common::delete_topology(&rabbit, "projector").await;
+    sample
 }
 
 #[tokio::main]
 async fn main() {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("scaleout end-to-end lag: {cores} cores, open loop, {RUN:?} per run, 100 counters\n");
+    let mut report = Report::start(
+        "e2e",
+        "open loop over 100 counters; latencies from a command's answer until a query shows it",
+    );
     for rate in [100, 1000] {
-        embedded(rate).await;
-        split(rate, None).await;
+        report
+            .alone(
+                &format!("embedded platform, {rate} commands/s"),
+                async || embedded(rate).await,
+            )
+            .await;
+        report
+            .alone(
+                &format!(
+                    "split (PostgreSQL, RabbitMQ, 2 projectors, KV test server), {rate} commands/s"
+                ),
+                async || split(rate, None).await,
+            )
+            .await;
     }
-    split(1000, Some(Duration::from_secs(20))).await;
+    report
+        .alone(
+            "split, 1,000 commands/s, document store frozen 20 s: from the thaw until every view shows every acknowledged command",
+            async || split(1000, Some(Duration::from_secs(20))).await,
+        )
+        .await;
+    report.finish();
 }

@@ -13,6 +13,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::report::{Report, Sample};
 use futures_util::StreamExt;
 use prost::Message;
 use reference::pb::read_service_client::ReadServiceClient;
@@ -66,7 +67,7 @@ async fn fill(store: &Arc<dyn EventStore>) {
 }
 
 /// `read_all` in pages of 1,000 from position 0 to the head.
-async fn read_all(store: &dyn EventStore) -> Duration {
+async fn read_all(store: &dyn EventStore) -> Sample {
     let started = Instant::now();
     let (mut from, mut read) = (0, 0);
     loop {
@@ -81,11 +82,11 @@ async fn read_all(store: &dyn EventStore) -> Duration {
         }
     }
     assert_eq!(read, EVENTS);
-    started.elapsed()
+    Sample::throughput(read, started.elapsed())
 }
 
 /// A gRPC subscription from 0 until it has caught up.
-async fn subscribe(store: Arc<dyn EventStore>) -> Duration {
+async fn subscribe(store: Arc<dyn EventStore>) -> Sample {
     let api = ReadApi::new(store, KnownTypes::default(), ReadConfig::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -115,31 +116,7 @@ async fn subscribe(store: Arc<dyn EventStore>) -> Duration {
     let elapsed = started.elapsed();
     assert_eq!(read, EVENTS);
     server.abort();
-    elapsed
-}
-
-/// Each measurement is taken this many times, interleaved, and the median
-/// reported: one run on two shared cores says little.
-const ROUNDS: usize = 5;
-
-/// Medians of `runs` (raw, read_all, subscribe) and their ratios to raw.
-fn report(store: &str, mut runs: Vec<(Duration, Duration, Duration)>) {
-    let rate = |d: Duration| EVENTS as f64 / d.as_secs_f64();
-    let median = |mut values: Vec<Duration>| {
-        values.sort();
-        values[values.len() / 2]
-    };
-    let raw = median(runs.iter().map(|r| r.0).collect());
-    let read_all = median(runs.iter().map(|r| r.1).collect());
-    let subscribe = median(runs.drain(..).map(|r| r.2).collect());
-    println!(
-        "{store:<11} raw scan {:>9.0}/s   read_all {:>9.0}/s ({:.2}x)   subscribe (gRPC) {:>9.0}/s ({:.2}x)   medians of {ROUNDS}",
-        rate(raw),
-        rate(read_all),
-        raw.as_secs_f64() / read_all.as_secs_f64(),
-        rate(subscribe),
-        raw.as_secs_f64() / subscribe.as_secs_f64(),
-    );
+    Sample::throughput(read, elapsed)
 }
 
 /// Opens the redb store off the runtime's threads (opening may repair).
@@ -151,30 +128,35 @@ async fn open_redb(path: &std::path::Path) -> Arc<dyn EventStore> {
     Arc::new(store)
 }
 
-async fn redb() {
+async fn redb(report: &mut Report) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.redb");
-    let store = open_redb(&path).await;
-    fill(&store).await;
-    drop(store);
-
-    let mut runs = Vec::new();
-    for _ in 0..ROUNDS {
+    fill(&open_redb(&path).await).await;
+    let raw = async || {
         // A blocking scan that waits for the file: on a blocking thread.
         let scanned = path.clone();
-        let raw = tokio::task::spawn_blocking(move || redb_raw_scan(&scanned))
+        tokio::task::spawn_blocking(move || redb_raw_scan(&scanned))
             .await
-            .unwrap();
-        let store = open_redb(&path).await;
-        let read_all = read_all(store.as_ref()).await;
-        let subscribe = subscribe(store).await;
-        runs.push((raw, read_all, subscribe));
-    }
-    report("redb", runs);
+            .unwrap()
+    };
+    let baseline = "raw scan of redb's log table";
+    report
+        .compare(
+            "redb: read_all, pages of 1,000",
+            baseline,
+            raw,
+            async || read_all(open_redb(&path).await.as_ref()).await,
+        )
+        .await;
+    report
+        .compare("redb: gRPC Subscribe from 0", baseline, raw, async || {
+            subscribe(open_redb(&path).await).await
+        })
+        .await;
 }
 
 /// redb's own iterator over the log table, each envelope decoded.
-fn redb_raw_scan(path: &std::path::Path) -> Duration {
+fn redb_raw_scan(path: &std::path::Path) -> Sample {
     use redb::{ReadableDatabase, ReadableTable};
     const LOG: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
     // The last round's store closes once its server's tasks have wound down.
@@ -197,29 +179,39 @@ fn redb_raw_scan(path: &std::path::Path) -> Duration {
         read += 1;
     }
     assert_eq!(read, EVENTS);
-    started.elapsed()
+    Sample::throughput(read, started.elapsed())
 }
 
-async fn postgres() {
+async fn postgres(report: &mut Report) {
     let schema = format!("bench_log_{}", Uuid::now_v7().simple());
     let config = PostgresConfig::new(&common::postgres_url()).with_schema(schema.clone());
     let store: Arc<dyn EventStore> = Arc::new(PostgresStore::connect(config).await.unwrap());
     fill(&store).await;
 
-    let mut runs = Vec::new();
-    for _ in 0..ROUNDS {
-        let raw = postgres_raw_scan(&schema).await;
-        let read_all = read_all(store.as_ref()).await;
-        let subscribe = subscribe(Arc::clone(&store)).await;
-        runs.push((raw, read_all, subscribe));
-    }
-    report("PostgreSQL", runs);
+    let raw = async || postgres_raw_scan(&schema).await;
+    let baseline = "one streamed SELECT … ORDER BY position";
+    report
+        .compare(
+            "PostgreSQL: read_all, pages of 1,000",
+            baseline,
+            raw,
+            async || read_all(store.as_ref()).await,
+        )
+        .await;
+    report
+        .compare(
+            "PostgreSQL: gRPC Subscribe from 0",
+            baseline,
+            raw,
+            async || subscribe(Arc::clone(&store)).await,
+        )
+        .await;
     drop(store);
     common::drop_schema(&schema).await;
 }
 
 /// One streamed query in position order, each row's columns read.
-async fn postgres_raw_scan(schema: &str) -> Duration {
+async fn postgres_raw_scan(schema: &str) -> Sample {
     let (client, connection) =
         tokio_postgres::connect(&common::postgres_url(), tokio_postgres::NoTls)
             .await
@@ -252,15 +244,18 @@ async fn postgres_raw_scan(schema: &str) -> Duration {
         read += 1;
     }
     assert_eq!(read, EVENTS);
-    started.elapsed()
+    Sample::throughput(read, started.elapsed())
 }
 
 #[tokio::main]
 async fn main() {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!(
-        "scaleout log benchmark: {cores} cores, {EVENTS} events over {STREAMS} streams, pages of 1,000\n"
+    let mut report = Report::start(
+        "log",
+        &format!(
+            "reading {EVENTS} events over {STREAMS} streams from position 0, beside a raw scan"
+        ),
     );
-    redb().await;
-    postgres().await;
+    redb(&mut report).await;
+    postgres(&mut report).await;
+    report.finish();
 }

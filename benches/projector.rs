@@ -1,6 +1,6 @@
 //! Projection throughput on the real RabbitMQ: one hot document and spread
-//! documents, 1 and 3 projector instances, beside plain consume-and-ack of
-//! the same messages on the same broker in the same run.
+//! documents, three projector instances competing on one queue, beside
+//! plain consume-and-ack of the same messages on the same broker.
 //!
 //! `cargo bench --bench projector` (needs RabbitMQ; `scripts/test.sh` starts it).
 
@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::report::{self, Report, Sample};
 use reference::domain::CounterEvent;
 use reference::pb;
 use scaleout::bus::rabbitmq::{RabbitBus, RabbitConfig};
@@ -28,8 +29,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-const EVENTS: u64 = 5_000;
 const PREFETCH: u16 = 100;
+/// Projectors (and raw consumers) competing on the queue.
+const INSTANCES: usize = 3;
 
 fn subscription() -> Subscription {
     Subscription {
@@ -40,14 +42,15 @@ fn subscription() -> Subscription {
     }
 }
 
-/// EVENTS increments, on one counter or spread over 100, appended to a
+/// [`report::events`] increments, on one counter or spread over 100, appended to a
 /// fresh redb log (where projectors fill gaps from) and returned as the
 /// relay would publish them.
 async fn increments(hot: bool, dir: &std::path::Path) -> (Arc<dyn EventStore>, Vec<BusMessage>) {
     let path = dir.join(format!("events-{}.redb", Uuid::now_v7().simple()));
     let store: Arc<dyn EventStore> = Arc::new(RedbStore::open(path).unwrap());
     let streams = if hot { 1 } else { 100 };
-    for round in 0..EVENTS / streams / 50 {
+    let events = report::events() as u64;
+    for round in 0..events / streams / 50 {
         for s in 0..streams {
             let counter = if hot {
                 "hot".to_owned()
@@ -84,12 +87,18 @@ async fn increments(hot: bool, dir: &std::path::Path) -> (Arc<dyn EventStore>, V
             store.append(append).await.unwrap();
         }
     }
-    let page = store
-        .read_all(0, EVENTS as usize, &LogFilter::all())
-        .await
-        .unwrap();
-    assert_eq!(page.events.len() as u64, EVENTS);
-    let messages = page.events.iter().map(BusMessage::from_event).collect();
+    let (mut messages, mut from) = (Vec::new(), 0);
+    loop {
+        let page = store
+            .read_all(from, 10_000, &LogFilter::all())
+            .await
+            .unwrap();
+        messages.extend(page.events.iter().map(BusMessage::from_event));
+        from = page.next_position;
+        if from > page.head {
+            break;
+        }
+    }
     (store, messages)
 }
 
@@ -103,12 +112,12 @@ async fn fill(config: &RabbitConfig, messages: &[BusMessage]) {
     }
 }
 
-/// Plain consume-and-ack of the queue by `instances` consumers.
-async fn raw_consume(config: &RabbitConfig, instances: usize) -> Duration {
+/// Plain consume-and-ack of the queue's `events` by INSTANCES consumers.
+async fn raw_consume(config: &RabbitConfig, events: usize) -> Sample {
     let started = Instant::now();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut consumers = JoinSet::new();
-    for _ in 0..instances {
+    for _ in 0..INSTANCES {
         let bus = RabbitBus::new(config.clone());
         let mut subscriber = bus.subscribe(&subscription()).await.unwrap();
         let done = done_tx.clone();
@@ -120,21 +129,22 @@ async fn raw_consume(config: &RabbitConfig, instances: usize) -> Duration {
             }
         });
     }
-    for _ in 0..EVENTS {
+    for _ in 0..events {
         done_rx.recv().await.unwrap();
     }
+    let sample = Sample::throughput(events, started.elapsed());
     consumers.abort_all();
-    started.elapsed()
+    sample
 }
 
-/// `instances` projectors, each with its own broker connection, until every
-/// message is settled.
+/// INSTANCES projectors, each with its own broker connection, until all
+/// `events` are settled; what they had to do besides goes to stderr.
 async fn project(
     config: &RabbitConfig,
     documents: Arc<dyn DocumentStore>,
     log: Arc<dyn EventStore>,
-    instances: usize,
-) -> (Duration, Arc<ProjectorMetrics>) {
+    events: usize,
+) -> Sample {
     let metrics = Arc::new(ProjectorMetrics::default());
     let projector = Projector::new(
         documents,
@@ -150,7 +160,7 @@ async fn project(
     let stopping = CancellationToken::new();
     let started = Instant::now();
     let mut workers = JoinSet::new();
-    for _ in 0..instances {
+    for _ in 0..INSTANCES {
         let bus = RabbitBus::new(config.clone());
         let subscriber = bus.subscribe(&subscription()).await.unwrap();
         let (projector, stopping) = (projector.clone(), stopping.clone());
@@ -162,17 +172,22 @@ async fn project(
     let settled = |m: &ProjectorMetrics| {
         m.handled.load(Ordering::Relaxed) + m.duplicates.load(Ordering::Relaxed)
     };
-    while settled(&metrics) < EVENTS {
+    while settled(&metrics) < events as u64 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let elapsed = started.elapsed();
+    let sample = Sample::throughput(events, started.elapsed());
     stopping.cancel();
     while workers.join_next().await.is_some() {}
-    (elapsed, metrics)
-}
-
-fn per_second(elapsed: Duration) -> f64 {
-    EVENTS as f64 / elapsed.as_secs_f64()
+    let per_k = |n: &std::sync::atomic::AtomicU64| {
+        n.load(Ordering::Relaxed) as f64 * 1000.0 / events as f64
+    };
+    eprintln!(
+        "    CAS conflicts {:.1}/1k, retries {:.1}/1k, gap fills {:.1}/1k",
+        per_k(&metrics.cas_conflicts),
+        per_k(&metrics.retries),
+        per_k(&metrics.gap_fills),
+    );
+    sample
 }
 
 /// A fresh document store of the named kind.
@@ -204,54 +219,56 @@ async fn documents(
     }
 }
 
+/// A fresh topology with its queue declared and `messages` in it.
+async fn queue_of(messages: &[BusMessage]) -> RabbitConfig {
+    let config = RabbitConfig::new(&common::rabbitmq_url())
+        .with_prefix(format!("bench-{}", Uuid::now_v7().simple()));
+    fill(&config, messages).await;
+    config
+}
+
 #[tokio::main]
 async fn main() {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!(
-        "scaleout projector benchmark: {cores} cores, {EVENTS} counter increments per run, prefetch {PREFETCH}\n"
+    let mut report = Report::start(
+        "projector",
+        &format!(
+            "{INSTANCES} projector instances on one queue, prefetch {PREFETCH}, beside raw consume-and-ack"
+        ),
     );
     let dir = tempfile::tempdir().unwrap();
-    let run = Uuid::now_v7().simple().to_string();
-    for store in ["redb", "Couchbase (KV test server)"] {
-        for hot in [true, false] {
-            let shape = if hot {
-                "one hot document"
-            } else {
-                "100 documents"
-            };
-            for instances in [1, 3] {
-                // A fresh server per run, so every run starts from empty documents.
-                let couchbase = couchbase_kv_server::TestServer::start(Default::default())
-                    .await
-                    .unwrap();
-                let label = format!("{store}, {shape}, {instances} instance(s)");
-                let config = RabbitConfig::new(&common::rabbitmq_url())
-                    .with_prefix(format!("bench-{run}-{hot}-{instances}-{}", store.len()));
-                let (log, messages) = increments(hot, dir.path()).await;
-                fill(&config, &messages).await;
-                let raw = raw_consume(&config, instances).await;
-                fill(&config, &messages).await;
-                let (elapsed, metrics) = project(
-                    &config,
-                    documents(store, dir.path(), &couchbase).await,
-                    log,
-                    instances,
+    for hot in [true, false] {
+        let shape = if hot {
+            "one hot document"
+        } else {
+            "100 documents"
+        };
+        let (log, messages) = increments(hot, dir.path()).await;
+        for store in ["redb", "Couchbase (KV test server)"] {
+            report
+                .compare(
+                    &format!("{store}, {shape}"),
+                    &format!("raw consume-and-ack, {INSTANCES} consumers"),
+                    async || {
+                        let config = queue_of(&messages).await;
+                        let sample = raw_consume(&config, messages.len()).await;
+                        common::delete_topology(&config, "bench").await;
+                        sample
+                    },
+                    async || {
+                        // Fresh documents each time: every run starts from empty views.
+                        let couchbase = couchbase_kv_server::TestServer::start(Default::default())
+                            .await
+                            .unwrap();
+                        let config = queue_of(&messages).await;
+                        let documents = documents(store, dir.path(), &couchbase).await;
+                        let sample =
+                            project(&config, documents, Arc::clone(&log), messages.len()).await;
+                        common::delete_topology(&config, "bench").await;
+                        sample
+                    },
                 )
                 .await;
-                let per_k = |n: &std::sync::atomic::AtomicU64| {
-                    n.load(Ordering::Relaxed) as f64 * 1000.0 / EVENTS as f64
-                };
-                println!(
-                    "{label:<58} projected {:>7.0}/s   raw consume-and-ack {:>7.0}/s ({:.0}%)   CAS conflicts {:.1}/1k, retries {:.1}/1k, gap fills {:.1}/1k",
-                    per_second(elapsed),
-                    per_second(raw),
-                    100.0 * raw.as_secs_f64() / elapsed.as_secs_f64(),
-                    per_k(&metrics.cas_conflicts),
-                    per_k(&metrics.retries),
-                    per_k(&metrics.gap_fills),
-                );
-                common::delete_topology(&config, "bench").await;
-            }
         }
     }
+    report.finish();
 }

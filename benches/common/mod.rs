@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // each benchmark uses its own subset
 
+pub mod report;
+
 use scaleout::bus::rabbitmq::RabbitConfig;
 
 pub fn postgres_url() -> String {

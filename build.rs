@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "proto/scaleout/v1/envelope.proto",
     "proto/scaleout/v1/admin_service.proto",
     "proto/scaleout/v1/read_service.proto",
+    "proto/scaleout/v1/read_model_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 source scripts/services.sh
 
 benches=("$@")
-(( ${#benches[@]} )) || benches=(append bus projector log load e2e)
+(( ${#benches[@]} )) || benches=(append bus projector log load rebuild e2e)
 
 ensure_build_deps
 ensure_postgres

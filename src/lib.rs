@@ -24,9 +24,9 @@
 //! | [`log`] | reading the whole log: the port the read side reads through, a follower | `grpc`, `bus`, `documents` |
 //! | [`command`] | load, decide, append; retry only what is safe | `grpc`, `bus` |
 //! | [`relay`] | the outbox relay: store outbox → bus, with confirms | `domain`, `grpc` |
-//! | [`projection`] | read models as a fold of the log: the projection contract, CAS writes, the runtime | `store`, `grpc` |
+//! | [`projection`] | read models as a fold of the log: the projection contract, CAS writes, the runtime, generations, rebuild and verify | `store`, `grpc` |
 //! | [`query`] | reading read models, waiting for a version when asked | `bus`, `store` |
-//! | [`grpc`] | the read API, admin, request helpers for applications' services, the one status mapping, health, reflection, serving | backends' internals |
+//! | [`grpc`] | the read API, admin and read-model services, request helpers for applications' services, the one status mapping, health, reflection, serving | backends' internals |
 //! | [`app`] | the application contract; the wiring of each deployable service and of the embedded platform | — |
 
 pub mod app;

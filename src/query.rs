@@ -9,6 +9,13 @@
 //! answer with a view that is older than what the caller knows happened.
 //! Callers reading one document at the same moment share one read of it, so
 //! many waiting on a hot document cost about what one does.
+//!
+//! A read goes to the projection's serving generation (see
+//! [`generation`](crate::projection::generation)); a read model that has
+//! never been built is waited for like a version, then reported as
+//! [`QueryError::Building`]. Just after a switch, the generation that served
+//! before is read beside the new one and the document that has applied more
+//! answers, so a switch never shows an older view than the one before it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -17,10 +24,11 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use crate::documents::{DocumentError, DocumentStore};
+use crate::projection::Projection;
+use crate::projection::generation::{GenerationState, Generations, key_in, now_ms};
 
 /// The longest pause between two reads of a document a caller waits on:
 /// a waiter costs at most 10 reads a second once the view is slow to catch
@@ -44,6 +52,14 @@ pub enum QueryError {
     },
     #[error(transparent)]
     Store(#[from] DocumentError),
+    /// The read model has never been built: its first build from the log
+    /// is under way (or waits for a projector to run it).
+    #[error("the {projection} read model is being built from the event log{progress}")]
+    Building {
+        projection: &'static str,
+        /// How far the build is, when known (", at position N of M").
+        progress: String,
+    },
     /// A stored document that does not parse: a bug, not the caller's.
     #[error("{kind} {id} is stored in a shape this version cannot read: {reason}")]
     Corrupt {
@@ -74,6 +90,7 @@ type SharedRead = Shared<BoxFuture<'static, Result<Option<Arc<Snapshot>>, Docume
 #[derive(Debug, Clone)]
 pub struct Queries {
     documents: Arc<dyn DocumentStore>,
+    generations: Generations,
     /// Reads under way, by key: a caller that asks for a document while it
     /// is being read shares that read instead of starting another, so many
     /// callers waiting on one hot document cost the reads of one. An entry
@@ -84,9 +101,36 @@ pub struct Queries {
 impl Queries {
     pub fn new(documents: Arc<dyn DocumentStore>) -> Self {
         Self {
+            generations: Generations::new(Arc::clone(&documents)),
             documents,
             in_flight: Arc::default(),
         }
+    }
+
+    /// The document at `key` in the serving generation; during a handover,
+    /// whichever of it and the previous generation's has applied more.
+    async fn freshest(
+        &self,
+        key: &str,
+        serving: u32,
+        state: &GenerationState,
+    ) -> Result<Option<Arc<Snapshot>>, DocumentError> {
+        let current = self.snapshot(&key_in(serving, key)).await?;
+        let Some(previous) = state.handing_over(now_ms()) else {
+            return Ok(current);
+        };
+        let before = self.snapshot(&key_in(previous, key)).await?;
+        let ahead = |a: &Snapshot, b: &Snapshot| match (&a.applied, &b.applied) {
+            (Ok(a), Ok(b)) => a
+                .iter()
+                .any(|(stream, v)| b.get(stream).is_none_or(|w| v > w)),
+            _ => false,
+        };
+        Ok(match (current, before) {
+            (None, before) => before,
+            (Some(current), Some(before)) if ahead(&before, &current) => Some(before),
+            (current, _) => current,
+        })
     }
 
     /// The document at `key`, read once for every caller asking meanwhile.
@@ -125,20 +169,37 @@ impl Queries {
         read.await
     }
 
-    /// Reads the document at `key` as a `V` once it has applied every
-    /// `wanted` (stream, version), waiting until `deadline` at most. `kind`
-    /// and `id` name it in errors (`NotFound`, `NotCaughtUp`).
-    pub async fn read<V: DeserializeOwned>(
+    /// Reads `P`'s document at `key` once it has applied every `wanted`
+    /// (stream, version), waiting until `deadline` at most. `kind` and `id`
+    /// name it in errors (`NotFound`, `NotCaughtUp`).
+    pub async fn read<P: Projection>(
         &self,
         kind: &'static str,
         id: &str,
         key: &str,
         wanted: &[(String, u64)],
         deadline: Instant,
-    ) -> Result<V, QueryError> {
+    ) -> Result<P::View, QueryError> {
         let mut pause = Duration::from_millis(1);
         loop {
-            let document = self.snapshot(key).await?;
+            let state = self.generations.state(P::NAME).await?;
+            let Some(serving) = state.serving else {
+                if Instant::now() >= deadline {
+                    let progress = state
+                        .building
+                        .as_ref()
+                        .map(|b| format!(", at position {} of {}", b.next_position, b.head))
+                        .unwrap_or_default();
+                    return Err(QueryError::Building {
+                        projection: P::NAME,
+                        progress,
+                    });
+                }
+                tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;
+                pause = (pause * 2).min(MAX_POLL);
+                continue;
+            };
+            let document = self.freshest(key, serving, &state).await?;
             let corrupt = |reason: String| QueryError::Corrupt {
                 kind,
                 id: id.to_owned(),

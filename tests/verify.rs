@@ -68,12 +68,12 @@ async fn drift_is_found_named_and_repaired() {
     // Nothing stored: every document drifts; repair builds them all.
     let empty = check(true).await;
     assert_eq!(empty.events, 13);
-    // 5 files × (view, comments) + 1 folder + 1 counter.
-    assert_eq!(empty.documents, 12);
-    assert_eq!((empty.drifted, empty.repaired), (12, 12));
+    // 5 files × (view, comments, history) + 1 folder + 1 counter.
+    assert_eq!(empty.documents, 17);
+    assert_eq!((empty.drifted, empty.repaired), (17, 17));
     assert!(empty.examples.iter().all(|drift| drift.actual.is_none()));
     let clean = check(false).await;
-    assert_eq!((clean.documents, clean.drifted), (12, 0), "{clean:?}");
+    assert_eq!((clean.documents, clean.drifted), (17, 0), "{clean:?}");
 
     // A hand-corrupted document is found, named, and shown.
     let stored = documents.get("counter::c").await.unwrap().unwrap();
@@ -141,4 +141,144 @@ async fn the_verify_command_exits_by_what_it_found() {
     let printed = String::from_utf8_lossy(&clean.stdout).into_owned();
     assert_eq!(clean.status.code(), Some(0), "{printed}");
     assert!(printed.contains("0 drifted"), "{printed}");
+}
+
+/// The Verify RPC as a projector serves it: drift named with both sides,
+/// repaired, then clean; an unknown projection is INVALID_ARGUMENT naming
+/// the known ones; while one verification runs, another is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_verify_rpc_reports_repairs_and_runs_one_at_a_time() {
+    use reference::pb::{self, read_model_service_client::ReadModelServiceClient};
+    use support::Proxy;
+    use tonic::Code;
+
+    let (store, _dir) = support::redb_store();
+    let handler = CommandHandler::new(Arc::clone(&store), RetryPolicy::default());
+    for _ in 0..2 {
+        let increment = CounterCommand::Increment {
+            amount: Amount::parse(3).unwrap(),
+        };
+        handler
+            .execute::<Counter>(command("c", increment))
+            .await
+            .unwrap();
+    }
+    // The projector reads the log through a proxy the test can freeze.
+    let log = support::CommandService::start(Arc::clone(&store)).await;
+    let upstream = log.url().trim_start_matches("http://").to_owned();
+    let proxy_addr = Proxy::free_addr().await;
+    let proxy = Proxy::start(proxy_addr, Box::leak(upstream.into_boxed_str())).await;
+    let views = tempfile::tempdir().unwrap();
+    let documents: Arc<dyn DocumentStore> =
+        Arc::new(RedbDocuments::open(views.path().join("views.redb")).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let service = scaleout::app::ProjectorService {
+        app: Arc::new(reference::Reference),
+        bus: Arc::new(scaleout::bus::memory::MemoryBus::new()),
+        documents: Arc::clone(&documents),
+        log: Arc::new(
+            scaleout::grpc::RemoteLog::new(
+                &format!("http://{proxy_addr}"),
+                std::time::Duration::from_secs(30),
+            )
+            .unwrap(),
+        ),
+        // The sweep stays out of the way: nothing here is an hour old.
+        sweep_delay: std::time::Duration::from_secs(3600),
+        subscription: scaleout::bus::Subscription {
+            service_type: "projector".into(),
+            bindings: vec!["#".into()],
+            prefetch: 10,
+            max_attempts: 5,
+        },
+        projections: Vec::new(),
+        workers: 1,
+        config: Default::default(),
+        server: Default::default(),
+    };
+    let served = tokio::spawn(scaleout::app::run_projector(
+        listener,
+        service,
+        stopping.clone(),
+    ));
+    let mut client = ReadModelServiceClient::connect(url).await.unwrap();
+    let counters = |repair| pb::VerifyRequest {
+        projections: vec!["counter".into()],
+        repair,
+    };
+
+    let missing = client.verify(counters(false)).await.unwrap().into_inner();
+    assert_eq!(
+        (missing.events, missing.documents, missing.drifted),
+        (2, 1, 1)
+    );
+    assert_eq!(missing.drifts[0].key, "counter::c");
+    assert!(missing.drifts[0].missing && missing.drifts[0].stored_json.is_empty());
+    let repaired = client.verify(counters(true)).await.unwrap().into_inner();
+    assert_eq!(repaired.repaired, 1);
+
+    let stored = documents.get("counter::c").await.unwrap().unwrap();
+    let mut corrupt: serde_json::Value = serde_json::from_slice(&stored.body).unwrap();
+    assert_eq!(corrupt["count"], 6, "repair wrote the fold");
+    corrupt["count"] = 999.into();
+    documents
+        .replace(
+            "counter::c",
+            &serde_json::to_vec(&corrupt).unwrap(),
+            stored.cas,
+        )
+        .await
+        .unwrap();
+    let found = client.verify(counters(false)).await.unwrap().into_inner();
+    assert_eq!(found.drifted, 1);
+    let drift = &found.drifts[0];
+    let (expected, stored): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&drift.expected_json).unwrap(),
+        serde_json::from_str(&drift.stored_json).unwrap(),
+    );
+    assert_eq!(
+        (expected["count"].as_u64(), stored["count"].as_u64()),
+        (Some(6), Some(999))
+    );
+    client.verify(counters(true)).await.unwrap();
+    let clean = client.verify(counters(false)).await.unwrap().into_inner();
+    assert_eq!((clean.documents, clean.drifted), (1, 0));
+
+    let unknown = client
+        .verify(pb::VerifyRequest {
+            projections: vec!["nope".into()],
+            repair: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::InvalidArgument);
+    assert!(unknown.message().contains("counter"), "{unknown:?}");
+
+    // A verification stuck on a frozen log holds the one turn.
+    proxy.freeze();
+    let stuck = tokio::spawn({
+        let mut client = client.clone();
+        async move { client.verify(counters(false)).await }
+    });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let mut second = tonic::Request::new(counters(false));
+        second.set_timeout(std::time::Duration::from_millis(500));
+        match client.verify(second).await {
+            Err(status) if status.code() == Code::ResourceExhausted => break,
+            // This one came first and waited on the log; it let go when it
+            // gave up.
+            Err(status) if matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled) => {}
+            other => panic!("a second verification ran: {other:?}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never refused");
+    }
+    proxy.thaw();
+    let first = stuck.await.unwrap().unwrap().into_inner();
+    assert_eq!(first.drifted, 0);
+
+    stopping.cancel();
+    served.await.unwrap().unwrap();
 }

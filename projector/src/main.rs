@@ -85,6 +85,19 @@ enum Task {
         #[arg(long)]
         repair: bool,
     },
+    /// Build a read model from the event log (`--event-log`) into a new
+    /// generation while the serving one keeps answering, logging progress;
+    /// run again after a crash, it resumes from the build's checkpoint.
+    /// Caught up, it follows live events until the new generation serves
+    /// (`--switch`, or ReadModelService/Switch), hands over, and exits 0.
+    Rebuild {
+        /// The read model, e.g. `counter`.
+        #[arg(long)]
+        projection: String,
+        /// Switch to the new generation as soon as it has caught up.
+        #[arg(long)]
+        switch: bool,
+    },
 }
 
 #[tokio::main]
@@ -97,8 +110,12 @@ async fn main() -> anyhow::Result<ExitCode> {
     // Refuse a wrong --projections before connecting to anything.
     let projections =
         scaleout::projection::choose(reference::Reference.projections(), &args.projections)?;
-    if let Some(Task::Verify { repair }) = args.task {
-        return verify(&args, projections, repair).await;
+    match &args.task {
+        Some(Task::Verify { repair }) => return verify(&args, projections, *repair).await,
+        Some(Task::Rebuild { projection, switch }) => {
+            return rebuild(&args, projection, *switch).await;
+        }
+        None => {}
     }
     let stopping = scaleout::shutdown::on_signal();
     let bus = scaleout::bus::open(&args.event_bus, &args.event_bus_prefix)
@@ -192,4 +209,56 @@ async fn verify(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `projector rebuild`: builds (or resumes building) a new generation until
+/// it serves; exit 1 if stopped first or the build was dropped meanwhile.
+async fn rebuild(args: &Args, projection: &str, switch: bool) -> anyhow::Result<ExitCode> {
+    use scaleout::projection::rebuild::{self, Ended, RebuildError, Rebuilder};
+    let app: std::sync::Arc<dyn Application> = std::sync::Arc::new(reference::Reference);
+    scaleout::projection::choose(app.projections(), &[projection.to_owned()])?;
+    let documents = args
+        .documents
+        .open()
+        .await
+        .context("opening the document store")?;
+    let log = scaleout::grpc::RemoteLog::new(&args.event_log, Duration::from_secs(30))
+        .with_context(|| format!("event log {}", args.event_log))?;
+    match rebuild::start(documents.as_ref(), projection, switch).await {
+        Ok(generation) => tracing::info!(projection, generation, "rebuild started"),
+        Err(RebuildError::AlreadyBuilding { generation, .. }) => {
+            tracing::info!(projection, generation, "resuming the rebuild under way");
+        }
+        Err(error) => return Err(error.into()),
+    }
+    if switch {
+        // A resumed build may have been started without --switch.
+        rebuild::switch_when_ready(documents.as_ref(), projection).await?;
+    }
+    let stopping = scaleout::shutdown::on_signal();
+    let rebuilder = Rebuilder::new(
+        app,
+        documents,
+        std::sync::Arc::new(log),
+        std::sync::Arc::default(),
+    );
+    let mut waiting = false;
+    loop {
+        match rebuilder.run(projection, &stopping).await? {
+            Ended::Done | Ended::NoJob => return Ok(ExitCode::SUCCESS),
+            Ended::Stopped | Ended::Lost => return Ok(ExitCode::FAILURE),
+            Ended::HeldElsewhere => {
+                if !std::mem::replace(&mut waiting, true) {
+                    tracing::info!(
+                        projection,
+                        "another process holds this build; taking over if its lease lapses"
+                    );
+                }
+                tokio::select! {
+                    () = stopping.cancelled() => return Ok(ExitCode::FAILURE),
+                    () = tokio::time::sleep(rebuild::LEASE / 2) => {}
+                }
+            }
+        }
+    }
 }

@@ -10,10 +10,11 @@ use crate::command::{CommandHandler, RetryPolicy};
 use crate::config::ServerArgs;
 use crate::documents::DocumentStore;
 use crate::grpc::metrics::ExtraMetrics;
-use crate::grpc::{ReadApi, ReadConfig, server};
+use crate::grpc::{ReadApi, ReadConfig, ReadModelApi, server};
 use crate::log::StoreLog;
 use crate::projection::FollowConfig;
 use crate::projection::metrics::ProjectorMetrics;
+use crate::projection::rebuild::Rebuilder;
 use crate::projection::runtime::{Projector, ProjectorConfig};
 use crate::query::Queries;
 use crate::store::EventStore;
@@ -65,6 +66,9 @@ pub async fn run_platform(
     let store: Arc<dyn EventStore> = Arc::new(store);
     let documents: Arc<dyn DocumentStore> = Arc::new(documents);
 
+    // Registered before serving: a read model new to this data directory
+    // answers that it is being built from the first query on.
+    crate::projection::rebuild::register(documents.as_ref(), app.as_ref()).await?;
     let handler = Arc::new(
         CommandHandler::new(Arc::clone(&store), retry).with_snapshots_every(snapshot_every),
     );
@@ -81,6 +85,14 @@ pub async fn run_platform(
     services.add(
         ReadApi::new(Arc::clone(&store), app.known_types(), ReadConfig::default())
             .into_service(limit),
+    );
+    services.add(
+        ReadModelApi::new(
+            Arc::clone(&app),
+            Arc::new(StoreLog(Arc::clone(&store))),
+            Arc::clone(&documents),
+        )
+        .into_service(limit),
     );
     let projector_metrics = Arc::new(ProjectorMetrics::default());
     let scraped = Arc::clone(&projector_metrics);
@@ -140,9 +152,18 @@ pub async fn run_platform(
             },
         ),
     );
+    let log: Arc<dyn crate::log::EventLog> = Arc::new(StoreLog(store));
+    let rebuilder = Rebuilder::new(
+        Arc::clone(&app),
+        Arc::clone(&documents),
+        Arc::clone(&log),
+        Arc::clone(&projector_metrics),
+    );
+    let names = app.projections().iter().map(|p| p.name()).collect();
+    tasks.spawn(rebuilder.supervise(names, stopping.child_token()));
     let projector = Projector::new(
         documents,
-        Arc::new(StoreLog(store)),
+        log,
         app.known_types(),
         app.projections(),
         projector_metrics,
@@ -169,6 +190,8 @@ pub enum PlatformError {
     Store(#[from] crate::store::StoreError),
     #[error("opening the read models: {0}")]
     Documents(#[from] crate::documents::DocumentError),
+    #[error("registering the read models: {0}")]
+    Registering(#[from] crate::projection::rebuild::RebuildError),
     #[error("opening the data directory: {0}")]
     Opening(String),
 }

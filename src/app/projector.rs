@@ -11,10 +11,12 @@ use crate::backoff::Backoff;
 use crate::bus::{EventBus, Subscription};
 use crate::config::ServerArgs;
 use crate::documents::DocumentStore;
+use crate::grpc::ReadModelApi;
 use crate::grpc::metrics::ExtraMetrics;
 use crate::grpc::server::{self, Services};
 use crate::log::EventLog;
 use crate::projection::metrics::ProjectorMetrics;
+use crate::projection::rebuild::Rebuilder;
 use crate::projection::runtime::{Projector, ProjectorConfig};
 use crate::projection::{FollowConfig, choose};
 
@@ -58,20 +60,34 @@ pub async fn run_projector(
         server: server_args,
     } = service;
     let metrics = Arc::new(ProjectorMetrics::default());
+    let mut services = Services::new(server_args.max_message_bytes);
+    services.add(
+        ReadModelApi::new(Arc::clone(&app), Arc::clone(&log), Arc::clone(&documents))
+            .into_service(server_args.max_message_bytes),
+    );
+    let health_names = [&[PROJECTOR_HEALTH], services.names()].concat();
+    let kept = choose(app.projections(), &projections)?;
+    let kept_names: Vec<&'static str> = kept.iter().map(|p| p.name()).collect();
+    let rebuilder = Rebuilder::new(
+        Arc::clone(&app),
+        Arc::clone(&documents),
+        Arc::clone(&log),
+        Arc::clone(&metrics),
+    );
     let projector = Projector::new(
         Arc::clone(&documents),
         log,
         app.known_types(),
-        choose(app.projections(), &projections)?,
+        kept,
         Arc::clone(&metrics),
         config,
     );
     let scraped = Arc::clone(&metrics);
     let extra: ExtraMetrics = Arc::new(move || scraped.render());
     let (routes, health) = server::routes(
-        Services::new(server_args.max_message_bytes),
+        services,
         app.file_descriptor_set(),
-        &[PROJECTOR_HEALTH],
+        &health_names,
         Some(extra),
         &server_args,
         stopping.clone(),
@@ -84,26 +100,32 @@ pub async fn run_projector(
         Arc::clone(&documents),
         Arc::clone(&metrics),
     );
-    tasks.spawn(health.clone().follow(
-        vec![PROJECTOR_HEALTH.to_owned(), String::new()],
-        "event bus, document store and event log",
-        server_args.health_interval,
-        move || {
-            let (bus, documents, metrics) = (
-                Arc::clone(&probed_bus),
-                Arc::clone(&probed_documents),
-                Arc::clone(&probed_metrics),
-            );
-            async move {
-                bus.ping().await.map_err(|e| e.to_string())?;
-                documents.ping().await.map_err(|e| e.to_string())?;
-                if metrics.is_paused() {
-                    return Err("a worker is waiting for a dependency".to_owned());
+    tasks.spawn(
+        health.clone().follow(
+            health_names
+                .iter()
+                .map(|name| (*name).to_owned())
+                .chain([String::new()])
+                .collect(),
+            "event bus, document store and event log",
+            server_args.health_interval,
+            move || {
+                let (bus, documents, metrics) = (
+                    Arc::clone(&probed_bus),
+                    Arc::clone(&probed_documents),
+                    Arc::clone(&probed_metrics),
+                );
+                async move {
+                    bus.ping().await.map_err(|e| e.to_string())?;
+                    documents.ping().await.map_err(|e| e.to_string())?;
+                    if metrics.is_paused() {
+                        return Err("a worker is waiting for a dependency".to_owned());
+                    }
+                    Ok(())
                 }
-                Ok(())
-            }
-        },
-    ));
+            },
+        ),
+    );
     // Every instance sweeps (the checkpoint is shared, and folding twice is
     // a skipped duplicate), so any one of them keeps the views whole.
     let sweep = FollowConfig {
@@ -114,6 +136,8 @@ pub async fn run_projector(
     };
     let (sweeper, sweep_stopping) = (projector.clone(), stopping.child_token());
     tasks.spawn(async move { sweeper.follow(sweep, sweep_stopping).await });
+    // Any instance runs a rebuild whose builder is gone.
+    tasks.spawn(rebuilder.supervise(kept_names, stopping.child_token()));
     for _ in 0..workers.max(1) {
         let (bus, projector, subscription, stopping) = (
             Arc::clone(&bus),

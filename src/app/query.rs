@@ -9,6 +9,7 @@ use super::{Application, ServeError, Services, serve_then_drain};
 use crate::config::ServerArgs;
 use crate::documents::DocumentStore;
 use crate::grpc::server;
+use crate::projection::rebuild::register_until;
 use crate::query::Queries;
 
 /// What query-svc runs on.
@@ -51,6 +52,12 @@ pub async fn run_query_service(
     )
     .await?;
     let mut tasks = tokio::task::JoinSet::new();
+    // Whichever of query-svc and the projectors starts first registers the
+    // application's read models, so a new one reads as being built.
+    let (registered, registering) = (Arc::clone(&documents), stopping.child_token());
+    tasks.spawn(async move {
+        register_until(registered.as_ref(), app.as_ref(), &registering).await;
+    });
     tasks.spawn(
         health.clone().follow(
             queries

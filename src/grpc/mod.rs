@@ -1,4 +1,4 @@
-//! The kernel's gRPC side: the read API and admin services, what every
+//! The kernel's gRPC side: the read API, admin and read-model services, what every
 //! application's services share (request helpers, the one status mapping),
 //! and serving.
 //!
@@ -13,6 +13,7 @@ mod idle;
 pub mod metrics;
 pub mod page;
 pub mod query_request;
+mod read_model_service;
 mod read_service;
 mod remote_log;
 pub mod server;
@@ -21,6 +22,7 @@ mod wire_status;
 
 pub use self::admin_service::AdminApi;
 pub use self::health::{Health, check as check_health};
+pub use self::read_model_service::ReadModelApi;
 pub use self::read_service::{MAX_PAGE, ReadApi, ReadConfig};
 pub use self::remote_log::RemoteLog;
 pub use self::status::{ERROR_DOMAIN, Violations};

@@ -11,6 +11,7 @@
 //! | store kept losing races with other processes | `ABORTED` | `ErrorInfo` `STORE_CONTENDED` |
 //! | bus down | `UNAVAILABLE` | `ErrorInfo` `BUS_UNAVAILABLE` |
 //! | view behind `min_version` at the deadline | `UNAVAILABLE` | `ErrorInfo` `VIEW_NOT_CAUGHT_UP` |
+//! | read model never built yet (its first build runs) | `UNAVAILABLE` | `ErrorInfo` `READ_MODEL_BUILDING` |
 //! | document store down | `UNAVAILABLE` | `ErrorInfo` `DOCUMENT_STORE_UNAVAILABLE` |
 //! | anything else | `INTERNAL` | none: the cause is logged, not leaked |
 
@@ -191,9 +192,27 @@ impl From<QueryError> for Status {
                     ]),
                 ),
             ),
-            QueryError::Store(DocumentError::Unavailable { .. }) => Status::with_error_details(
+            QueryError::Building { projection, .. } => Status::with_error_details(
                 Code::Unavailable,
                 message,
+                ErrorDetails::with_error_info(
+                    "READ_MODEL_BUILDING",
+                    ERROR_DOMAIN,
+                    HashMap::from([("projection".to_owned(), projection.to_owned())]),
+                ),
+            ),
+            QueryError::Store(error) => error.into(),
+            error => internal(&error),
+        }
+    }
+}
+
+impl From<DocumentError> for Status {
+    fn from(error: DocumentError) -> Self {
+        match error {
+            DocumentError::Unavailable { .. } => Status::with_error_details(
+                Code::Unavailable,
+                error.to_string(),
                 ErrorDetails::with_error_info(
                     "DOCUMENT_STORE_UNAVAILABLE",
                     ERROR_DOMAIN,
@@ -239,7 +258,7 @@ pub(crate) fn too_many_subscriptions(max: usize) -> Status {
 }
 
 /// A failure that is not the caller's: logged in full, reported without internals.
-fn internal(error: &dyn std::error::Error) -> Status {
+pub(super) fn internal(error: &dyn std::error::Error) -> Status {
     tracing::error!(%error, "internal error");
     Status::internal("internal error; the server log has the details")
 }

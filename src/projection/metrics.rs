@@ -30,6 +30,10 @@ pub struct ProjectorMetrics {
     pub worker_restarts: AtomicU64,
     /// Milliseconds from an event's commit to its projection, last seen.
     pub lag_ms: AtomicU64,
+    /// Log events folded into new generations by rebuilds in this process.
+    pub rebuild_events: AtomicU64,
+    /// Log events a rebuild in this process has still to fold, as last seen.
+    pub rebuild_remaining: AtomicU64,
 }
 
 impl ProjectorMetrics {
@@ -51,7 +55,7 @@ impl ProjectorMetrics {
 
     /// The counters in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 11] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 13] = [
             (
                 "scaleout_projector_handled_total",
                 "counter",
@@ -118,6 +122,18 @@ impl ProjectorMetrics {
                 "Commit-to-projection lag of the last event.",
                 &self.lag_ms,
             ),
+            (
+                "scaleout_projector_rebuild_events_total",
+                "counter",
+                "Log events folded into new read model generations.",
+                &self.rebuild_events,
+            ),
+            (
+                "scaleout_projector_rebuild_remaining_events",
+                "gauge",
+                "Log events a running rebuild has still to fold.",
+                &self.rebuild_remaining,
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in rows {
@@ -143,7 +159,7 @@ mod tests {
         assert!(text.contains(
             "# TYPE scaleout_projector_handled_total counter\nscaleout_projector_handled_total 3\n"
         ));
-        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 11);
+        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 13);
     }
 }
 

@@ -13,7 +13,9 @@
 mod event;
 mod fold;
 mod follow;
+pub mod generation;
 pub mod metrics;
+pub mod rebuild;
 pub mod runtime;
 pub mod verify;
 

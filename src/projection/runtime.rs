@@ -28,6 +28,7 @@ use std::time::{Duration, SystemTime};
 use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 
+use super::generation::{Generation, Generations, key_in};
 use super::metrics::ProjectorMetrics;
 use super::{AnyProjection, Order, Outcome, ProjectedEvent};
 use crate::backoff::Backoff;
@@ -70,10 +71,20 @@ impl Default for ProjectorConfig {
     }
 }
 
+/// Which generation of each read model a projector writes.
+#[derive(Debug, Clone)]
+enum Target {
+    /// The one live events go to ([`written`](super::generation::GenerationState::written)), as last read.
+    Live(Generations),
+    /// One generation, whatever serves: a rebuild filling it.
+    Fixed(Generation),
+}
+
 /// Projects deliveries into documents.
 #[derive(Clone)]
 pub struct Projector {
     pub(super) store: Arc<dyn DocumentStore>,
+    target: Target,
     pub(super) log: Arc<dyn EventLog>,
     projections: Arc<[Box<dyn AnyProjection>]>,
     /// What the application stores: anything else is poison.
@@ -89,6 +100,7 @@ impl std::fmt::Debug for Projector {
             .field("store", &self.store)
             .field("log", &self.log)
             .field("projections", &names)
+            .field("target", &self.target)
             .field("config", &self.config)
             .finish()
     }
@@ -152,6 +164,7 @@ impl Projector {
         config: ProjectorConfig,
     ) -> Self {
         Self {
+            target: Target::Live(Generations::new(Arc::clone(&store))),
             store,
             log,
             projections: projections.into(),
@@ -161,8 +174,24 @@ impl Projector {
         }
     }
 
+    /// The same projector writing only `generation` (what a rebuild fills).
+    pub fn writing(mut self, generation: Generation) -> Self {
+        self.target = Target::Fixed(generation);
+        self
+    }
+
     pub fn metrics(&self) -> &Arc<ProjectorMetrics> {
         &self.metrics
+    }
+
+    /// The generation `projection` is written to now; `None` when it has
+    /// none (a first build was dropped before it served): the next build
+    /// folds the event from the log.
+    async fn generation(&self, projection: &str) -> Result<Option<Generation>, DocumentError> {
+        match &self.target {
+            Target::Fixed(generation) => Ok(Some(*generation)),
+            Target::Live(generations) => Ok(generations.state(projection).await?.written()),
+        }
     }
 
     /// Projects from `subscriber` until `stopping` is cancelled. Deliveries
@@ -313,10 +342,19 @@ impl Projector {
                 WriteError::Permanent(format!("{} {key}: {m}", projection.name()))
             }
         };
+        let generation = self
+            .generation(projection.name())
+            .await
+            .map_err(WriteError::document)
+            .map_err(context)?;
+        let Some(generation) = generation else {
+            return Ok(vec![Outcome::Duplicate; events.len()]);
+        };
+        let stored = key_in(generation, key);
         for attempt in 0..=self.config.cas_retries {
             let current = self
                 .store
-                .get(key)
+                .get(&stored)
                 .await
                 .map_err(WriteError::document)
                 .map_err(context)?;
@@ -329,8 +367,12 @@ impl Projector {
                 return Ok(folded.outcomes);
             };
             let written = match &current {
-                None => self.store.insert(key, &body).await.map(drop),
-                Some(document) => self.store.replace(key, &body, document.cas).await.map(drop),
+                None => self.store.insert(&stored, &body).await.map(drop),
+                Some(document) => self
+                    .store
+                    .replace(&stored, &body, document.cas)
+                    .await
+                    .map(drop),
             };
             match written {
                 Ok(()) => return Ok(folded.outcomes),

@@ -5,14 +5,14 @@
 //! The log is read up to the head as of the start; a stored document that
 //! has applied a later event of one of its streams has moved on since, and
 //! is not counted as drift. Documents are kept in memory while the log is
-//! folded (one per key the projections route to), so a verification of a
-//! very large log needs that much memory; a rebuild is the bounded path.
+//! folded (one per key the projections route to), up to [`MAX_FOLD_BYTES`];
+//! a read model larger than that is rebuilt, not verified.
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 
-use super::{AnyProjection, ProjectedEvent};
+use super::{AnyProjection, ProjectedEvent, generation};
 use crate::documents::{DocumentError, DocumentStore};
 use crate::domain::KnownTypes;
 use crate::log::EventLog;
@@ -23,6 +23,10 @@ pub const MAX_REPORTED: usize = 20;
 
 /// Events read from the log per page.
 const PAGE: usize = 1000;
+
+/// The most bytes of folded documents (keys and bodies) a verification
+/// holds: it is reachable over gRPC, and must not take a process's memory.
+pub const MAX_FOLD_BYTES: usize = 512 << 20;
 
 /// One document that differs from the fold of the log.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +66,11 @@ pub enum VerifyError {
     Document(#[from] DocumentError),
     #[error("folding {key}: {reason}")]
     Fold { key: String, reason: String },
+    #[error(
+        "the read models' documents pass {} MiB by event {events}: too large to verify in memory",
+        MAX_FOLD_BYTES >> 20
+    )]
+    TooLarge { events: u64 },
 }
 
 /// Folds the whole log for `projections` and compares (and with `repair`,
@@ -74,8 +83,16 @@ pub async fn verify(
     repair: bool,
 ) -> Result<Verification, VerifyError> {
     let mut report = Verification::default();
+    // Each projection is compared in the generation its documents are
+    // written to now (the serving one, else a first build's).
+    let mut generations = Vec::with_capacity(projections.len());
+    for projection in projections {
+        let (state, _) = generation::load(documents, projection.name()).await?;
+        generations.push(state.written().unwrap_or(1));
+    }
     // Document (projection, key) → its body as folded so far.
     let mut folded: HashMap<(usize, String), Vec<u8>> = HashMap::new();
+    let mut held = 0usize;
     let mut from = 1;
     let mut head = None;
     loop {
@@ -102,7 +119,16 @@ pub async fn verify(
                             reason: e.to_string(),
                         })?;
                     if let Some(body) = outcome.body {
-                        folded.insert(slot, body);
+                        let key_len = slot.1.len();
+                        held += key_len + body.len();
+                        if let Some(old) = folded.insert(slot, body) {
+                            held -= key_len + old.len();
+                        }
+                        if held > MAX_FOLD_BYTES {
+                            return Err(VerifyError::TooLarge {
+                                events: report.events,
+                            });
+                        }
                     }
                 }
             }
@@ -116,7 +142,7 @@ pub async fn verify(
     keys.sort();
     for slot in keys {
         let expected_body = &folded[&slot];
-        let key = &slot.1;
+        let key = &generation::key_in(generations[slot.0], &slot.1);
         report.documents += 1;
         let expected: Value = parse(key, expected_body)?;
         let stored = documents.get(key).await?;

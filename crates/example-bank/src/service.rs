@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::account::{Account, AccountCommand, Cents, Owner};
-use crate::balance::{Balance, balance_key};
+use crate::balance::{Balance, BalanceProjection, balance_key};
 use crate::pb;
 
 /// `bank.v1.BankService`.
@@ -176,7 +176,7 @@ impl pb::bank_query_service_server::BankQueryService for BankQueryApi {
         };
         let view: Balance = self
             .queries
-            .read("account", id, &balance_key(id), &wanted, deadline)
+            .read::<BalanceProjection>("account", id, &balance_key(id), &wanted, deadline)
             .await?;
         Ok(Response::new(pb::GetBalanceResponse {
             account_id: view.account_id,

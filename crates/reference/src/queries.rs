@@ -7,8 +7,9 @@ use scaleout::query::{Queries, QueryError};
 use tokio::time::Instant;
 
 use crate::views::{
-    CommentThread, CounterView, FileView, FolderListing, comments_key, counter_key, file_key,
-    folder_key,
+    CommentThread, CommentsProjection, CounterProjection, CounterView, FileHistory,
+    FileHistoryProjection, FileView, FileViewProjection, FolderListing, FolderProjection,
+    comments_key, counter_key, file_key, folder_key, history_key,
 };
 
 /// The reference read models, read through the kernel's [`Queries`].
@@ -24,7 +25,7 @@ impl ReferenceQueries {
     ) -> Result<FileView, QueryError> {
         let wanted = wanted(format!("file-{file_id}"), min_version);
         self.0
-            .read("file", file_id, &file_key(file_id), &wanted, deadline)
+            .read::<FileViewProjection>("file", file_id, &file_key(file_id), &wanted, deadline)
             .await
     }
 
@@ -36,7 +37,7 @@ impl ReferenceQueries {
     ) -> Result<FolderListing, QueryError> {
         let wanted: Vec<_> = min_versions.iter().map(|(s, v)| (s.clone(), *v)).collect();
         self.0
-            .read(
+            .read::<FolderProjection>(
                 "folder",
                 folder_id,
                 &folder_key(folder_id),
@@ -54,7 +55,7 @@ impl ReferenceQueries {
     ) -> Result<CommentThread, QueryError> {
         let wanted = wanted(format!("file-{file_id}"), min_version);
         self.0
-            .read("file", file_id, &comments_key(file_id), &wanted, deadline)
+            .read::<CommentsProjection>("file", file_id, &comments_key(file_id), &wanted, deadline)
             .await
     }
 
@@ -66,10 +67,28 @@ impl ReferenceQueries {
     ) -> Result<CounterView, QueryError> {
         let wanted = wanted(format!("counter-{counter_id}"), min_version);
         self.0
-            .read(
+            .read::<CounterProjection>(
                 "counter",
                 counter_id,
                 &counter_key(counter_id),
+                &wanted,
+                deadline,
+            )
+            .await
+    }
+
+    pub async fn history(
+        &self,
+        file_id: &str,
+        min_version: u64,
+        deadline: Instant,
+    ) -> Result<FileHistory, QueryError> {
+        let wanted = wanted(format!("file-{file_id}"), min_version);
+        self.0
+            .read::<FileHistoryProjection>(
+                "file",
+                file_id,
+                &history_key(file_id),
                 &wanted,
                 deadline,
             )

@@ -1,6 +1,6 @@
 //! The reference read models: a file view, a folder listing, a comment
-//! thread and a counter, as JSON documents (queryable with N1QL on
-//! Couchbase), keyed `kind::id`.
+//! thread, a counter and a file's name history, as JSON documents
+//! (queryable with N1QL on Couchbase), keyed `kind::id`.
 
 use std::collections::BTreeMap;
 use std::time::UNIX_EPOCH;
@@ -27,6 +27,10 @@ pub fn counter_key(counter_id: &str) -> String {
     format!("counter::{counter_id}")
 }
 
+pub fn history_key(file_id: &str) -> String {
+    format!("history::{file_id}")
+}
+
 /// Every projection of the reference domain.
 pub fn all() -> Vec<Box<dyn AnyProjection>> {
     vec![
@@ -34,6 +38,7 @@ pub fn all() -> Vec<Box<dyn AnyProjection>> {
         Box::new(FolderProjection),
         Box::new(CommentsProjection),
         Box::new(CounterProjection),
+        Box::new(FileHistoryProjection),
     ]
 }
 
@@ -258,6 +263,73 @@ impl Projection for CounterProjection {
     }
 }
 
+/// The names a history keeps: a document (and an answer) stays well inside
+/// the stores' and gRPC's limits however often a file is renamed.
+pub const MAX_HISTORY: usize = 1000;
+
+/// Every name a file has had, the latest [`MAX_HISTORY`] of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileHistory {
+    pub file_id: String,
+    /// Oldest first.
+    pub names: Vec<NameChange>,
+    /// Names older than the first one kept.
+    pub earlier: u64,
+    /// The file stream's version this history reflects.
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameChange {
+    pub name: String,
+    pub version: u64,
+    pub named_at_ms: u64,
+}
+
+/// The name history, added after the other read models: a deployment that
+/// first runs it builds it from the log before it serves.
+#[derive(Debug, Clone, Copy)]
+pub struct FileHistoryProjection;
+
+impl Projection for FileHistoryProjection {
+    type Source = File;
+    type View = FileHistory;
+    const NAME: &'static str = "file_history";
+
+    /// Every event of the file's stream, so the history's versions have no gaps.
+    fn routes(&self, event: &Event<FileEvent>) -> Vec<Route> {
+        vec![Route::sequence(history_key(file_id(&event.payload)))]
+    }
+
+    fn apply(
+        &self,
+        _key: &str,
+        view: &mut FileHistory,
+        event: &Event<FileEvent>,
+    ) -> Result<(), Refused> {
+        view.file_id = file_id(&event.payload).to_owned();
+        view.version = event.version;
+        let name = match &event.payload {
+            FileEvent::Created(created) => &created.name,
+            FileEvent::Renamed(renamed) => &renamed.new_name,
+            _ => return Ok(()),
+        };
+        view.names.push(NameChange {
+            name: name.clone(),
+            version: event.version,
+            named_at_ms: event
+                .occurred_at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        });
+        if view.names.len() > MAX_HISTORY {
+            view.names.remove(0);
+            view.earlier += 1;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use scaleout::projection::{UnknownProjection, choose};
@@ -269,7 +341,7 @@ mod tests {
         let names = |chosen: Vec<Box<dyn AnyProjection>>| -> Vec<&'static str> {
             chosen.iter().map(|p| p.name()).collect()
         };
-        assert_eq!(names(choose(all(), &[]).unwrap()).len(), 4);
+        assert_eq!(names(choose(all(), &[]).unwrap()).len(), 5);
         assert_eq!(
             names(choose(all(), &["counter".into(), "file_view".into()]).unwrap()),
             ["counter", "file_view"]
@@ -278,7 +350,13 @@ mod tests {
             choose(all(), &["nope".into()]).err(),
             Some(UnknownProjection {
                 name: "nope".into(),
-                known: vec!["file_view", "folder_listing", "comment_thread", "counter"],
+                known: vec![
+                    "file_view",
+                    "folder_listing",
+                    "comment_thread",
+                    "counter",
+                    "file_history"
+                ],
             })
         );
     }

@@ -240,4 +240,34 @@ impl pb::query_service_server::QueryService for QueryApi {
             version: view.version,
         }))
     }
+
+    async fn get_file_history(
+        &self,
+        request: Request<pb::GetFileHistoryRequest>,
+    ) -> Result<Response<pb::GetFileHistoryResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let body = request.into_inner();
+        let mut violations = Violations::default();
+        let Some(file_id) = violations.check("file_id", Id::parse(&body.file_id)) else {
+            return Err(violations.into_status());
+        };
+        let view = self
+            .queries
+            .history(file_id.as_str(), body.min_version, deadline)
+            .await?;
+        Ok(Response::new(pb::GetFileHistoryResponse {
+            file_id: view.file_id,
+            names: view
+                .names
+                .into_iter()
+                .map(|change| pb::FileName {
+                    name: change.name,
+                    version: change.version,
+                    named_at_ms: change.named_at_ms,
+                })
+                .collect(),
+            version: view.version,
+            earlier_names: view.earlier,
+        }))
+    }
 }

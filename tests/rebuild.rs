@@ -18,7 +18,6 @@ use reference::pb::{
 use scaleout::command::{Command, CommandHandler, RetryPolicy};
 use scaleout::documents::DocumentStore;
 use scaleout::documents::redb::RedbDocuments;
-use support::Proxy;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -107,41 +106,15 @@ async fn a_new_read_model_is_built_from_history_before_it_serves() {
         .await
         .unwrap();
 
-    let log = support::CommandService::start(Arc::clone(&store)).await;
-    let upstream = log.url().trim_start_matches("http://").to_owned();
-    let proxy_addr = Proxy::free_addr().await;
-    let proxy = Proxy::start(proxy_addr, Box::leak(upstream.into_boxed_str())).await;
-    proxy.freeze();
     let stopping = CancellationToken::new();
-    let (projector_listener, projector_url) = listener().await;
-    let projector = scaleout::app::ProjectorService {
-        app: Arc::new(reference::Reference),
-        bus: Arc::new(scaleout::bus::memory::MemoryBus::new()),
-        documents: Arc::clone(&documents),
-        log: Arc::new(
-            scaleout::grpc::RemoteLog::new(
-                &format!("http://{proxy_addr}"),
-                Duration::from_secs(60),
-            )
-            .unwrap(),
-        ),
-        sweep_delay: Duration::from_secs(3600),
-        subscription: scaleout::bus::Subscription {
-            service_type: "projector".into(),
-            bindings: vec!["#".into()],
-            prefetch: 10,
-            max_attempts: 5,
-        },
-        projections: Vec::new(),
-        workers: 1,
-        config: Default::default(),
-        server: Default::default(),
-    };
-    tokio::spawn(scaleout::app::run_projector(
-        projector_listener,
-        projector,
+    let projector = support::ProxiedProjector::start(
+        Arc::clone(&store),
+        Arc::clone(&documents),
         stopping.clone(),
-    ));
+    )
+    .await;
+    // The build cannot read the log yet.
+    projector.proxy.freeze();
     let (query_listener, query_url) = listener().await;
     let queries = scaleout::app::QueryService {
         app: Arc::new(reference::Reference),
@@ -155,7 +128,7 @@ async fn a_new_read_model_is_built_from_history_before_it_serves() {
         stopping.clone(),
     ));
 
-    let mut admin = ReadModelServiceClient::new(lazy(&projector_url));
+    let mut admin = ReadModelServiceClient::new(lazy(&projector.url));
     let building = wait_for_read_model(&mut admin, "file_history", |m| m.building.is_some()).await;
     assert_eq!(building.serving, 0, "{building:?}");
     assert_eq!(building.building.as_ref().unwrap().generation, 1);
@@ -190,7 +163,7 @@ async fn a_new_read_model_is_built_from_history_before_it_serves() {
     let info = tonic_types::StatusExt::get_details_error_info(&refused).unwrap();
     assert_eq!(info.reason, "READ_MODEL_BUILDING");
 
-    proxy.thaw();
+    projector.proxy.thaw();
     let mut read = tonic::Request::new(pb::GetFileHistoryRequest {
         file_id: "f1".into(),
         min_version: 4,

@@ -149,7 +149,6 @@ async fn the_verify_command_exits_by_what_it_found() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_verify_rpc_reports_repairs_and_runs_one_at_a_time() {
     use reference::pb::{self, read_model_service_client::ReadModelServiceClient};
-    use support::Proxy;
     use tonic::Code;
 
     let (store, _dir) = support::redb_store();
@@ -164,46 +163,21 @@ async fn the_verify_rpc_reports_repairs_and_runs_one_at_a_time() {
             .unwrap();
     }
     // The projector reads the log through a proxy the test can freeze.
-    let log = support::CommandService::start(Arc::clone(&store)).await;
-    let upstream = log.url().trim_start_matches("http://").to_owned();
-    let proxy_addr = Proxy::free_addr().await;
-    let proxy = Proxy::start(proxy_addr, Box::leak(upstream.into_boxed_str())).await;
     let views = tempfile::tempdir().unwrap();
     let documents: Arc<dyn DocumentStore> =
         Arc::new(RedbDocuments::open(views.path().join("views.redb")).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
     let stopping = tokio_util::sync::CancellationToken::new();
-    let service = scaleout::app::ProjectorService {
-        app: Arc::new(reference::Reference),
-        bus: Arc::new(scaleout::bus::memory::MemoryBus::new()),
-        documents: Arc::clone(&documents),
-        log: Arc::new(
-            scaleout::grpc::RemoteLog::new(
-                &format!("http://{proxy_addr}"),
-                std::time::Duration::from_secs(30),
-            )
-            .unwrap(),
-        ),
-        // The sweep stays out of the way: nothing here is an hour old.
-        sweep_delay: std::time::Duration::from_secs(3600),
-        subscription: scaleout::bus::Subscription {
-            service_type: "projector".into(),
-            bindings: vec!["#".into()],
-            prefetch: 10,
-            max_attempts: 5,
-        },
-        projections: Vec::new(),
-        workers: 1,
-        config: Default::default(),
-        server: Default::default(),
-    };
-    let served = tokio::spawn(scaleout::app::run_projector(
-        listener,
-        service,
+    let projector = support::ProxiedProjector::start(
+        Arc::clone(&store),
+        Arc::clone(&documents),
         stopping.clone(),
-    ));
-    let mut client = ReadModelServiceClient::connect(url).await.unwrap();
+    )
+    .await;
+    let proxy = &projector.proxy;
+    let channel = tonic::transport::Endpoint::from_shared(projector.url.clone())
+        .unwrap()
+        .connect_lazy();
+    let mut client = ReadModelServiceClient::new(channel);
     let counters = |repair| pb::VerifyRequest {
         projections: vec!["counter".into()],
         repair,
@@ -256,29 +230,22 @@ async fn the_verify_rpc_reports_repairs_and_runs_one_at_a_time() {
     assert_eq!(unknown.code(), Code::InvalidArgument);
     assert!(unknown.message().contains("counter"), "{unknown:?}");
 
-    // A verification stuck on a frozen log holds the one turn.
+    // Two at once on a frozen log: one holds the turn, the other is refused.
     proxy.freeze();
-    let stuck = tokio::spawn({
+    let verifying = || {
         let mut client = client.clone();
-        async move { client.verify(counters(false)).await }
-    });
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let mut second = tonic::Request::new(counters(false));
-        second.set_timeout(std::time::Duration::from_millis(500));
-        match client.verify(second).await {
-            Err(status) if status.code() == Code::ResourceExhausted => break,
-            // This one came first and waited on the log; it let go when it
-            // gave up.
-            Err(status) if matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled) => {}
-            other => panic!("a second verification ran: {other:?}"),
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never refused");
-    }
+        tokio::spawn(async move { client.verify(counters(false)).await })
+    };
+    let (mut one, mut other) = (verifying(), verifying());
+    let (refused, waiting) = tokio::select! {
+        done = &mut one => (done, other),
+        done = &mut other => (done, one),
+    };
+    let refused = refused.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     proxy.thaw();
-    let first = stuck.await.unwrap().unwrap().into_inner();
-    assert_eq!(first.drifted, 0);
+    let verified = waiting.await.unwrap().unwrap().into_inner();
+    assert_eq!(verified.drifted, 0);
 
     stopping.cancel();
-    served.await.unwrap().unwrap();
 }

@@ -358,3 +358,57 @@ pub async fn http_get(addr: &str, path: &str) -> String {
     stream.read_to_string(&mut response).await.unwrap();
     response
 }
+
+/// A projector served in this process with no bus traffic (an in-process
+/// bus nobody publishes to) and no sweep (nothing in a test is an hour
+/// old), reading `store`'s log through a [`Proxy`] the test can freeze: the
+/// read-model service's builds and verifications then only read the log.
+pub struct ProxiedProjector {
+    /// Where it serves (gRPC: health, ReadModelService).
+    pub url: String,
+    pub proxy: Proxy,
+    _log: CommandService,
+}
+
+impl ProxiedProjector {
+    pub async fn start(
+        store: Arc<dyn EventStore>,
+        documents: Arc<dyn scaleout::documents::DocumentStore>,
+        stopping: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        let log = CommandService::start(store).await;
+        let upstream = log.url().trim_start_matches("http://").to_owned();
+        let proxy_addr = Proxy::free_addr().await;
+        let proxy = Proxy::start(proxy_addr, Box::leak(upstream.into_boxed_str())).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let remote = scaleout::grpc::RemoteLog::new(
+            &format!("http://{proxy_addr}"),
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
+        let service = scaleout::app::ProjectorService {
+            app: Arc::new(reference::Reference),
+            bus: Arc::new(scaleout::bus::memory::MemoryBus::new()),
+            documents,
+            log: Arc::new(remote),
+            sweep_delay: std::time::Duration::from_secs(3600),
+            subscription: scaleout::bus::Subscription {
+                service_type: "projector".into(),
+                bindings: vec!["#".into()],
+                prefetch: 10,
+                max_attempts: 5,
+            },
+            projections: Vec::new(),
+            workers: 1,
+            config: Default::default(),
+            server: Default::default(),
+        };
+        tokio::spawn(scaleout::app::run_projector(listener, service, stopping));
+        Self {
+            url,
+            proxy,
+            _log: log,
+        }
+    }
+}

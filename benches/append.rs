@@ -9,17 +9,14 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use common::report::{self, Report, Sample};
 use reference::pb::{self, command_service_client::CommandServiceClient};
 use scaleout::command::RetryPolicy;
 use scaleout::config::ServerArgs;
 use scaleout::store::postgres::{PostgresConfig, PostgresStore};
-use scaleout::store::redb::RedbStore;
-use scaleout::store::{
-    AppendRequest, EventMetadata, EventStore, ExpectedVersion, NewEvent, NewEvents,
-};
+use scaleout::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, NewEvents};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -66,11 +63,7 @@ fn one_event(stream_id: String) -> AppendRequest {
         expected: ExpectedVersion::Any,
         events: NewEvents::try_from(vec![event]).unwrap(),
         request_key: None,
-        metadata: EventMetadata {
-            occurred_at: SystemTime::now(),
-            correlation_id: Uuid::now_v7(),
-            causation_id: Uuid::now_v7(),
-        },
+        metadata: common::metadata(),
     }
 }
 
@@ -322,11 +315,7 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let raw_redb = RawRedb::create(&dir.path().join("raw.redb"));
     let path = dir.path().join("events.redb");
-    let redb: Arc<dyn EventStore> = Arc::new(
-        tokio::task::spawn_blocking(move || RedbStore::open(path).unwrap())
-            .await
-            .unwrap(),
-    );
+    let redb: Arc<dyn EventStore> = common::open_redb(path).await;
     for (writers, streams) in SHAPES {
         report
             .compare(

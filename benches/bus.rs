@@ -7,7 +7,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use common::report::{self, Report, Sample};
 use futures_util::StreamExt;
@@ -21,8 +21,7 @@ use scaleout::bus::rabbitmq::{RabbitBus, RabbitConfig};
 use scaleout::bus::{EventBus, Subscription};
 use scaleout::relay::{Relay, RelayConfig};
 use scaleout::store::postgres::{PostgresConfig, PostgresStore};
-use scaleout::store::redb::RedbStore;
-use scaleout::store::{AppendRequest, EventMetadata, EventStore, ExpectedVersion, NewEvent};
+use scaleout::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -198,11 +197,7 @@ async fn fill(store: &Arc<dyn EventStore>) {
                     expected: ExpectedVersion::Any,
                     events: events.try_into().unwrap(),
                     request_key: None,
-                    metadata: EventMetadata {
-                        occurred_at: SystemTime::now(),
-                        correlation_id: Uuid::now_v7(),
-                        causation_id: Uuid::now_v7(),
-                    },
+                    metadata: common::metadata(),
                 };
                 store.append(request).await.unwrap();
             }
@@ -293,11 +288,7 @@ fn message() -> scaleout::bus::BusMessage {
         event_id: Uuid::now_v7(),
         event_type: "scaleout.v1.CounterIncremented".into(),
         payload: vec![8; 16],
-        metadata: EventMetadata {
-            occurred_at: SystemTime::now(),
-            correlation_id: Uuid::now_v7(),
-            causation_id: Uuid::now_v7(),
-        },
+        metadata: common::metadata(),
         request_id: None,
     })
 }
@@ -329,10 +320,7 @@ async fn main() {
             async || {
                 let dir = tempfile::tempdir().unwrap();
                 let path = dir.path().join("events.redb");
-                let store = tokio::task::spawn_blocking(move || RedbStore::open(path).unwrap())
-                    .await
-                    .unwrap();
-                relay(Arc::new(store)).await
+                relay(common::open_redb(path).await).await
             },
         )
         .await;

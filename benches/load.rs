@@ -8,7 +8,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use common::report::{Report, Sample};
 use reference::domain::values::{FileName, Id};
@@ -17,8 +17,7 @@ use reference::pb;
 use scaleout::command::{Command, CommandHandler, RetryPolicy};
 use scaleout::domain::DomainEvent;
 use scaleout::store::postgres::{PostgresConfig, PostgresStore};
-use scaleout::store::redb::RedbStore;
-use scaleout::store::{AppendRequest, EventMetadata, EventStore, ExpectedVersion, NewEvent};
+use scaleout::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent};
 use uuid::Uuid;
 
 /// Events in the file's stream before the measured command.
@@ -84,11 +83,7 @@ async fn long_file(store: &Arc<dyn EventStore>) -> String {
                 },
                 events: events.try_into().unwrap(),
                 request_key: None,
-                metadata: EventMetadata {
-                    occurred_at: SystemTime::now(),
-                    correlation_id: Uuid::now_v7(),
-                    causation_id: Uuid::now_v7(),
-                },
+                metadata: common::metadata(),
             })
             .await
             .unwrap();
@@ -151,10 +146,7 @@ async fn main() {
     );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.redb");
-    let redb = tokio::task::spawn_blocking(move || RedbStore::open(path).unwrap())
-        .await
-        .unwrap();
-    compare(&mut report, "redb", Arc::new(redb)).await;
+    compare(&mut report, "redb", common::open_redb(path).await).await;
 
     let schema = format!("bench_load_{}", Uuid::now_v7().simple());
     let config = PostgresConfig::new(&common::postgres_url()).with_schema(schema.clone());

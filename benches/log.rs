@@ -21,10 +21,7 @@ use reference::pb::{self, subscribe_response::Kind};
 use scaleout::domain::KnownTypes;
 use scaleout::grpc::{ReadApi, ReadConfig};
 use scaleout::store::postgres::{PostgresConfig, PostgresStore};
-use scaleout::store::redb::RedbStore;
-use scaleout::store::{
-    AppendRequest, EventMetadata, EventStore, ExpectedVersion, LogFilter, NewEvent,
-};
+use scaleout::store::{AppendRequest, EventStore, ExpectedVersion, LogFilter, NewEvent};
 use uuid::Uuid;
 
 const STREAMS: usize = 1_000;
@@ -51,11 +48,7 @@ async fn fill(store: &Arc<dyn EventStore>) {
                     expected: ExpectedVersion::NoStream,
                     events: events.try_into().unwrap(),
                     request_key: None,
-                    metadata: EventMetadata {
-                        occurred_at: SystemTime::now(),
-                        correlation_id: Uuid::now_v7(),
-                        causation_id: Uuid::now_v7(),
-                    },
+                    metadata: common::metadata(),
                 };
                 store.append(append).await.unwrap();
             }
@@ -119,13 +112,8 @@ async fn subscribe(store: Arc<dyn EventStore>) -> Sample {
     Sample::throughput(read, elapsed)
 }
 
-/// Opens the redb store off the runtime's threads (opening may repair).
 async fn open_redb(path: &std::path::Path) -> Arc<dyn EventStore> {
-    let path = path.to_owned();
-    let store = tokio::task::spawn_blocking(move || RedbStore::open(path).unwrap())
-        .await
-        .unwrap();
-    Arc::new(store)
+    common::open_redb(path.to_owned()).await
 }
 
 async fn redb(report: &mut Report) {

@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use common::report::{self, Report, Sample};
 use reference::domain::CounterEvent;
@@ -22,9 +22,7 @@ use scaleout::log::StoreLog;
 use scaleout::projection::metrics::ProjectorMetrics;
 use scaleout::projection::runtime::{Projector, ProjectorConfig};
 use scaleout::store::redb::RedbStore;
-use scaleout::store::{
-    AppendRequest, EventMetadata, EventStore, ExpectedVersion, LogFilter, NewEvent,
-};
+use scaleout::store::{AppendRequest, EventStore, ExpectedVersion, LogFilter, NewEvent};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -78,11 +76,7 @@ async fn increments(hot: bool, dir: &std::path::Path) -> (Arc<dyn EventStore>, V
                 },
                 events: events.try_into().unwrap(),
                 request_key: None,
-                metadata: EventMetadata {
-                    occurred_at: SystemTime::now(),
-                    correlation_id: Uuid::now_v7(),
-                    causation_id: Uuid::now_v7(),
-                },
+                metadata: common::metadata(),
             };
             store.append(append).await.unwrap();
         }

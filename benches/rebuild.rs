@@ -9,7 +9,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use common::report::{Report, Sample};
 use reference::domain::CounterEvent;
@@ -21,10 +21,7 @@ use scaleout::documents::redb::RedbDocuments;
 use scaleout::domain::DomainEvent;
 use scaleout::log::{EventLog, StoreLog};
 use scaleout::projection::rebuild::{self, Rebuilder};
-use scaleout::store::redb::RedbStore;
-use scaleout::store::{
-    AppendRequest, EventMetadata, EventStore, ExpectedVersion, LogFilter, NewEvent,
-};
+use scaleout::store::{AppendRequest, EventStore, ExpectedVersion, LogFilter, NewEvent};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -35,11 +32,7 @@ const PAGE: usize = 5000;
 /// A log of EVENTS counter increments over `streams` streams.
 async fn log(dir: &std::path::Path, streams: usize) -> Arc<dyn EventLog> {
     let path = dir.join(format!("events-{streams}.redb"));
-    let store: Arc<dyn EventStore> = Arc::new(
-        tokio::task::spawn_blocking(move || RedbStore::open(path).unwrap())
-            .await
-            .unwrap(),
-    );
+    let store: Arc<dyn EventStore> = common::open_redb(path).await;
     let per_append = (EVENTS / streams).min(1000);
     let mut writers = tokio::task::JoinSet::new();
     for writer in 0..16 {
@@ -65,11 +58,7 @@ async fn log(dir: &std::path::Path, streams: usize) -> Arc<dyn EventLog> {
                         expected: ExpectedVersion::Any,
                         events: events.try_into().unwrap(),
                         request_key: None,
-                        metadata: EventMetadata {
-                            occurred_at: SystemTime::now(),
-                            correlation_id: Uuid::now_v7(),
-                            causation_id: Uuid::now_v7(),
-                        },
+                        metadata: common::metadata(),
                     })
                     .await
                     .unwrap();

@@ -4,7 +4,28 @@
 
 pub mod report;
 
+use std::sync::Arc;
+
 use scaleout::bus::rabbitmq::RabbitConfig;
+use scaleout::store::EventMetadata;
+use scaleout::store::redb::RedbStore;
+
+/// Metadata for a benchmark's event: now, fresh ids.
+pub fn metadata() -> EventMetadata {
+    EventMetadata {
+        occurred_at: std::time::SystemTime::now(),
+        correlation_id: uuid::Uuid::now_v7(),
+        causation_id: uuid::Uuid::now_v7(),
+    }
+}
+
+/// Opens a redb event store off the runtime's threads (opening may repair).
+pub async fn open_redb(path: std::path::PathBuf) -> Arc<RedbStore> {
+    let store = tokio::task::spawn_blocking(move || RedbStore::open(path).unwrap())
+        .await
+        .unwrap();
+    Arc::new(store)
+}
 
 pub fn postgres_url() -> String {
     std::env::var("SCALEOUT_TEST_POSTGRES_URL")

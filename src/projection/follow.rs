@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::ProjectedEvent;
 use super::metrics::ProjectorMetrics;
 use super::runtime::{Projector, Verdict};
-use crate::documents::DocumentError;
+use crate::documents::{DocumentError, DocumentStore};
 use crate::log::Follower;
 use crate::store::LogFilter;
 
@@ -44,8 +44,24 @@ struct Checkpoint {
 
 impl FollowConfig {
     fn key(&self) -> String {
-        format!("_checkpoint::{}", self.name)
+        checkpoint_key(&self.name)
     }
+}
+
+/// The key of the checkpoint of the followers named `name`.
+pub(super) fn checkpoint_key(name: &str) -> String {
+    format!("_checkpoint::{name}")
+}
+
+/// The next position stored under `key`; 1 (the start) when none is stored yet.
+pub(super) async fn stored_checkpoint(
+    store: &dyn DocumentStore,
+    key: &str,
+) -> Result<u64, DocumentError> {
+    Ok(match store.get(key).await? {
+        Some(document) => read_checkpoint(key, &document.body)?,
+        None => 1,
+    })
 }
 
 impl Projector {
@@ -54,7 +70,10 @@ impl Projector {
     /// does not answer.
     pub async fn follow(&self, config: FollowConfig, stopping: CancellationToken) {
         let key = config.key();
-        let Some(start) = self.retrying(&stopping, || self.checkpoint(&key)).await else {
+        let Some(start) = self
+            .retrying(&stopping, || stored_checkpoint(self.store.as_ref(), &key))
+            .await
+        else {
             return;
         };
         tracing::info!(checkpoint = %key, from = start, "following the event log");
@@ -197,14 +216,6 @@ impl Projector {
                 }
             }
         }
-    }
-
-    /// The stored next position; 1 (the start) when none is stored yet.
-    async fn checkpoint(&self, key: &str) -> Result<u64, DocumentError> {
-        Ok(match self.store.get(key).await? {
-            Some(document) => read_checkpoint(key, &document.body)?,
-            None => 1,
-        })
     }
 
     /// Moves the checkpoint forward to `next` (never back: another follower

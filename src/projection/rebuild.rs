@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::follow;
 use super::generation::{
     Build, Generation, GenerationState, HANDOVER, key_in, load, now_ms, store,
 };
@@ -272,7 +273,7 @@ fn follower_name(projection: &str, generation: Generation) -> String {
 }
 
 fn checkpoint_key(projection: &str, generation: Generation) -> String {
-    format!("_checkpoint::{}", follower_name(projection, generation))
+    follow::checkpoint_key(&follower_name(projection, generation))
 }
 
 /// What became of a builder's turn at a job.
@@ -440,17 +441,11 @@ impl Rebuilder {
         generation: Generation,
         (first, started): (u64, tokio::time::Instant),
     ) -> Result<Option<Ended>, RebuildError> {
-        let next_position = match self
-            .documents
-            .get(&checkpoint_key(projection, generation))
-            .await?
-        {
-            Some(document) => serde_json::from_slice::<serde_json::Value>(&document.body)
-                .ok()
-                .and_then(|c| c.get("next_position")?.as_u64())
-                .unwrap_or(1),
-            None => 1,
-        };
+        let next_position = follow::stored_checkpoint(
+            self.documents.as_ref(),
+            &checkpoint_key(projection, generation),
+        )
+        .await?;
         let head = self
             .log
             .read_all(u64::MAX, 1, &LogFilter::all())

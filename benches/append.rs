@@ -113,8 +113,12 @@ impl RawRedb {
     const TABLE: redb::TableDefinition<'static, (&'static str, u64), &'static [u8]> =
         redb::TableDefinition::new("raw");
 
-    fn create(path: &std::path::Path) -> Self {
-        Self(Arc::new(redb::Database::create(path).unwrap()))
+    /// Creates the database off the runtime's threads, as every redb call here runs.
+    async fn create(path: std::path::PathBuf) -> Self {
+        let db = tokio::task::spawn_blocking(move || redb::Database::create(path).unwrap())
+            .await
+            .unwrap();
+        Self(Arc::new(db))
     }
 
     async fn run(&self) -> Sample {
@@ -313,7 +317,7 @@ async fn main() {
         "durable appends and commands, beside one transaction per append",
     );
     let dir = tempfile::tempdir().unwrap();
-    let raw_redb = RawRedb::create(&dir.path().join("raw.redb"));
+    let raw_redb = RawRedb::create(dir.path().join("raw.redb")).await;
     let path = dir.path().join("events.redb");
     let redb: Arc<dyn EventStore> = common::open_redb(path).await;
     for (writers, streams) in SHAPES {

@@ -94,6 +94,7 @@ async fn subscribe(store: Arc<dyn EventStore>) -> Sample {
         .subscribe(pb::SubscribeRequest {
             from_position: 0,
             filter: None,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -111,6 +111,7 @@ async fn read_log(addr: &str) -> Vec<RecordedEvent> {
                 from_position: from,
                 limit: 1000,
                 filter: None,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -67,6 +67,7 @@ async fn read_a_stream_and_the_log_in_pages() {
             stream_id: "counter-a".into(),
             from_version: 2,
             limit: 1,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -79,6 +80,7 @@ async fn read_a_stream_and_the_log_in_pages() {
             stream_id: "counter-a".into(),
             from_version: 3,
             limit: 10,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -97,6 +99,7 @@ async fn read_a_stream_and_the_log_in_pages() {
             from_position: 0,
             limit: 4,
             filter: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -117,6 +120,7 @@ async fn read_a_stream_and_the_log_in_pages() {
                 stream_types: vec!["counter".into()],
                 event_types: vec!["scaleout.v1.CounterIncremented".into()],
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -127,6 +131,7 @@ async fn read_a_stream_and_the_log_in_pages() {
             from_position: 9,
             limit: 10,
             filter: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -148,6 +153,7 @@ async fn bad_reads_are_invalid_arguments_that_name_the_field() {
             from_position: 0,
             limit: 1001,
             filter: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -167,6 +173,7 @@ async fn bad_reads_are_invalid_arguments_that_name_the_field() {
                 stream_types: vec!["fiel".into()],
                 event_types: vec![],
             }),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -180,6 +187,7 @@ async fn bad_reads_are_invalid_arguments_that_name_the_field() {
                 stream_types: vec![],
                 event_types: vec!["scaleout.v1.Nope".into()],
             }),
+            ..Default::default()
         })
         .await;
     assert_eq!(
@@ -192,6 +200,7 @@ async fn bad_reads_are_invalid_arguments_that_name_the_field() {
             stream_id: String::new(),
             from_version: 0,
             limit: 5000,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -227,6 +236,7 @@ async fn subscribe_catches_up_over_100_000_events_then_follows_live() {
         .subscribe(pb::SubscribeRequest {
             from_position: 0,
             filter: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -295,6 +305,7 @@ async fn a_subscription_resumes_from_a_position() {
         .subscribe(pb::SubscribeRequest {
             from_position: 4,
             filter: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -327,7 +338,7 @@ async fn a_subscriber_that_stops_reading_is_ended_and_slows_nobody() {
     };
     let known = KnownTypes {
         stream_types: vec!["counter".into()],
-        event_types: vec![],
+        ..Default::default()
     };
     let api = ReadApi::new(Arc::clone(&store), known, config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -352,6 +363,7 @@ async fn a_subscriber_that_stops_reading_is_ended_and_slows_nobody() {
         .subscribe(pb::SubscribeRequest {
             from_position: 0,
             filter: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -362,6 +374,7 @@ async fn a_subscriber_that_stops_reading_is_ended_and_slows_nobody() {
         .subscribe(pb::SubscribeRequest {
             from_position: 0,
             filter: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -416,6 +429,7 @@ async fn pages_of_large_events_stay_inside_one_mebibyte() {
                 from_position,
                 limit: 1000,
                 filter: None,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -442,6 +456,7 @@ async fn pages_of_large_events_stay_inside_one_mebibyte() {
                 stream_id: "counter-big".into(),
                 from_version,
                 limit: 1000,
+                ..Default::default()
             })
             .await
             .unwrap()

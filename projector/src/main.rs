@@ -78,7 +78,8 @@ struct Args {
 enum Task {
     /// Fold the event log (`--event-log`) in memory for the projections
     /// (`--projections`), compare every document they produce with the
-    /// document store, print the drift, and exit 1 if any is left.
+    /// document store, print the drift, and exit 1 if any is left or an
+    /// event cannot be read.
     Verify {
         /// Write the fold back into each drifted document (with CAS: one a
         /// projector writes meanwhile is left to it).
@@ -204,11 +205,16 @@ async fn verify(
             drift.key, drift.expected
         );
     }
-    Ok(if report.drifted > report.repaired {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    for reason in &report.unreadable_examples {
+        println!("unreadable: {reason}");
+    }
+    Ok(
+        if report.drifted > report.repaired || report.unreadable > 0 {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        },
+    )
 }
 
 /// `projector rebuild`: builds (or resumes building) a new generation until

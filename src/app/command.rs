@@ -46,18 +46,19 @@ pub async fn run_command_service(
         snapshot_every,
         relay,
     } = service;
+    let known = app.known_types();
     let handler = Arc::new(
-        CommandHandler::new(Arc::clone(&store), retry).with_snapshots_every(snapshot_every),
+        CommandHandler::new(Arc::clone(&store), retry)
+            .with_snapshots_every(snapshot_every)
+            .with_upcasters(known.upcasters.clone()),
     );
     let mut services = Services::new(server_args.max_message_bytes);
     app.command_services(handler, &mut services);
     // Health reports on the application's command services.
     let commands = services.names().to_vec();
     let limit = services.max_message_bytes;
-    services.add(
-        ReadApi::new(Arc::clone(&store), app.known_types(), ReadConfig::default())
-            .into_service(limit),
-    );
+    services
+        .add(ReadApi::new(Arc::clone(&store), known, ReadConfig::default()).into_service(limit));
     if let Some(bus) = &bus {
         services.add(AdminApi::new(Arc::clone(bus)).into_service(limit));
     }

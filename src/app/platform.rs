@@ -69,8 +69,11 @@ pub async fn run_platform(
     // Registered before serving: a read model new to this data directory
     // answers that it is being built from the first query on.
     crate::projection::rebuild::register(documents.as_ref(), app.as_ref()).await?;
+    let known = app.known_types();
     let handler = Arc::new(
-        CommandHandler::new(Arc::clone(&store), retry).with_snapshots_every(snapshot_every),
+        CommandHandler::new(Arc::clone(&store), retry)
+            .with_snapshots_every(snapshot_every)
+            .with_upcasters(known.upcasters.clone()),
     );
     let mut services = Services::new(server_args.max_message_bytes);
     app.command_services(handler, &mut services);
@@ -82,10 +85,8 @@ pub async fn run_platform(
     );
     let queries = services.names()[commands.len()..].to_vec();
     let limit = services.max_message_bytes;
-    services.add(
-        ReadApi::new(Arc::clone(&store), app.known_types(), ReadConfig::default())
-            .into_service(limit),
-    );
+    services
+        .add(ReadApi::new(Arc::clone(&store), known, ReadConfig::default()).into_service(limit));
     services.add(
         ReadModelApi::new(
             Arc::clone(&app),

@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 pub use self::retry::RetryPolicy;
 use crate::domain::values::Id;
-use crate::domain::{Aggregate, DomainError, DomainEvent, UnknownEvent};
+use crate::domain::{Aggregate, DomainError, DomainEvent, UnknownEvent, Upcasters};
 use crate::store::{
     AppendOutcome, AppendRequest, AppendResult, EventMetadata, EventStore, ExpectedVersion,
     NewEvent, NewEvents, RequestKey, Snapshot, StoreError,
@@ -52,9 +52,13 @@ pub enum CommandError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A stored event this aggregate cannot read: the log and the code disagree.
-    #[error("stream {stream} holds an unreadable event: {source}")]
+    #[error(
+        "stream {stream} holds an unreadable event at version {version} (log position {position}): {source}"
+    )]
     Unreadable {
         stream: String,
+        version: u64,
+        position: u64,
         #[source]
         source: UnknownEvent,
     },
@@ -70,6 +74,7 @@ pub struct CommandHandler {
     /// Take a snapshot each time a stream passes a multiple of this many
     /// events; 0 takes none.
     snapshot_every: u64,
+    upcasters: Upcasters,
 }
 
 /// Events between two snapshots of a stream, unless configured otherwise.
@@ -86,7 +91,15 @@ impl CommandHandler {
             locks: locks::StreamLocks::default(),
             states: cache::StateCache::new(CACHED_STATES),
             snapshot_every: 0,
+            upcasters: Upcasters::default(),
         }
+    }
+
+    /// Reads events stored in an older shape through `upcasters` (the
+    /// application's [`crate::domain::KnownTypes::upcasters`]).
+    pub fn with_upcasters(mut self, upcasters: Upcasters) -> Self {
+        self.upcasters = upcasters;
+        self
     }
 
     /// Snapshots every `every` events (0: none) for aggregates that take
@@ -256,14 +269,21 @@ impl CommandHandler {
             .read_stream(stream_id, version + 1, usize::MAX)
             .await?
         {
-            let event =
-                A::Event::decode(&recorded.event_type, &recorded.payload).map_err(|source| {
-                    CommandError::Unreadable {
-                        stream: stream_id.to_owned(),
-                        source,
-                    }
-                })?;
-            state.apply(event);
+            let unreadable = |source| CommandError::Unreadable {
+                stream: stream_id.to_owned(),
+                version: recorded.version,
+                position: recorded.position,
+                source,
+            };
+            let events = self
+                .upcasters
+                .read(recorded.event_type, recorded.payload)
+                .map_err(unreadable)?;
+            for event in events {
+                state.apply(
+                    A::Event::decode(&event.event_type, &event.payload).map_err(unreadable)?,
+                );
+            }
             version = recorded.version;
         }
         Ok((state, version))

@@ -11,11 +11,13 @@
 
 mod event;
 pub mod testing;
+mod upcast;
 pub mod values;
 
 #[doc(hidden)]
 pub use self::event::is_type;
 pub use self::event::{DomainEvent, UnknownEvent};
+pub use self::upcast::{Upcast, Upcasters, part_id};
 
 /// A consistency boundary: one stream of events, one state folded from them.
 pub trait Aggregate: Default + Send + Sync + 'static {
@@ -56,11 +58,14 @@ pub trait Aggregate: Default + Send + Sync + 'static {
 /// The stream and event types an application's aggregates store: what a
 /// read API filter may name (anything else is a caller's typo, refused
 /// rather than silently matching nothing) and what a projector can take
-/// (anything else is poison).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// (anything else is poison); and how events stored in an older shape read
+/// as the current ones.
+#[derive(Debug, Clone, Default)]
 pub struct KnownTypes {
     pub stream_types: Vec<String>,
+    /// The current event types.
     pub event_types: Vec<String>,
+    pub upcasters: Upcasters,
 }
 
 impl KnownTypes {
@@ -71,6 +76,23 @@ impl KnownTypes {
         self.stream_types.push(A::STREAM_TYPE.to_owned());
         self.event_types.extend(A::Event::types());
         self
+    }
+
+    /// Reads stored `Old` events as the current events `convert` makes of
+    /// them (see [`Upcasters::upcast`]).
+    pub fn upcast<Old, E>(mut self, convert: fn(Old) -> Vec<E>) -> Self
+    where
+        Old: prost::Message + prost::Name + Default + 'static,
+        E: DomainEvent,
+    {
+        self.upcasters = self.upcasters.upcast(convert);
+        self
+    }
+
+    /// Whether stored events of `event_type` can be read: a current type, or
+    /// an old one with an upcaster.
+    pub fn stored(&self, event_type: &str) -> bool {
+        self.event_types.iter().any(|t| t == event_type) || self.upcasters.reads(event_type)
     }
 }
 

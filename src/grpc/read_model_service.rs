@@ -138,6 +138,7 @@ impl pb::read_model_service_server::ReadModelService for ReadModelApi {
             moved_on: report.moved_on as u64,
             unreadable: report.unreadable,
             drifts,
+            unreadable_reasons: report.unreadable_examples,
         }))
     }
     async fn rebuild(

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::page;
 use super::status::{self, Violations};
-use crate::domain::KnownTypes;
+use crate::domain::{KnownTypes, part_id};
 use crate::log::{EventLog, Follower, StoreLog};
 use crate::pb::{self, read_service_server::ReadServiceServer};
 use crate::store::{EventStore, LogFilter, RecordedEvent};
@@ -74,33 +74,111 @@ impl ReadApi {
         ReadServiceServer::new(self).max_decoding_message_size(max_message_bytes)
     }
 
-    fn filter(&self, filter: Option<pb::LogFilter>) -> Result<LogFilter, String> {
+    /// How a request reads: its filter checked against the known types
+    /// (the old ones too when it reads as stored), and the filter the store
+    /// applies, which also takes the old types that read as a type asked for.
+    fn reading(
+        &self,
+        filter: Option<pb::LogFilter>,
+        as_stored: bool,
+    ) -> Result<(LogFilter, Reading), String> {
         let filter = filter.unwrap_or_default();
-        let unknown = |given: &[String], known: &[String], what: &str| {
+        let unknown = |given: &[String], known: &dyn Fn(&str) -> bool, what: &str| {
             let unknown: Vec<&str> = given
                 .iter()
-                .filter(|g| !known.contains(g))
+                .filter(|g| !known(g))
                 .map(String::as_str)
                 .collect();
             if unknown.is_empty() {
                 Ok(())
             } else {
-                Err(format!(
-                    "unknown {what} {unknown:?}; known: {}",
-                    known.join(", ")
-                ))
+                Err(format!("unknown {what} {unknown:?}"))
             }
         };
+        let known = &self.known;
         unknown(
             &filter.stream_types,
-            &self.known.stream_types,
+            &|t| known.stream_types.iter().any(|k| k == t),
             "stream types",
-        )?;
-        unknown(&filter.event_types, &self.known.event_types, "event types")?;
-        Ok(LogFilter {
-            stream_types: filter.stream_types,
+        )
+        .map_err(|e| format!("{e}; known: {}", known.stream_types.join(", ")))?;
+        let event_type_known = |t: &str| known.event_types.iter().any(|k| k == t);
+        if as_stored {
+            unknown(&filter.event_types, &|t| known.stored(t), "event types")
+        } else {
+            unknown(&filter.event_types, &event_type_known, "event types")
+        }
+        .map_err(|e| format!("{e}; known: {}", known.event_types.join(", ")))?;
+        let mut stored_types = filter.event_types.clone();
+        if !as_stored {
+            for current in &filter.event_types {
+                for old in known.upcasters.read_as(current) {
+                    if !stored_types.iter().any(|t| t == old) {
+                        stored_types.push(old.to_owned());
+                    }
+                }
+            }
+        }
+        let reading = Reading {
+            known: Arc::clone(known),
+            as_stored,
             event_types: filter.event_types,
-        })
+        };
+        Ok((
+            LogFilter {
+                stream_types: filter.stream_types,
+                event_types: stored_types,
+            },
+            reading,
+        ))
+    }
+}
+
+/// How one request returns events: as stored, or as they read now (upcast,
+/// and only the types it asked for).
+#[derive(Debug, Clone)]
+struct Reading {
+    known: Arc<KnownTypes>,
+    as_stored: bool,
+    /// The event types asked for; empty: all.
+    event_types: Vec<String>,
+}
+
+impl Reading {
+    fn logged(&self, events: &[RecordedEvent]) -> Result<Vec<pb::LoggedEvent>, Status> {
+        let mut logged = Vec::with_capacity(events.len());
+        for event in events {
+            if self.as_stored || !self.known.upcasters.reads(&event.event_type) {
+                logged.push(as_logged(event));
+                continue;
+            }
+            let parts = self
+                .known
+                .upcasters
+                .read(event.event_type.clone(), event.payload.clone())
+                .map_err(|error| {
+                    status::unreadable_event(
+                        &event.stream_id,
+                        event.version,
+                        event.position,
+                        &error,
+                    )
+                })?;
+            for (index, part) in parts.into_iter().enumerate() {
+                if !self.event_types.is_empty() && !self.event_types.contains(&part.event_type) {
+                    continue;
+                }
+                let mut envelope = event.to_envelope();
+                envelope.event_id = part_id(event.event_id, index).to_string();
+                envelope.event_type = part.event_type;
+                envelope.payload = part.payload;
+                logged.push(pb::LoggedEvent {
+                    position: event.position,
+                    event: Some(envelope),
+                });
+            }
+        }
+        Ok(logged)
     }
 }
 
@@ -124,7 +202,7 @@ fn within_page_bytes(events: &mut Vec<RecordedEvent>) -> bool {
     events.len() < all
 }
 
-fn logged(event: &RecordedEvent) -> pb::LoggedEvent {
+fn as_logged(event: &RecordedEvent) -> pb::LoggedEvent {
     pb::LoggedEvent {
         position: event.position,
         event: Some(event.to_envelope()),
@@ -159,8 +237,13 @@ impl pb::read_service_server::ReadService for ReadApi {
         events.truncate(limit);
         end_of_stream &= !within_page_bytes(&mut events);
         let next_version = events.last().map_or(from, |e| e.version + 1);
+        let reading = Reading {
+            known: Arc::clone(&self.known),
+            as_stored: body.as_stored,
+            event_types: Vec::new(),
+        };
         Ok(Response::new(pb::ReadStreamResponse {
-            events: events.iter().map(logged).collect(),
+            events: reading.logged(&events)?,
             next_version,
             end_of_stream,
         }))
@@ -172,9 +255,9 @@ impl pb::read_service_server::ReadService for ReadApi {
     ) -> Result<Response<pb::ReadAllResponse>, Status> {
         let body = request.into_inner();
         let mut violations = Violations::default();
-        let (Some(limit), Some(filter)) = (
+        let (Some(limit), Some((filter, reading))) = (
             violations.check("limit", page_limit(body.limit)),
-            violations.check("filter", self.filter(body.filter)),
+            violations.check("filter", self.reading(body.filter, body.as_stored)),
         ) else {
             return Err(violations.into_status());
         };
@@ -189,7 +272,7 @@ impl pb::read_service_server::ReadService for ReadApi {
                 .map_or(page.next_position, |e| e.position + 1);
         }
         Ok(Response::new(pb::ReadAllResponse {
-            events: page.events.iter().map(logged).collect(),
+            events: reading.logged(&page.events)?,
             next_position: page.next_position,
             head_position: page.head,
         }))
@@ -203,7 +286,9 @@ impl pb::read_service_server::ReadService for ReadApi {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let body = request.into_inner();
         let mut violations = Violations::default();
-        let Some(filter) = violations.check("filter", self.filter(body.filter)) else {
+        let Some((filter, reading)) =
+            violations.check("filter", self.reading(body.filter, body.as_stored))
+        else {
             return Err(violations.into_status());
         };
         let permit = Arc::clone(&self.subscriptions)
@@ -221,7 +306,7 @@ impl pb::read_service_server::ReadService for ReadApi {
         let config = self.config;
         tokio::spawn(async move {
             let _permit = permit;
-            if let Some(status) = feed(follower, sender, config).await {
+            if let Some(status) = feed(follower, reading, sender, config).await {
                 let _ = ending.send(status);
             }
         });
@@ -240,10 +325,11 @@ impl pb::read_service_server::ReadService for ReadApi {
 const READ_AHEAD: usize = 2;
 
 /// Feeds one subscription until the client goes away (`None`), or it ends
-/// with a status: the client was too slow or the log failed (the client
-/// resumes from its last position).
+/// with a status: the client was too slow, the log failed (the client
+/// resumes from its last position), or an event cannot be read.
 async fn feed(
     mut follower: Follower,
+    reading: Reading,
     sender: mpsc::Sender<pb::SubscribeResponse>,
     config: ReadConfig,
 ) -> Option<Status> {
@@ -272,7 +358,11 @@ async fn feed(
             Ok(step) => step,
             Err(error) => return Some(error.into()),
         };
-        let mut messages: Vec<Kind> = step.events.iter().map(|e| Kind::Event(logged(e))).collect();
+        let events = match reading.logged(&step.events) {
+            Ok(events) => events,
+            Err(status) => return Some(status),
+        };
+        let mut messages: Vec<Kind> = events.into_iter().map(Kind::Event).collect();
         if !live && (step.events.is_empty() || step.caught_up) {
             messages.push(Kind::Checkpoint(pb::Checkpoint {
                 next_position: step.next_position,

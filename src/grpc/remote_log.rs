@@ -1,5 +1,7 @@
 //! The event log of another process, through its read API: how a projector
 //! fills gaps from command-svc's log without a database connection of its own.
+//! It reads events as stored: the projector upcasts them with its own
+//! application's upcasters.
 
 use std::time::Duration;
 
@@ -89,6 +91,8 @@ impl EventLog for RemoteLog {
                     stream_id: stream_id.to_owned(),
                     from_version: from,
                     limit: page_limit,
+                    // The projector upcasts with its own application's upcasters.
+                    as_stored: true,
                 }))
                 .await?;
             for logged in page.events {
@@ -117,6 +121,7 @@ impl EventLog for RemoteLog {
                     stream_types: filter.stream_types.clone(),
                     event_types: filter.event_types.clone(),
                 }),
+                as_stored: true,
             }))
             .await?;
         Ok(LogPage {

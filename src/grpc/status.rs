@@ -13,6 +13,7 @@
 //! | view behind `min_version` at the deadline | `UNAVAILABLE` | `ErrorInfo` `VIEW_NOT_CAUGHT_UP` |
 //! | read model never built yet (its first build runs) | `UNAVAILABLE` | `ErrorInfo` `READ_MODEL_BUILDING` |
 //! | document store down | `UNAVAILABLE` | `ErrorInfo` `DOCUMENT_STORE_UNAVAILABLE` |
+//! | a stored event the application cannot read | `INTERNAL` | `ErrorInfo` `EVENT_UNREADABLE` naming its stream, version and position |
 //! | anything else | `INTERNAL` | none: the cause is logged, not leaked |
 
 use std::collections::HashMap;
@@ -23,7 +24,7 @@ use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 use crate::bus::BusError;
 use crate::command::CommandError;
 use crate::documents::DocumentError;
-use crate::domain::DomainError;
+use crate::domain::{DomainError, UnknownEvent};
 use crate::query::QueryError;
 use crate::store::StoreError;
 
@@ -67,9 +68,43 @@ impl From<CommandError> for Status {
         match error {
             CommandError::Domain(error) => error.into(),
             CommandError::Store(error) => error.into(),
-            error @ CommandError::Unreadable { .. } => internal(&error),
+            CommandError::Unreadable {
+                stream,
+                version,
+                position,
+                source,
+            } => unreadable_event(&stream, version, position, &source),
         }
     }
+}
+
+/// A stored event the application cannot read (an unknown type, a payload
+/// that does not decode, an upcaster that fails on it): named by where it
+/// sits, so that someone can look at it; nothing is skipped.
+pub(crate) fn unreadable_event(
+    stream: &str,
+    version: u64,
+    position: u64,
+    error: &UnknownEvent,
+) -> Status {
+    tracing::error!(stream, version, position, %error, "a stored event cannot be read");
+    Status::with_error_details(
+        Code::Internal,
+        format!(
+            "stream {stream} holds an event this application cannot read, at version {version} \
+             (log position {position}): {error}"
+        ),
+        ErrorDetails::with_error_info(
+            "EVENT_UNREADABLE",
+            ERROR_DOMAIN,
+            HashMap::from([
+                ("stream".to_owned(), stream.to_owned()),
+                ("version".to_owned(), version.to_string()),
+                ("position".to_owned(), position.to_string()),
+                ("event_type".to_owned(), error.event_type.clone()),
+            ]),
+        ),
+    )
 }
 
 impl From<DomainError> for Status {

@@ -1,13 +1,14 @@
 //! What a projection sees: a delivered envelope, checked against the types
-//! the application knows, its payload decoded only by the projections that
-//! read its stream type.
+//! the application knows and read in the current shape (see
+//! [`crate::domain::Upcasters`]), its payload decoded only by the
+//! projections that read its stream type.
 
 use std::time::SystemTime;
 
 use uuid::Uuid;
 
 use crate::bus::BusMessage;
-use crate::domain::{DomainEvent, KnownTypes};
+use crate::domain::{DomainEvent, KnownTypes, Upcast, part_id};
 use crate::store::RecordedEvent;
 
 /// An event on its way through the runtime, its payload still encoded.
@@ -19,9 +20,10 @@ pub struct ProjectedEvent {
     pub stream_type: String,
     pub version: u64,
     pub occurred_at: SystemTime,
-    /// The payload's Protobuf full name.
-    pub event_type: String,
-    pub payload: Vec<u8>,
+    /// What the stored event reads as now, still encoded: itself, or the
+    /// current events its upcaster makes of it (several for an event split
+    /// up), all at this version.
+    pub parts: Vec<Upcast>,
 }
 
 /// An event decoded for a projection: what it is, and where it sits in its
@@ -51,8 +53,8 @@ impl ProjectedEvent {
         Self::from_recorded(recorded, known)
     }
 
-    /// An event read from the log, checked against the known types; its
-    /// payload moves over, not copied.
+    /// An event read from the log, checked against the known types and
+    /// upcast; its payload moves over, not copied.
     pub fn from_recorded(event: RecordedEvent, known: &KnownTypes) -> Result<Self, Poison> {
         if event.version == 0 {
             return Err(Poison("version 0: versions start at 1".into()));
@@ -63,9 +65,24 @@ impl ProjectedEvent {
                 "unknown stream type {stream_type:?} ({event_type})"
             )));
         }
-        if !known.event_types.contains(event_type) {
+        let at = match event.position {
+            0 => format!("stream {} version {}", event.stream_id, event.version),
+            position => format!(
+                "stream {} version {} (log position {position})",
+                event.stream_id, event.version
+            ),
+        };
+        let parts = known
+            .upcasters
+            .read(event.event_type, event.payload)
+            .map_err(|e| Poison(format!("unreadable event at {at}: {e}")))?;
+        if let Some(part) = parts
+            .iter()
+            .find(|part| !known.event_types.contains(&part.event_type))
+        {
             return Err(Poison(format!(
-                "unknown event: cannot decode event {event_type}: not an event of this application"
+                "unknown event at {at}: {} is not an event of this application",
+                part.event_type
             )));
         }
         Ok(Self {
@@ -74,25 +91,34 @@ impl ProjectedEvent {
             stream_type: event.stream_type,
             version: event.version,
             occurred_at: event.metadata.occurred_at,
-            event_type: event.event_type,
-            payload: event.payload,
+            parts,
         })
     }
 
-    /// The event typed as `E`, when it is of `stream_type`; `Ok(None)` when
-    /// it belongs to another stream type.
-    pub fn typed<E: DomainEvent>(&self, stream_type: &str) -> Result<Option<Event<E>>, Poison> {
+    /// The events it reads as, typed as `E`, when it is of `stream_type`;
+    /// none when it belongs to another stream type.
+    pub fn typed<E: DomainEvent>(&self, stream_type: &str) -> Result<Vec<Event<E>>, Poison> {
         if self.stream_type != stream_type {
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        let payload = E::decode(&self.event_type, &self.payload)
-            .map_err(|e| Poison(format!("unknown event: {e}")))?;
-        Ok(Some(Event {
-            event_id: self.event_id,
-            stream_id: self.stream_id.clone(),
-            version: self.version,
-            occurred_at: self.occurred_at,
-            payload,
-        }))
+        self.parts
+            .iter()
+            .enumerate()
+            .map(|(index, part)| {
+                let payload = E::decode(&part.event_type, &part.payload).map_err(|e| {
+                    Poison(format!(
+                        "unknown event at stream {} version {}: {e}",
+                        self.stream_id, self.version
+                    ))
+                })?;
+                Ok(Event {
+                    event_id: part_id(self.event_id, index),
+                    stream_id: self.stream_id.clone(),
+                    version: self.version,
+                    occurred_at: self.occurred_at,
+                    payload,
+                })
+            })
+            .collect()
     }
 }

@@ -84,10 +84,16 @@ impl<P: Projection> AnyProjection for P {
     }
 
     fn routes(&self, event: &ProjectedEvent) -> Result<Vec<Route>, Poison> {
-        Ok(match typed::<P>(event)? {
-            Some(event) => Projection::routes(self, &event),
-            None => Vec::new(),
-        })
+        // The documents any of the events it reads as changes, each once.
+        let mut routes: Vec<Route> = Vec::new();
+        for part in typed::<P>(event)? {
+            for route in Projection::routes(self, &part) {
+                if !routes.iter().any(|r| r.key == route.key) {
+                    routes.push(route);
+                }
+            }
+        }
+        Ok(routes)
     }
 
     fn fold(
@@ -114,17 +120,19 @@ impl<P: Projection> AnyProjection for P {
             outcomes[index] = if event.version <= last {
                 Outcome::Duplicate
             } else if event.version == last + 1 || line_up == Order::Latest {
-                let Some(typed) = typed::<P>(event)? else {
-                    // Routed here, so of the source's stream type.
-                    continue;
-                };
-                let applied = self.apply(key, &mut stored.view, &typed);
+                // The events it reads as apply in turn, each refused on its
+                // own; the version counts as applied once they all have.
+                let mut outcome = Outcome::Applied;
+                for part in typed::<P>(event)? {
+                    if let Err(refused) = self.apply(key, &mut stored.view, &part)
+                        && outcome == Outcome::Applied
+                    {
+                        outcome = Outcome::Refused(refused);
+                    }
+                }
                 stored.applied.insert(stream.clone(), event.version);
                 changed = true;
-                match applied {
-                    Ok(()) => Outcome::Applied,
-                    Err(refused) => Outcome::Refused(refused),
-                }
+                outcome
             } else {
                 Outcome::Gap {
                     missing_from: last + 1,
@@ -136,8 +144,9 @@ impl<P: Projection> AnyProjection for P {
     }
 }
 
-/// `event` as an event of `P`'s source, if it is of its stream type.
-fn typed<P: Projection>(event: &ProjectedEvent) -> Result<Option<SourceEvent<P>>, Poison> {
+/// What `event` reads as, as events of `P`'s source; none when it is of
+/// another stream type.
+fn typed<P: Projection>(event: &ProjectedEvent) -> Result<Vec<SourceEvent<P>>, Poison> {
     event.typed(<P::Source as Aggregate>::STREAM_TYPE)
 }
 
@@ -212,16 +221,45 @@ mod tests {
         }
     }
 
+    /// How the first release stored an addition made twice: one event,
+    /// read now as two additions.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct AddedTwice {
+        #[prost(uint64, tag = "1")]
+        amount: u64,
+    }
+
+    impl prost::Name for AddedTwice {
+        const NAME: &'static str = "AddedTwice";
+        const PACKAGE: &'static str = "test.v0";
+    }
+
+    fn known() -> KnownTypes {
+        KnownTypes::default()
+            .with::<Tally>()
+            .upcast(|old: AddedTwice| vec![Added(old.amount), Added(old.amount)])
+    }
+
     /// An addition as a projector receives it: through a real envelope.
     fn increment(stream: &str, version: u64, amount: u64) -> ProjectedEvent {
+        let added = Added(amount);
+        delivered(stream, version, added.event_type(), added.encode())
+    }
+
+    fn delivered(
+        stream: &str,
+        version: u64,
+        event_type: String,
+        payload: Vec<u8>,
+    ) -> ProjectedEvent {
         let recorded = RecordedEvent {
             position: version,
             stream_id: stream.into(),
             stream_type: "tally".into(),
             version,
             event_id: uuid::Uuid::now_v7(),
-            event_type: Added(amount).event_type(),
-            payload: Added(amount).encode(),
+            event_type,
+            payload,
             metadata: EventMetadata {
                 occurred_at: SystemTime::now(),
                 correlation_id: uuid::Uuid::now_v7(),
@@ -229,8 +267,7 @@ mod tests {
             },
             request_id: None,
         };
-        let known = KnownTypes::default().with::<Tally>();
-        ProjectedEvent::decode(&BusMessage::from_event(&recorded), &known).unwrap()
+        ProjectedEvent::decode(&BusMessage::from_event(&recorded), &known()).unwrap()
     }
 
     fn seq<'a>(events: &[&'a ProjectedEvent]) -> Vec<(&'a ProjectedEvent, Order)> {
@@ -350,6 +387,73 @@ mod tests {
         assert_eq!(
             stored["_applied"],
             serde_json::json!({"counter-a": 1, "counter-b": 1})
+        );
+    }
+
+    #[test]
+    fn an_event_stored_in_an_old_shape_applies_as_what_it_reads_as_at_its_version() {
+        let old = |version, amount| {
+            delivered(
+                "counter-c",
+                version,
+                "test.v0.AddedTwice".into(),
+                prost::Message::encode_to_vec(&AddedTwice { amount }),
+            )
+        };
+        let (first, split, after) = (
+            increment("counter-c", 1, 1),
+            old(2, 10),
+            increment("counter-c", 3, 100),
+        );
+        assert_eq!(split.parts.len(), 2);
+        assert_eq!(
+            AnyProjection::routes(&TallyProjection, &split)
+                .unwrap()
+                .len(),
+            1,
+            "one document, routed once"
+        );
+        let folded = TallyProjection
+            .fold("tally::c", None, &seq(&[&first, &split, &after]))
+            .unwrap();
+        assert_eq!(folded.outcomes, vec![Outcome::Applied; 3]);
+        let body = folded.body.unwrap();
+        assert_eq!(count(&body), 1 + 10 + 10 + 100);
+        let again = TallyProjection
+            .fold("tally::c", Some(&body), &seq(&[&split]))
+            .unwrap();
+        assert_eq!(
+            again.outcomes,
+            [Outcome::Duplicate],
+            "both parts count as version 2"
+        );
+    }
+
+    #[test]
+    fn an_old_event_its_upcaster_cannot_read_is_poison_naming_where_it_sits() {
+        let recorded = RecordedEvent {
+            position: 7,
+            stream_id: "counter-c".into(),
+            stream_type: "tally".into(),
+            version: 3,
+            event_id: uuid::Uuid::now_v7(),
+            event_type: "test.v0.AddedTwice".into(),
+            payload: vec![0xff],
+            metadata: EventMetadata {
+                occurred_at: SystemTime::now(),
+                correlation_id: uuid::Uuid::now_v7(),
+                causation_id: uuid::Uuid::now_v7(),
+            },
+            request_id: None,
+        };
+        let poison = ProjectedEvent::from_recorded(recorded, &known()).unwrap_err();
+        assert!(
+            poison
+                .0
+                .contains("stream counter-c version 3 (log position 7)")
+                && poison.0.contains("test.v0.AddedTwice")
+                && poison.0.contains("upcaster"),
+            "{poison}"
         );
     }
 }

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 
-use super::{AnyProjection, ProjectedEvent, generation};
+use super::{AnyProjection, Poison, ProjectedEvent, generation};
 use crate::documents::{DocumentError, DocumentStore};
 use crate::domain::KnownTypes;
 use crate::log::EventLog;
@@ -55,6 +55,18 @@ pub struct Verification {
     pub repaired: usize,
     /// Events the application cannot read (skipped, as a projector does).
     pub unreadable: u64,
+    /// Why, for the first [`MAX_REPORTED`] of them; each names the event's
+    /// stream, version and log position.
+    pub unreadable_examples: Vec<String>,
+}
+
+impl Verification {
+    fn unreadable(&mut self, poison: Poison) {
+        self.unreadable += 1;
+        if self.unreadable_examples.len() < MAX_REPORTED {
+            self.unreadable_examples.push(poison.0);
+        }
+    }
 }
 
 /// Why a verification could not finish.
@@ -100,14 +112,20 @@ pub async fn verify(
         let head = *head.get_or_insert(page.head);
         for recorded in page.events.into_iter().filter(|e| e.position <= head) {
             report.events += 1;
-            let Ok(event) = ProjectedEvent::from_recorded(recorded, known) else {
-                report.unreadable += 1;
-                continue;
+            let event = match ProjectedEvent::from_recorded(recorded, known) {
+                Ok(event) => event,
+                Err(poison) => {
+                    report.unreadable(poison);
+                    continue;
+                }
             };
             for (index, projection) in projections.iter().enumerate() {
-                let Ok(routes) = projection.routes(&event) else {
-                    report.unreadable += 1;
-                    continue;
+                let routes = match projection.routes(&event) {
+                    Ok(routes) => routes,
+                    Err(poison) => {
+                        report.unreadable(poison);
+                        continue;
+                    }
                 };
                 for route in routes {
                     let slot = (index, route.key);

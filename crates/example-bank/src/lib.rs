@@ -1,7 +1,8 @@
 //! # A bank on the scaleout kernel
 //!
 //! The smallest whole application: one aggregate ([`account`]), one read
-//! model ([`balance`]), a command and a query service ([`service`]), all in
+//! model ([`balance`]), a command and a query service ([`service`]), and
+//! how events its first release stored read today ([`history`]), all in
 //! this crate, registered with the kernel as the [`Bank`] [`Application`].
 //! Nothing in the kernel names it, which is what it is here to prove.
 //!
@@ -23,6 +24,7 @@
 
 pub mod account;
 pub mod balance;
+pub mod history;
 pub mod pb;
 pub mod service;
 
@@ -41,7 +43,7 @@ pub struct Bank;
 
 impl Application for Bank {
     fn known_types(&self) -> KnownTypes {
-        KnownTypes::default().with::<account::Account>()
+        history::upcast(KnownTypes::default().with::<account::Account>())
     }
 
     fn projections(&self) -> Vec<Box<dyn AnyProjection>> {

@@ -3,7 +3,8 @@
 //!
 //! Read models trail the event log. A caller that just wrote passes the
 //! stream versions its commands returned; a read waits, polling with
-//! backoff (1 ms doubling to `MAX_POLL`), until the document has applied
+//! backoff (1 ms doubling to `MAX_POLL`, on a grid every waiter shares),
+//! until the document has applied
 //! them (its `_applied` map), and
 //! gives up at the deadline with [`QueryError::NotCaughtUp`] rather than
 //! answer with a view that is older than what the caller knows happened.
@@ -18,7 +19,7 @@
 //! answers, so a switch never shows an older view than the one before it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -35,6 +36,19 @@ use crate::projection::generation::{GenerationState, Generations, key_in, now_ms
 /// up, while one that is a few milliseconds behind is still read again
 /// within them (the pauses double from 1 ms).
 const MAX_POLL: Duration = Duration::from_millis(100);
+
+/// When a waiter reads next: the first point after now on a grid of
+/// `pause` steps counted from one origin for the process, so that waiters
+/// with the same pause wake together and share their reads (see
+/// `Queries::snapshot`) however far apart they started.
+fn next_poll(pause: Duration) -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    let step = pause.as_nanos().max(1);
+    let steps = Instant::now().duration_since(origin).as_nanos() / step + 1;
+    let since = u64::try_from(steps * step).unwrap_or(u64::MAX);
+    origin + Duration::from_nanos(since)
+}
 
 /// Why a query has no answer.
 #[derive(Debug, thiserror::Error)]
@@ -195,7 +209,7 @@ impl Queries {
                         progress,
                     });
                 }
-                tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;
+                tokio::time::sleep_until(next_poll(pause).min(deadline)).await;
                 pause = (pause * 2).min(MAX_POLL);
                 continue;
             };
@@ -234,7 +248,7 @@ impl Queries {
                 }
                 (Some(_), _) => {
                     // One last read at the deadline, not a pause early.
-                    tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;
+                    tokio::time::sleep_until(next_poll(pause).min(deadline)).await;
                     pause = (pause * 2).min(MAX_POLL);
                 }
             }

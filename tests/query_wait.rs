@@ -9,17 +9,20 @@ use scaleout::documents::redb::RedbDocuments;
 use scaleout::documents::{Cas, Document, DocumentError, DocumentStore};
 use scaleout::query::{Queries, QueryError};
 
-/// A real store that counts the reads made of it.
+/// A real store that counts the reads made of it, each taking at least
+/// `latency` (as a read over the network does).
 #[derive(Debug)]
 struct Counted {
     inner: RedbDocuments,
     reads: AtomicU64,
+    latency: Duration,
 }
 
 #[async_trait::async_trait]
 impl DocumentStore for Counted {
     async fn get(&self, key: &str) -> Result<Option<Document>, DocumentError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.latency).await;
         self.inner.get(key).await
     }
     async fn insert(&self, key: &str, body: &[u8]) -> Result<Cas, DocumentError> {
@@ -42,6 +45,7 @@ async fn waiting_for_a_version_backs_off_and_still_answers_at_the_deadline() {
     let store = Arc::new(Counted {
         inner: RedbDocuments::open(dir.path().join("views.redb")).unwrap(),
         reads: AtomicU64::new(0),
+        latency: Duration::ZERO,
     });
     let body = br#"{"counter_id":"c","count":1,"version":1,"_applied":{"counter-c":1}}"#;
     store.insert("counter::c", body).await.unwrap();
@@ -82,6 +86,10 @@ async fn callers_waiting_on_one_document_share_its_reads() {
     let store = Arc::new(Counted {
         inner: RedbDocuments::open(dir.path().join("views.redb")).unwrap(),
         reads: AtomicU64::new(0),
+        // Reads that overlap, as a remote store's do: one under way is
+        // shared by whoever asks meanwhile. (The waiters' polls fall on a
+        // shared grid, so they ask together however far apart they start.)
+        latency: Duration::from_millis(20),
     });
     let body = br#"{"counter_id":"c","count":1,"version":1,"_applied":{"counter-c":1}}"#;
     store.insert("counter::c", body).await.unwrap();

@@ -236,7 +236,7 @@ async fn relay(store: Arc<dyn EventStore>) -> Sample {
         Relay::new(Arc::clone(&store), Arc::clone(&bus), RelayConfig::default())
             .run(stopping.clone()),
     );
-    while !store.read_outbox(1).await.unwrap().is_empty() {
+    while !store.read_outbox(0, 1).await.unwrap().is_empty() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let sample = Sample::throughput(report::events(), started.elapsed());

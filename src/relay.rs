@@ -116,7 +116,7 @@ impl Relay {
         loop {
             // Registered before the outbox is read, so no append slips between.
             let appended = self.store.appended().notified();
-            let (state, pause) = match self.round().await {
+            let (state, pause) = match self.drain(&stopping).await {
                 Ok(Round::Published) => {
                     failures = 0;
                     self.set(RelayState::Publishing);
@@ -146,40 +146,58 @@ impl Relay {
         self.set(RelayState::Stopped);
     }
 
-    /// Publishes one batch of the outbox.
-    async fn round(&self) -> Result<Round, RelayState> {
+    /// Publishes the outbox until it is empty (or the relay stops), as a
+    /// pipeline: while one batch waits for the bus's confirms, the next is
+    /// read and the one before is deleted, so the store's round trips hide
+    /// behind the bus's. Batches go to the bus one after another, in order.
+    /// After a refusal the next round reads the outbox from its start again.
+    async fn drain(&self, stopping: &CancellationToken) -> Result<Round, RelayState> {
         let store_down = |e: crate::store::StoreError| RelayState::StoreDown(e.to_string());
         if !self.store.lease_outbox().await.map_err(store_down)? {
             return Ok(Round::Standby);
         }
-        let rows = self
-            .store
-            .read_outbox(self.config.batch)
-            .await
-            .map_err(store_down)?;
+        let batch = self.config.batch;
+        let mut rows = self.store.read_outbox(0, batch).await.map_err(store_down)?;
         if rows.is_empty() {
             return Ok(Round::Empty);
         }
-        let messages: Vec<BusMessage> = rows.iter().map(BusMessage::from_event).collect();
-        let results = self.bus.publish(&messages).await;
-        let mut confirmed = Vec::with_capacity(rows.len());
-        let mut refused = None;
-        for (row, result) in rows.iter().zip(results) {
-            match result {
-                Ok(()) => confirmed.push(row.position),
-                Err(error) => refused = refused.or(Some(error)),
+        let mut confirmed = Vec::new();
+        loop {
+            let after = rows.last().map_or(0, |row| row.position);
+            let messages: Vec<BusMessage> = rows.iter().map(BusMessage::from_event).collect();
+            let (results, next, deleted) = tokio::join!(
+                self.bus.publish(&messages),
+                self.store.read_outbox(after, batch),
+                self.delete(&confirmed),
+            );
+            deleted.map_err(store_down)?;
+            confirmed.clear();
+            let mut refused = None;
+            for (row, result) in rows.iter().zip(results) {
+                match result {
+                    Ok(()) => confirmed.push(row.position),
+                    Err(error) => refused = refused.or(Some(error)),
+                }
             }
+            if let Some(error) = refused {
+                self.delete(&confirmed).await.map_err(store_down)?;
+                return Err(RelayState::BusDown(error.to_string()));
+            }
+            rows = next.map_err(store_down)?;
+            if rows.is_empty() || stopping.is_cancelled() {
+                self.delete(&confirmed).await.map_err(store_down)?;
+                return Ok(Round::Published);
+            }
+            self.set(RelayState::Publishing);
         }
-        if !confirmed.is_empty() {
-            self.store
-                .delete_outbox(&confirmed)
-                .await
-                .map_err(store_down)?;
+    }
+
+    /// Forgets confirmed rows.
+    async fn delete(&self, positions: &[u64]) -> Result<(), crate::store::StoreError> {
+        if positions.is_empty() {
+            return Ok(());
         }
-        match refused {
-            Some(error) => Err(RelayState::BusDown(error.to_string())),
-            None => Ok(Round::Published),
-        }
+        self.store.delete_outbox(positions).await
     }
 
     fn set(&self, state: RelayState) {

@@ -126,20 +126,52 @@ async fn a_cached_state_catches_up_with_what_another_instance_wrote() {
     );
 }
 
-/// A real store that records where each stream read started.
-#[derive(Debug)]
+/// A real store that records where each stream read started, and can let
+/// another instance get in first: before each of the next chains of several
+/// appends, `cut_in` renames the file through its own handler on the
+/// inner store.
+#[derive(Debug, Default)]
 struct Recording {
-    inner: Arc<dyn EventStore>,
+    inner: Option<Arc<dyn EventStore>>,
     reads_from: std::sync::Mutex<Vec<u64>>,
+    cut_in: Option<CommandHandler>,
+    cut_ins_left: std::sync::atomic::AtomicU32,
+}
+
+impl Recording {
+    fn over(inner: &Arc<dyn EventStore>) -> Self {
+        Self {
+            inner: Some(Arc::clone(inner)),
+            ..Self::default()
+        }
+    }
+
+    fn inner(&self) -> &Arc<dyn EventStore> {
+        self.inner.as_ref().expect("a store to record")
+    }
 }
 
 #[async_trait::async_trait]
 impl EventStore for Recording {
-    async fn append(
+    async fn append_chain(
         &self,
-        request: scaleout::store::AppendRequest,
-    ) -> Result<scaleout::store::AppendOutcome, StoreError> {
-        self.inner.append(request).await
+        chain: Vec<scaleout::store::AppendRequest>,
+    ) -> Vec<Result<scaleout::store::AppendOutcome, StoreError>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if let Some(other) = &self.cut_in
+            && chain.len() > 1
+            && self
+                .cut_ins_left
+                .fetch_update(SeqCst, SeqCst, |left| left.checked_sub(1))
+                .is_ok()
+        {
+            let name = format!("cut{}", uuid::Uuid::now_v7().simple());
+            other
+                .execute::<File>(command("f", rename(&name), None))
+                .await
+                .unwrap();
+        }
+        self.inner().append_chain(chain).await
     }
     async fn read_stream(
         &self,
@@ -148,7 +180,9 @@ impl EventStore for Recording {
         limit: usize,
     ) -> Result<Vec<scaleout::store::RecordedEvent>, StoreError> {
         self.reads_from.lock().unwrap().push(from_version);
-        self.inner.read_stream(stream_id, from_version, limit).await
+        self.inner()
+            .read_stream(stream_id, from_version, limit)
+            .await
     }
     async fn read_all(
         &self,
@@ -156,37 +190,38 @@ impl EventStore for Recording {
         limit: usize,
         filter: &scaleout::store::LogFilter,
     ) -> Result<scaleout::store::LogPage, StoreError> {
-        self.inner.read_all(from_position, limit, filter).await
+        self.inner().read_all(from_position, limit, filter).await
     }
     async fn find_request(
         &self,
         request_id: scaleout::store::RequestId,
     ) -> Result<Option<scaleout::store::RecordedRequest>, StoreError> {
-        self.inner.find_request(request_id).await
+        self.inner().find_request(request_id).await
     }
     async fn read_outbox(
         &self,
+        after: u64,
         limit: usize,
     ) -> Result<Vec<scaleout::store::RecordedEvent>, StoreError> {
-        self.inner.read_outbox(limit).await
+        self.inner().read_outbox(after, limit).await
     }
     async fn lease_outbox(&self) -> Result<bool, StoreError> {
-        self.inner.lease_outbox().await
+        self.inner().lease_outbox().await
     }
     async fn delete_outbox(&self, positions: &[u64]) -> Result<(), StoreError> {
-        self.inner.delete_outbox(positions).await
+        self.inner().delete_outbox(positions).await
     }
     fn appended(&self) -> &tokio::sync::Notify {
-        self.inner.appended()
+        self.inner().appended()
     }
     async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
+        self.inner().ping().await
     }
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
-        self.inner.save_snapshot(snapshot).await
+        self.inner().save_snapshot(snapshot).await
     }
     async fn load_snapshot(&self, stream_id: &str) -> Result<Option<Snapshot>, StoreError> {
-        self.inner.load_snapshot(stream_id).await
+        self.inner().load_snapshot(stream_id).await
     }
 }
 
@@ -223,10 +258,7 @@ async fn snapshot_taken_by_one_instance_is_used_by_another(store: Arc<dyn EventS
     }
 
     // Another instance, nothing cached: it starts from the snapshot.
-    let recording = Arc::new(Recording {
-        inner: Arc::clone(&store),
-        reads_from: Default::default(),
-    });
+    let recording = Arc::new(Recording::over(&store));
     let other =
         CommandHandler::new(recording.clone(), RetryPolicy::default()).with_snapshots_every(10);
     let unchanged = other
@@ -255,10 +287,7 @@ async fn snapshot_taken_by_one_instance_is_used_by_another(store: Arc<dyn EventS
         })
         .await
         .unwrap();
-    let recording = Arc::new(Recording {
-        inner: Arc::clone(&store),
-        reads_from: Default::default(),
-    });
+    let recording = Arc::new(Recording::over(&store));
     let fresh =
         CommandHandler::new(recording.clone(), RetryPolicy::default()).with_snapshots_every(10);
     let renamed = fresh
@@ -285,4 +314,238 @@ async fn postgres_snapshot_taken_by_one_instance_is_used_by_another() {
         .unwrap();
     snapshot_taken_by_one_instance_is_used_by_another(Arc::new(store)).await;
     support::drop_schema(&schema).await;
+}
+
+/// The name each rename of file `f` wrote, by stream version; and each was
+/// decided on the state before it: its old name is the previous new one.
+async fn names_by_version(store: &Arc<dyn EventStore>) -> std::collections::BTreeMap<u64, String> {
+    use prost::Message;
+    let mut current = "v0".to_owned();
+    let mut names = std::collections::BTreeMap::new();
+    for event in store.read_stream("file-f", 2, usize::MAX).await.unwrap() {
+        if event.event_type != "scaleout.v1.FileRenamed" {
+            continue;
+        }
+        let renamed = reference::pb::FileRenamed::decode(&*event.payload).unwrap();
+        assert_eq!(renamed.old_name, current, "version {}", event.version);
+        current.clone_from(&renamed.new_name);
+        names.insert(event.version, renamed.new_name);
+    }
+    names
+}
+
+async fn created(handler: &CommandHandler) {
+    let create = FileCommand::Create {
+        name: FileName::parse("v0").unwrap(),
+        folder_id: Id::parse("docs").unwrap(),
+    };
+    handler
+        .execute::<File>(command("f", create, None))
+        .await
+        .unwrap();
+}
+
+/// Commands queued on one stream are decided one after another on the state
+/// the ones before them leave, though they commit together: a rename
+/// queued behind the delete is refused, and every acknowledged version
+/// holds exactly the event its command decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_queued_on_one_stream_decide_on_what_the_earlier_ones_leave() {
+    let (store, _dir) = support::redb_store();
+    let handler = Arc::new(CommandHandler::new(
+        Arc::clone(&store),
+        RetryPolicy::default(),
+    ));
+    created(&handler).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let handler = Arc::clone(&handler);
+        calls.spawn(async move {
+            let (name, asked) = match i {
+                30 => (None, FileCommand::Delete),
+                i => (Some(format!("n{i}")), rename(&format!("n{i}"))),
+            };
+            let outcome = handler.execute::<File>(command("f", asked, None)).await;
+            (name, outcome)
+        });
+    }
+    let (mut acknowledged, mut deleted_at, mut refused) = (Vec::new(), None, 0);
+    while let Some(joined) = calls.join_next().await {
+        match joined.unwrap() {
+            (None, outcome) => deleted_at = Some(outcome.unwrap().result().version),
+            (Some(name), Ok(outcome)) => acknowledged.push((outcome.result().version, name)),
+            (Some(_), Err(error)) => {
+                assert!(
+                    matches!(
+                        error,
+                        CommandError::Domain(DomainError::Precondition {
+                            rule: "FILE_DELETED",
+                            ..
+                        })
+                    ),
+                    "{error:?}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    let deleted_at = deleted_at.unwrap();
+    acknowledged.sort();
+    let versions: Vec<u64> = acknowledged.iter().map(|(v, _)| *v).collect();
+    assert_eq!(
+        versions,
+        (2..deleted_at).collect::<Vec<_>>(),
+        "no gap, no rename after the delete"
+    );
+    assert_eq!(acknowledged.len() + refused, 59);
+    let stored = names_by_version(&store).await;
+    assert_eq!(stored, acknowledged.into_iter().collect());
+}
+
+/// Another instance gets in just before each of several chains commits, so
+/// each is refused from its first append on: the rest would otherwise
+/// match the versions the other's event moved to, though decided on a state
+/// that never was. Each is decided again; nothing is lost or doubled, and
+/// each acknowledged version holds its own command's event, decided on the
+/// state before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_another_instance_got_ahead_of_is_decided_again() {
+    let (store, _dir) = support::redb_store();
+    let recording = Arc::new(Recording {
+        cut_in: Some(CommandHandler::new(
+            Arc::clone(&store),
+            RetryPolicy::default(),
+        )),
+        cut_ins_left: 5.into(),
+        ..Recording::over(&store)
+    });
+    let handler = Arc::new(CommandHandler::new(
+        recording.clone(),
+        RetryPolicy::default(),
+    ));
+    created(&handler).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let handler = Arc::clone(&handler);
+        calls.spawn(async move {
+            let name = format!("n{i}");
+            let outcome = handler
+                .execute::<File>(command("f", rename(&name), None))
+                .await;
+            (
+                outcome
+                    .expect("a lost race is decided again")
+                    .result()
+                    .version,
+                name,
+            )
+        });
+    }
+    let mut acknowledged = std::collections::BTreeMap::new();
+    while let Some(joined) = calls.join_next().await {
+        let (version, name) = joined.unwrap();
+        assert!(
+            acknowledged.insert(version, name).is_none(),
+            "version {version} twice"
+        );
+    }
+    let cut_in = recording
+        .cut_ins_left
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(cut_in, 0, "every cut-in happened");
+    let mut stored = names_by_version(&store).await;
+    stored.retain(|_, name| !name.starts_with("cut"));
+    assert_eq!(stored.len(), 200);
+    assert_eq!(stored, acknowledged);
+}
+
+/// Within one round, commands that name the same exact version: the first
+/// is written, the rest see the version it moved to, as one after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_commands_with_one_exact_version_let_one_through() {
+    let (store, _dir) = support::redb_store();
+    let handler = Arc::new(CommandHandler::new(
+        Arc::clone(&store),
+        RetryPolicy::default(),
+    ));
+    created(&handler).await;
+    let calls: Vec<_> = (0..20)
+        .map(|i| {
+            let handler = Arc::clone(&handler);
+            tokio::spawn(async move {
+                let expected = Some(ExpectedVersion::Exact(1));
+                handler
+                    .execute::<File>(command("f", rename(&format!("n{i}")), expected))
+                    .await
+            })
+        })
+        .collect();
+    let mut written = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(outcome) => {
+                assert_eq!(outcome.result().version, 2);
+                written += 1;
+            }
+            Err(lost) => assert!(
+                matches!(
+                    lost,
+                    CommandError::Store(StoreError::WrongExpectedVersion {
+                        expected: ExpectedVersion::Exact(1),
+                        actual: 2,
+                        ..
+                    })
+                ),
+                "{lost:?}"
+            ),
+        }
+    }
+    assert_eq!(written, 1);
+}
+
+/// The same request sent twice at once: in one round the store replays the
+/// second, and the round goes on with the commands behind it; in the next
+/// it is decided on what the first wrote (here: refused, the name being
+/// taken) and then found recorded. Either way it is answered with the
+/// first's result and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_repeated_within_a_round_is_replayed() {
+    use scaleout::store::{Fingerprint, RequestId, RequestKey};
+    let (store, _dir) = support::redb_store();
+    let handler = Arc::new(CommandHandler::new(
+        Arc::clone(&store),
+        RetryPolicy::default(),
+    ));
+    created(&handler).await;
+    let key = RequestKey {
+        id: RequestId(uuid::Uuid::new_v4()),
+        fingerprint: Fingerprint::of("test.Rename", b"twice"),
+    };
+    let calls: Vec<_> = (0..10)
+        .map(|i| {
+            let handler = Arc::clone(&handler);
+            tokio::spawn(async move {
+                let mut sent = command("f", rename(&format!("n{i}")), None);
+                if i < 2 {
+                    sent.command = rename("twice");
+                    sent.request_key = Some(key);
+                }
+                handler.execute::<File>(sent).await.unwrap()
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for call in calls {
+        outcomes.push(call.await.unwrap());
+    }
+    let (first, second) = (&outcomes[0], &outcomes[1]);
+    assert_eq!(first.result(), second.result());
+    let replayed = outcomes[..2]
+        .iter()
+        .filter(|o| matches!(o, scaleout::store::AppendOutcome::Replayed(_)))
+        .count();
+    assert_eq!(replayed, 1, "{outcomes:?}");
+    let stored = names_by_version(&store).await;
+    assert_eq!(stored.len(), 9, "the repeat wrote nothing: {stored:?}");
+    assert_eq!(stored[&first.result().version], "twice");
 }

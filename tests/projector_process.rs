@@ -115,7 +115,7 @@ async fn a_projector_killed_mid_stream_and_restarted_still_equals_the_fold() {
             started.elapsed() < DEADLINE,
             "the projector never drained its queue"
         );
-        while !store.read_outbox(1).await.unwrap().is_empty()
+        while !store.read_outbox(0, 1).await.unwrap().is_empty()
             || support::bus::queue_depth(&config, "projector").await > 0
         {
             assert!(started.elapsed() < DEADLINE, "events are stuck");

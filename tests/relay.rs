@@ -139,7 +139,7 @@ async fn append_events(store: Arc<dyn EventStore>, total: usize, tag: &str) -> V
 
 async fn wait_for_empty_outbox(store: &dyn EventStore) {
     let started = Instant::now();
-    while !store.read_outbox(1).await.unwrap().is_empty() {
+    while !store.read_outbox(0, 1).await.unwrap().is_empty() {
         assert!(started.elapsed() < DEADLINE, "outbox rows stuck");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

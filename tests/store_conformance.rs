@@ -173,13 +173,13 @@ async fn failed_append_leaves_nothing_behind(store: Arc<dyn EventStore>) {
     let store = &*store;
     appended(store, append("s", NoStream, 2)).await;
     let stream = read(store, "s").await;
-    let outbox = store.read_outbox(100).await.unwrap();
+    let outbox = store.read_outbox(0, 100).await.unwrap();
     let request_id = RequestId(Uuid::new_v4());
 
     let rejected = with_request_id(append("s", Exact(1), 3), request_id);
     assert_wrong_version(store, rejected, Exact(1), 2).await;
     assert_eq!(read(store, "s").await, stream);
-    assert_eq!(store.read_outbox(100).await.unwrap(), outbox);
+    assert_eq!(store.read_outbox(0, 100).await.unwrap(), outbox);
     assert_eq!(store.find_request(request_id).await.unwrap(), None);
 
     // The next append continues where the stream was, and the request id is free.
@@ -285,7 +285,7 @@ async fn request_id_replays(store: Arc<dyn EventStore>) {
         AppendOutcome::Replayed(first.clone())
     );
     assert_eq!(versions(&read(store, "s").await), [1, 2]);
-    assert_eq!(store.read_outbox(100).await.unwrap().len(), 2);
+    assert_eq!(store.read_outbox(0, 100).await.unwrap().len(), 2);
     assert_eq!(
         store.find_request(RequestId(Uuid::new_v4())).await.unwrap(),
         None
@@ -342,7 +342,7 @@ async fn request_id_reused_on_another_stream(store: Arc<dyn EventStore>) {
         other => panic!("expected RequestIdReused, got {other:?}"),
     }
     assert!(read(store, "b").await.is_empty());
-    assert_eq!(store.read_outbox(100).await.unwrap().len(), 1);
+    assert_eq!(store.read_outbox(0, 100).await.unwrap().len(), 1);
     assert_eq!(
         store.find_request(request_id).await.unwrap(),
         Some(recorded(first))
@@ -391,7 +391,7 @@ async fn outbox_matches_events(store: Arc<dyn EventStore>) {
     for request in &requests {
         appended(store, request.clone()).await;
     }
-    let outbox = store.read_outbox(100).await.unwrap();
+    let outbox = store.read_outbox(0, 100).await.unwrap();
     // One row per event, in the order they were appended.
     let sent: Vec<Uuid> = requests.iter().flat_map(event_ids).collect();
     let listed: Vec<Uuid> = outbox.iter().map(|e| e.event_id).collect();
@@ -404,7 +404,13 @@ async fn outbox_matches_events(store: Arc<dyn EventStore>) {
     }
     stored.sort_by_key(|e| e.position);
     assert_eq!(outbox, stored);
-    assert_eq!(store.read_outbox(3).await.unwrap(), outbox[..3]);
+    assert_eq!(store.read_outbox(0, 3).await.unwrap(), outbox[..3]);
+    // Past a position: what a relay reads while earlier rows await confirms.
+    let after = outbox[2].position;
+    assert_eq!(store.read_outbox(after, 2).await.unwrap(), outbox[3..5]);
+    let last = outbox.last().unwrap().position;
+    assert!(store.read_outbox(last, 100).await.unwrap().is_empty());
+    assert!(store.read_outbox(u64::MAX, 100).await.unwrap().is_empty());
 }
 
 async fn read_stream_from_a_version(store: Arc<dyn EventStore>) {
@@ -807,14 +813,14 @@ async fn redb_reopened_store_has_everything() {
         let result = appended(&store, with_request_id(append("b", Any, 1), request_id)).await;
         (
             read(&store, "a").await,
-            store.read_outbox(100).await.unwrap(),
+            store.read_outbox(0, 100).await.unwrap(),
             result,
         )
     };
 
     let store = RedbStore::open(&path).expect("reopen redb");
     assert_eq!(read(&store, "a").await, stream);
-    assert_eq!(store.read_outbox(100).await.unwrap(), outbox);
+    assert_eq!(store.read_outbox(0, 100).await.unwrap(), outbox);
     assert_eq!(
         store.find_request(request_id).await.unwrap(),
         Some(recorded(result.clone()))
@@ -826,7 +832,7 @@ async fn redb_reopened_store_has_everything() {
     );
     // Versions and positions continue where they were.
     assert_eq!(appended(&store, append("a", Exact(2), 1)).await.version, 3);
-    let last = store.read_outbox(100).await.unwrap().pop().unwrap();
+    let last = store.read_outbox(0, 100).await.unwrap().pop().unwrap();
     assert!(last.position > outbox.iter().map(|e| e.position).max().unwrap());
 }
 
@@ -869,7 +875,7 @@ async fn postgres_instances_share_one_schema() {
             let events = read(&*stores[1], &format!("new-{round}")).await;
             assert_eq!(versions(&events), [1, 2, 3, 4, 5, 6]);
         }
-        let outbox = stores[2].read_outbox(1000).await.unwrap();
+        let outbox = stores[2].read_outbox(0, 1000).await.unwrap();
         assert_eq!(outbox.len(), 20 * 6 + 1);
         let ids: HashSet<Uuid> = outbox.iter().map(|e| e.event_id).collect();
         assert_eq!(ids.len(), outbox.len());

@@ -7,19 +7,24 @@
 //! writer gets in between load and append, it is decided again on the fresh
 //! state, a bounded number of times with jittered backoff.
 //!
-//! Commands on one stream take turns inside one process (see `locks`), so
-//! concurrent callers of one instance queue instead of racing; the expected
-//! version check still guards against other instances. Between turns the
-//! folded state is cached (see `cache`), so a command reads only the events
-//! appended since the previous one.
+//! Commands on one stream queue inside one process (see `queue`): a leader
+//! decides those waiting one after another, each on the state the ones
+//! before it leave, and commits them in one chain, so a hot stream costs one
+//! commit per round instead of one per command. Each is answered once its
+//! own append is durable; if an append is not written, every command
+//! decided on top of it is decided again. The expected version check still
+//! guards against other instances. Between rounds the folded state is
+//! cached (see `cache`), so a round reads only the events appended since
+//! the previous one.
 
 mod cache;
-mod locks;
+mod queue;
 mod retry;
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 pub use self::retry::RetryPolicy;
@@ -45,7 +50,7 @@ pub struct Command<C> {
 }
 
 /// Why a command did not apply.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CommandError {
     #[error(transparent)]
     Domain(#[from] DomainError),
@@ -67,9 +72,14 @@ pub enum CommandError {
 /// Runs commands against an event store.
 #[derive(Debug)]
 pub struct CommandHandler {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     store: Arc<dyn EventStore>,
     retry: RetryPolicy,
-    locks: locks::StreamLocks,
+    queues: queue::Queues,
     states: cache::StateCache,
     /// Take a snapshot each time a stream passes a multiple of this many
     /// events; 0 takes none.
@@ -83,23 +93,50 @@ pub const DEFAULT_SNAPSHOT_EVERY: u64 = 100;
 /// Aggregate states kept in memory between commands.
 const CACHED_STATES: usize = 10_000;
 
+/// Most commands a leader decides and commits in one round: bounds the
+/// chain one commit carries.
+const MAX_ROUND: usize = 256;
+
+/// A command waiting on its stream, and where its answer goes.
+struct Job<A: Aggregate> {
+    command: Command<A::Command>,
+    metadata: EventMetadata,
+    /// Decisions lost to other writers so far.
+    attempt: u32,
+    reply: oneshot::Sender<Result<AppendOutcome, CommandError>>,
+}
+
+impl<A: Aggregate> Job<A> {
+    fn answer(self, outcome: Result<AppendOutcome, CommandError>) {
+        // A caller that went away no longer listens.
+        let _ = self.reply.send(outcome);
+    }
+
+    fn retryable(&self) -> bool {
+        !matches!(self.command.expected, Some(ExpectedVersion::Exact(_)))
+    }
+}
+
+/// What a round decided for one command.
+enum Decided {
+    /// Its append is the chain's entry at `index`, decided at `version`.
+    Append { index: usize, version: u64 },
+    /// Its answer, which holds if the chain's appends before it were written.
+    Answer(Result<AppendOutcome, CommandError>),
+}
+
 impl CommandHandler {
     pub fn new(store: Arc<dyn EventStore>, retry: RetryPolicy) -> Self {
         Self {
-            store,
-            retry,
-            locks: locks::StreamLocks::default(),
-            states: cache::StateCache::new(CACHED_STATES),
-            snapshot_every: 0,
-            upcasters: Upcasters::default(),
+            inner: Arc::new(Inner {
+                store,
+                retry,
+                queues: queue::Queues::default(),
+                states: cache::StateCache::new(CACHED_STATES),
+                snapshot_every: 0,
+                upcasters: Upcasters::default(),
+            }),
         }
-    }
-
-    /// Reads events stored in an older shape through `upcasters` (the
-    /// application's [`crate::domain::KnownTypes::upcasters`]).
-    pub fn with_upcasters(mut self, upcasters: Upcasters) -> Self {
-        self.upcasters = upcasters;
-        self
     }
 
     /// Snapshots every `every` events (0: none) for aggregates that take
@@ -107,12 +144,27 @@ impl CommandHandler {
     /// (after a restart, or last changed by another instance) is then loaded
     /// from its snapshot plus the events after it, not from the stream's start.
     pub fn with_snapshots_every(mut self, every: u64) -> Self {
-        self.snapshot_every = every;
+        self.configure(|inner| inner.snapshot_every = every);
         self
     }
 
+    /// Reads events stored in an older shape through `upcasters` (the
+    /// application's [`crate::domain::KnownTypes::upcasters`]).
+    pub fn with_upcasters(mut self, upcasters: Upcasters) -> Self {
+        self.configure(|inner| inner.upcasters = upcasters);
+        self
+    }
+
+    /// Configures a handler that has not run a command yet (nothing else
+    /// holds its inner part then).
+    fn configure(&mut self, change: impl FnOnce(&mut Inner)) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            change(inner);
+        }
+    }
+
     pub fn store(&self) -> &Arc<dyn EventStore> {
-        &self.store
+        &self.inner.store
     }
 
     /// Decides and appends `command`; a repeated request returns the first result.
@@ -122,13 +174,10 @@ impl CommandHandler {
     ) -> Result<AppendOutcome, CommandError> {
         let stream_id = A::stream_id(command.aggregate_id.as_str());
         if let Some(key) = command.request_key
-            && let Some(first) = self.store.find_request(key.id).await?
+            && let Some(first) = self.inner.store.find_request(key.id).await?
         {
             return Ok(AppendOutcome::Replayed(first.replay(key, &stream_id)?));
         }
-        let mut turn = self.locks.lock(&stream_id).await;
-        let retryable = !matches!(command.expected, Some(ExpectedVersion::Exact(_)));
-        let expected = command.expected.unwrap_or(ExpectedVersion::Any);
         let metadata = EventMetadata {
             occurred_at: SystemTime::now(),
             correlation_id: command.correlation_id.unwrap_or_else(Uuid::now_v7),
@@ -136,78 +185,209 @@ impl CommandHandler {
                 .request_key
                 .map_or_else(Uuid::now_v7, |key| key.id.0),
         };
-        let mut attempt = 0;
-        let mut known = match self.states.take::<A>(&stream_id) {
-            Some(cached) => Some(cached),
-            None => self.load_snapshot::<A>(&stream_id).await,
+        let key = command.request_key;
+        let (reply, answer) = oneshot::channel();
+        let job = Job::<A> {
+            command,
+            metadata,
+            attempt: 0,
+            reply,
         };
+        if self.inner.queues.push(&stream_id, job) {
+            // Its own task: a caller that goes away does not take the other
+            // commands of the round with it.
+            let inner = Arc::clone(&self.inner);
+            tokio::spawn(inner.lead::<A>(stream_id.clone()));
+        }
+        let outcome = answer.await.unwrap_or_else(|_| {
+            Err(StoreError::backend("the command's round ended without an answer").into())
+        });
+        // The same request sent twice at once: the second is decided on
+        // the state the first left, where it may be refused or change
+        // nothing; it is a repeat, answered with the first's result.
+        let unwritten = match &outcome {
+            Err(CommandError::Domain(_)) => true,
+            Ok(AppendOutcome::Appended(result)) => result.event_ids.is_empty(),
+            _ => false,
+        };
+        if let Some(key) = key
+            && unwritten
+            && let Some(first) = self.inner.store.find_request(key.id).await?
+        {
+            return Ok(AppendOutcome::Replayed(first.replay(key, &stream_id)?));
+        }
+        outcome
+    }
+}
+
+impl Inner {
+    /// Runs rounds on `stream_id` until nothing is queued there.
+    async fn lead<A: Aggregate>(self: Arc<Self>, stream_id: String) {
+        /// Ends the leader however it stops.
+        struct Leading<'a, A: Aggregate>(&'a Inner, &'a str, std::marker::PhantomData<A>);
+        impl<A: Aggregate> Drop for Leading<'_, A> {
+            fn drop(&mut self) {
+                self.0.queues.abandon::<Job<A>>(self.1);
+            }
+        }
+        let _leading = Leading::<A>(&self, &stream_id, std::marker::PhantomData);
         loop {
-            let (state, version) = self.catch_up(&stream_id, known.take()).await?;
-            if !expected.accepts(version) {
-                return Err(StoreError::WrongExpectedVersion {
-                    stream: stream_id,
+            let jobs = self.queues.take::<Job<A>>(&stream_id, MAX_ROUND);
+            if jobs.is_empty() {
+                return;
+            }
+            if let Some(attempt) = self.round(&stream_id, jobs).await {
+                // Lost to another writer: give it room before deciding again.
+                tracing::debug!(stream = %stream_id, attempt, "lost a race, deciding again");
+                tokio::time::sleep(self.retry.backoff(attempt)).await;
+            }
+        }
+    }
+
+    /// Decides `jobs` in order, each on the state the ones before it leave,
+    /// appends their events as one chain and answers each command whose
+    /// decision held; the others go back to the queue. Returns the attempt
+    /// to back off for when one lost a race to another writer.
+    async fn round<A: Aggregate>(&self, stream_id: &str, jobs: Vec<Job<A>>) -> Option<u32> {
+        let known = match self.states.take::<A>(stream_id) {
+            Some(cached) => Some(cached),
+            None => self.load_snapshot::<A>(stream_id).await,
+        };
+        let (mut state, start) = match self.catch_up(stream_id, known).await {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                for job in jobs {
+                    job.answer(Err(error.clone()));
+                }
+                return None;
+            }
+        };
+        let mut version = start;
+        let mut chain = Vec::new();
+        let mut decided = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let prior = chain.len();
+            let expected = job.command.expected.unwrap_or(ExpectedVersion::Any);
+            let decision = if expected.accepts(version) {
+                state
+                    .decide(job.command.aggregate_id.as_str(), &job.command.command)
+                    .map_err(CommandError::from)
+            } else {
+                Err(StoreError::WrongExpectedVersion {
+                    stream: stream_id.to_owned(),
                     expected,
                     actual: version,
                 }
-                .into());
-            }
-            let decided = state.decide(command.aggregate_id.as_str(), &command.command)?;
-            let Ok(events) = NewEvents::try_from(encode(&decided)) else {
-                // Nothing to do is a success that changes nothing.
-                return Ok(AppendOutcome::Appended(AppendResult {
-                    stream_id,
-                    version,
-                    event_ids: Vec::new(),
-                }));
+                .into())
             };
-            let appended = self
-                .store
-                .append(AppendRequest {
-                    stream_id: stream_id.clone(),
-                    stream_type: A::STREAM_TYPE.to_owned(),
-                    // The decision holds for exactly the state it was made on.
-                    expected: ExpectedVersion::Exact(version),
-                    events,
-                    request_key: command.request_key,
-                    metadata: metadata.clone(),
-                })
-                .await;
+            let outcome = match decision {
+                Err(refused) => Decided::Answer(Err(refused)),
+                Ok(events) => match NewEvents::try_from(encode(&events)) {
+                    // Nothing to do is a success that changes nothing.
+                    Err(_) => Decided::Answer(Ok(AppendOutcome::Appended(AppendResult {
+                        stream_id: stream_id.to_owned(),
+                        version,
+                        event_ids: Vec::new(),
+                    }))),
+                    Ok(new_events) => {
+                        chain.push(AppendRequest {
+                            stream_id: stream_id.to_owned(),
+                            stream_type: A::STREAM_TYPE.to_owned(),
+                            // The decision holds for exactly the state it was made on.
+                            expected: ExpectedVersion::Exact(version),
+                            events: new_events,
+                            request_key: job.command.request_key,
+                            metadata: job.metadata.clone(),
+                        });
+                        let decided_at = version;
+                        version += events.len() as u64;
+                        events.into_iter().for_each(|event| state.apply(event));
+                        Decided::Append {
+                            index: prior,
+                            version: decided_at,
+                        }
+                    }
+                },
+            };
+            decided.push((job, prior, outcome));
+        }
+        let mut outcomes: Vec<Option<Result<AppendOutcome, StoreError>>> = if chain.is_empty() {
+            Vec::new()
+        } else {
+            self.store
+                .append_chain(chain)
+                .await
+                .into_iter()
+                .map(Some)
+                .collect()
+        };
+        let written = outcomes
+            .iter()
+            .take_while(|o| matches!(o, Some(Ok(AppendOutcome::Appended(_)))))
+            .count();
+        if written == outcomes.len() {
+            self.take_snapshot(stream_id, start, version, &state);
+            self.states.put(stream_id.to_owned(), version, state);
+        }
+        let mut lost = None;
+        let mut requeued = Vec::new();
+        for (mut job, prior, outcome) in decided {
+            let own = match outcome {
+                Decided::Answer(answer) if prior <= written => {
+                    job.answer(answer);
+                    continue;
+                }
+                // Decided on a state that was not written.
+                Decided::Answer(_) => {
+                    requeued.push(job);
+                    continue;
+                }
+                Decided::Append { index, version } => (
+                    index,
+                    version,
+                    outcomes.get_mut(index).and_then(Option::take),
+                ),
+            };
+            let (index, decided_at, Some(appended)) = own else {
+                job.answer(Err(
+                    StoreError::backend("an append without an outcome").into()
+                ));
+                continue;
+            };
             match appended {
-                Ok(AppendOutcome::Appended(result)) => {
-                    let mut state = state;
-                    decided.into_iter().for_each(|event| state.apply(event));
-                    self.take_snapshot(&stream_id, version, result.version, &state);
-                    self.states.put(stream_id, result.version, state);
-                    return Ok(AppendOutcome::Appended(result));
+                Ok(outcome) => job.answer(Ok(outcome)),
+                // Refused only because an earlier append of the chain was
+                // not written: decide it again, on what was.
+                Err(StoreError::WrongExpectedVersion { .. }) if index > written => {
+                    requeued.push(job);
+                }
+                Err(StoreError::WrongExpectedVersion { .. } | StoreError::Contended { .. })
+                    if job.retryable() && job.attempt < self.retry.max_retries =>
+                {
+                    lost = lost.max(Some(job.attempt));
+                    job.attempt += 1;
+                    requeued.push(job);
                 }
                 Err(StoreError::WrongExpectedVersion { actual, .. }) => {
-                    if !retryable || attempt >= self.retry.max_retries {
-                        return Err(StoreError::WrongExpectedVersion {
-                            stream: stream_id,
-                            expected: command.expected.unwrap_or(ExpectedVersion::Exact(version)),
-                            actual,
-                        }
-                        .into());
+                    let expected = job
+                        .command
+                        .expected
+                        .unwrap_or(ExpectedVersion::Exact(decided_at));
+                    job.answer(Err(StoreError::WrongExpectedVersion {
+                        stream: stream_id.to_owned(),
+                        expected,
+                        actual,
                     }
+                    .into()));
                 }
-                // Nothing was written: as safe to decide again as a lost race.
-                Err(contended @ StoreError::Contended { .. }) => {
-                    if !retryable || attempt >= self.retry.max_retries {
-                        return Err(contended.into());
-                    }
-                }
-                // Includes a replay: another call with this request id
-                // committed between our lookup and our append.
-                other => return Ok(other?),
+                // Includes a replay's refusal and a store that failed.
+                Err(other) => job.answer(Err(other.into())),
             }
-            tracing::debug!(stream = %stream_id, attempt, "lost a race, deciding again");
-            // Not holding the turn: the stream's other commands go on meanwhile.
-            drop(turn);
-            tokio::time::sleep(self.retry.backoff(attempt)).await;
-            turn = self.locks.lock(&stream_id).await;
-            attempt += 1;
-            known = Some((version, state));
         }
+        if !requeued.is_empty() {
+            self.queues.requeue(stream_id, requeued);
+        }
+        lost
     }
 
     /// The stream's snapshot, if snapshots are on, one is kept, and it is of

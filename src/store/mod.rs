@@ -27,24 +27,57 @@ pub use self::types::{
 };
 pub use crate::error::Cause;
 
-/// An append waiting for its batch to commit (see [`crate::group_commit`]).
-type Pending = crate::group_commit::Pending<AppendRequest, Result<AppendOutcome, StoreError>>;
-type Submitter = crate::group_commit::Submitter<AppendRequest, Result<AppendOutcome, StoreError>>;
-type Batches = crate::group_commit::Batches<AppendRequest, Result<AppendOutcome, StoreError>>;
+/// Appends queued together, each decided on the state the ones before it
+/// leave (see [`EventStore::append_chain`]), and their outcomes, in order.
+type Chain = Vec<AppendRequest>;
+type Outcomes = Vec<Result<AppendOutcome, StoreError>>;
 
-/// Queues an append on its stream's writer and waits for its outcome.
-async fn submit(
-    submitter: &Submitter,
-    request: AppendRequest,
-) -> Result<AppendOutcome, StoreError> {
+/// A chain waiting for its batch to commit (see [`crate::group_commit`]).
+type Pending = crate::group_commit::Pending<Chain, Outcomes>;
+type Submitter = crate::group_commit::Submitter<Chain, Outcomes>;
+type Batches = crate::group_commit::Batches<Chain, Outcomes>;
+
+/// Queues a chain on its stream's writer and waits for its outcomes.
+async fn submit(submitter: &Submitter, chain: Chain) -> Outcomes {
+    if chain.is_empty() {
+        return Vec::new();
+    }
+    let len = chain.len();
     submitter
-        .submit(request, |request| &request.stream_id)
+        .submit(chain, |chain| {
+            chain.first().map_or("", |r| r.stream_id.as_str())
+        })
         .await
         .unwrap_or_else(|crate::group_commit::Stopped| {
-            Err(StoreError::unavailable(
-                "the event store's writer has stopped",
-            ))
+            let stopped = StoreError::unavailable("the event store's writer has stopped");
+            vec![Err(stopped); len]
         })
+}
+
+/// Every append of a batch, chain after chain, in order.
+fn appends(batch: &[Pending]) -> impl Iterator<Item = &AppendRequest> {
+    batch.iter().flat_map(|pending| pending.write.iter())
+}
+
+/// Answers each chain of a committed batch from the batch's plan.
+fn answer(batch: Vec<Pending>, planned: Vec<plan::Planned>) {
+    let mut planned = planned.into_iter();
+    for pending in batch {
+        let outcomes = planned
+            .by_ref()
+            .take(pending.write.len())
+            .map(plan::Planned::into_outcome)
+            .collect();
+        pending.answer(outcomes);
+    }
+}
+
+/// Answers every append of a batch that did not commit with `failure`.
+fn answer_all(batch: Vec<Pending>, failure: &StoreError) {
+    for pending in batch {
+        let outcomes = vec![Err(failure.clone()); pending.write.len()];
+        pending.answer(outcomes);
+    }
 }
 
 /// Most positions a filtered [`EventStore::read_all`] looks at in one call,
@@ -143,7 +176,24 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
     /// nothing and returns the first append's result as
     /// [`AppendOutcome::Replayed`]; its id recorded for a different request
     /// is [`StoreError::RequestIdReused`].
-    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError>;
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        self.append_chain(vec![request])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::backend("an append without an outcome")))
+    }
+
+    /// Appends `chain` in order, in one commit, each as [`EventStore::append`]
+    /// would; one outcome per request. Each request was decided on the state
+    /// the ones before it leave, so once one is not written (refused, or a
+    /// replay) the rest are refused with
+    /// [`StoreError::WrongExpectedVersion`], and nothing of theirs is
+    /// written. This is how the commands queued on one stream commit
+    /// together instead of one commit each.
+    async fn append_chain(
+        &self,
+        chain: Vec<AppendRequest>,
+    ) -> Vec<Result<AppendOutcome, StoreError>>;
 
     /// Reads up to `limit` of a stream's events with a version of at least
     /// `from_version`, in order. A missing stream reads as empty.
@@ -175,8 +225,10 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
         request_id: RequestId,
     ) -> Result<Option<RecordedRequest>, StoreError>;
 
-    /// The outbox rows not yet published, oldest first, at most `limit`.
-    async fn read_outbox(&self, limit: usize) -> Result<Vec<RecordedEvent>, StoreError>;
+    /// The outbox rows not yet published past position `after` (0: all),
+    /// oldest first, at most `limit`.
+    async fn read_outbox(&self, after: u64, limit: usize)
+    -> Result<Vec<RecordedEvent>, StoreError>;
 
     /// Makes this process the outbox's one relay, or confirms that it still
     /// is; `false` while another process is. Two relays publishing the same

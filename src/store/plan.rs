@@ -5,7 +5,8 @@
 //! events in one transaction and answers each caller. Appends are decided in
 //! arrival order against the state the earlier ones leave, so a batch is
 //! equivalent to running its appends one after another, and one rejected
-//! append never takes the others down with it.
+//! append never takes the others down with it, except the rest of its own
+//! chain (see `EventStore::append_chain`).
 
 use std::collections::HashMap;
 
@@ -45,15 +46,31 @@ impl Planned {
     }
 }
 
-/// Decides every append of a batch, in order.
+/// Decides every append of a batch of chains, in order, flattened. Once an
+/// append of a chain is not written, the rest of the chain is refused: they
+/// were decided on the state it would have left.
 pub(crate) fn plan<'a>(
-    batch: impl IntoIterator<Item = &'a AppendRequest>,
+    chains: impl IntoIterator<Item = &'a [AppendRequest]>,
     mut state: BatchState,
 ) -> Vec<Planned> {
-    batch
-        .into_iter()
-        .map(|request| plan_one(request, &mut state))
-        .collect()
+    let mut planned = Vec::new();
+    for chain in chains {
+        let mut broken = false;
+        for request in chain {
+            let decided = if broken {
+                Planned::Reject(StoreError::WrongExpectedVersion {
+                    stream: request.stream_id.clone(),
+                    expected: request.expected,
+                    actual: state.versions.get(&request.stream_id).copied().unwrap_or(0),
+                })
+            } else {
+                plan_one(request, &mut state)
+            };
+            broken = !matches!(decided, Planned::Write { .. });
+            planned.push(decided);
+        }
+    }
+    planned
 }
 
 fn plan_one(request: &AppendRequest, state: &mut BatchState) -> Planned {
@@ -152,7 +169,10 @@ mod tests {
             append("a", ExpectedVersion::Any, 1),
             append("b", ExpectedVersion::Any, 1),
         ];
-        let planned = plan(&batch, BatchState::default());
+        let planned = plan(
+            batch.iter().map(std::slice::from_ref),
+            BatchState::default(),
+        );
         assert_eq!(
             versions(&planned),
             [Some((1, 2)), Some((3, 3)), Some((4, 4)), Some((1, 1))]
@@ -168,7 +188,7 @@ mod tests {
         ];
         let mut state = BatchState::default();
         state.versions.insert("a".into(), 3);
-        let planned = plan(&batch, state);
+        let planned = plan(batch.iter().map(std::slice::from_ref), state);
         assert!(matches!(
             &planned[0],
             Planned::Reject(StoreError::WrongExpectedVersion {
@@ -196,7 +216,11 @@ mod tests {
             fingerprint: Fingerprint::of("test.Append", b"other"),
             ..key
         });
-        let planned = plan(&[first, again, elsewhere, different], BatchState::default());
+        let batch = [first, again, elsewhere, different];
+        let planned = plan(
+            batch.iter().map(std::slice::from_ref),
+            BatchState::default(),
+        );
         let Planned::Write { result, .. } = &planned[0] else {
             panic!("first append should write: {planned:?}")
         };
@@ -230,7 +254,42 @@ mod tests {
             id,
             fingerprint: Fingerprint::of("test.Append", b"anything"),
         });
-        let planned = plan(&[again], state);
+        let planned = plan([std::slice::from_ref(&again)], state);
         assert!(matches!(&planned[0], Planned::Replay(replayed) if *replayed == recorded));
+    }
+
+    #[test]
+    fn a_chain_stops_at_its_first_append_not_written() {
+        let chain = [
+            append("a", ExpectedVersion::Exact(3), 1),
+            append("a", ExpectedVersion::Exact(4), 2),
+            append("a", ExpectedVersion::Exact(6), 1),
+        ];
+        let mut broken = chain.clone();
+        broken[0].expected = ExpectedVersion::Exact(2);
+        let mut state = BatchState::default();
+        state.versions.insert("a".into(), 3);
+        // A whole chain builds on itself; after a refusal nothing of it is
+        // written, and a lone append behind it still is.
+        let alone = [append("a", ExpectedVersion::Any, 1)];
+        let planned = plan([&chain[..], &broken[..], &alone[..]], state);
+        assert_eq!(
+            versions(&planned),
+            [
+                Some((4, 4)),
+                Some((5, 6)),
+                Some((7, 7)),
+                None,
+                None,
+                None,
+                Some((8, 8))
+            ]
+        );
+        for refused in &planned[3..6] {
+            assert!(matches!(
+                refused,
+                Planned::Reject(StoreError::WrongExpectedVersion { actual: 7, .. })
+            ));
+        }
     }
 }

@@ -31,7 +31,7 @@ use super::{
     LogPage, NewEvent, RecordedEvent, RecordedRequest, RequestId, Snapshot, StoreError,
     page_window,
 };
-use super::{Batches, Pending, Submitter, submit};
+use super::{Batches, Pending, Submitter, answer, answer_all, appends, submit};
 use crate::backoff::Backoff;
 use crate::group_commit;
 
@@ -163,8 +163,11 @@ impl PostgresStore {
 
 #[async_trait]
 impl EventStore for PostgresStore {
-    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
-        submit(&self.submitter, request).await
+    async fn append_chain(
+        &self,
+        chain: Vec<AppendRequest>,
+    ) -> Vec<Result<AppendOutcome, StoreError>> {
+        submit(&self.submitter, chain).await
     }
 
     async fn read_stream(
@@ -245,12 +248,17 @@ impl EventStore for PostgresStore {
         Ok(row.as_ref().map(recorded_request).transpose()?)
     }
 
-    async fn read_outbox(&self, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+    async fn read_outbox(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         let reader = self.reader().await?;
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = reader
             .client
-            .query(&reader.read_outbox, &[&limit])
+            .query(&reader.read_outbox, &[&after, &limit])
             .await
             .map_err(StoreError::from)?;
         Ok(rows.iter().map(recorded).collect::<Result<_, _>>()?)
@@ -502,7 +510,7 @@ impl Reader {
             let read_outbox = client
                 .prepare(&format!(
                     "SELECT {EVENT_COLUMNS} FROM outbox JOIN events USING (position) \
-                     ORDER BY position LIMIT $1"
+                     WHERE position > $1 ORDER BY position LIMIT $2"
                 ))
                 .await?;
             // Only a later version replaces a kept snapshot.
@@ -641,7 +649,7 @@ impl Writer {
     /// One transaction: lock and load, plan, write, commit. An error drops
     /// the transaction, which rolls it back.
     async fn try_commit(&mut self, batch: &[Pending]) -> Result<Vec<Planned>, StoreError> {
-        let requests = || batch.iter().map(|pending| &pending.write);
+        let requests = || appends(batch);
         let statements = &self.statements;
         let stream_ids: Vec<&str> = requests().map(|r| r.stream_id.as_str()).collect();
         let request_ids: Vec<Uuid> = requests()
@@ -668,7 +676,7 @@ impl Writer {
             let request_id = RequestId(row.try_get("request_id")?);
             state.requests.insert(request_id, recorded_request(&row)?);
         }
-        let planned = plan(requests(), state);
+        let planned = plan(batch.iter().map(|p| p.write.as_slice()), state);
 
         let mut events = EventColumns::default();
         let mut streams = BTreeMap::new();
@@ -798,9 +806,7 @@ async fn write_loop(
                 if planned.iter().any(|p| matches!(p, Planned::Write { .. })) {
                     appended.notify_waiters();
                 }
-                for (pending, planned) in batch.into_iter().zip(planned) {
-                    pending.answer(planned.into_outcome());
-                }
+                answer(batch, planned);
                 writer = Some(current);
             }
             Err(failure) => {
@@ -811,12 +817,6 @@ async fn write_loop(
                 }
             }
         }
-    }
-}
-
-fn answer_all(batch: Vec<Pending>, failure: &StoreError) {
-    for pending in batch {
-        pending.answer(Err(failure.clone()));
     }
 }
 

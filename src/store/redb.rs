@@ -24,7 +24,7 @@ use super::{
     AppendOutcome, AppendRequest, AppendResult, EventStore, Fingerprint, LogFilter, LogPage,
     RecordedEvent, RecordedRequest, RequestId, Snapshot, StoreError, page_window,
 };
-use super::{Batches, Pending, Submitter, submit};
+use super::{Batches, Pending, Submitter, answer, answer_all, appends, submit};
 use crate::group_commit;
 use crate::pb;
 
@@ -132,8 +132,11 @@ impl RedbStore {
 
 #[async_trait]
 impl EventStore for RedbStore {
-    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
-        submit(&self.submitter, request).await
+    async fn append_chain(
+        &self,
+        chain: Vec<AppendRequest>,
+    ) -> Vec<Result<AppendOutcome, StoreError>> {
+        submit(&self.submitter, chain).await
     }
 
     async fn read_stream(
@@ -210,13 +213,20 @@ impl EventStore for RedbStore {
         .await
     }
 
-    async fn read_outbox(&self, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+    async fn read_outbox(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let unpublished = txn.open_table(UNPUBLISHED).map_err(backend)?;
             let log = txn.open_table(LOG).map_err(backend)?;
+            let Some(first) = after.checked_add(1) else {
+                return Ok(Vec::new());
+            };
             unpublished
-                .iter()
+                .range(first..)
                 .map_err(backend)?
                 .take(limit)
                 .map(|entry| {
@@ -331,15 +341,14 @@ fn write_loop(db: &Database, mut batches: Batches, appended: &Notify, outbox: Ou
                 if planned.iter().any(|p| matches!(p, Planned::Write { .. })) {
                     appended.notify_waiters();
                 }
-                for (pending, planned) in batch.into_iter().zip(planned) {
-                    pending.answer(planned.into_outcome());
-                }
+                answer(batch, planned);
             }
             Err(error) => {
                 tracing::error!(%error, appends = batch.len(), "redb commit failed");
-                for pending in batch {
-                    pending.answer(Err(StoreError::backend(format!("commit failed: {error}"))));
-                }
+                answer_all(
+                    batch,
+                    &StoreError::backend(format!("commit failed: {error}")),
+                );
             }
         }
     }
@@ -358,7 +367,7 @@ fn commit(db: &Database, batch: &[Pending], outbox: Outbox) -> Result<Vec<Planne
         let mut meta = txn.open_table(META)?;
 
         let mut state = BatchState::default();
-        for request in batch.iter().map(|p| &p.write) {
+        for request in appends(batch) {
             if !state.versions.contains_key(&request.stream_id)
                 && let Some(version) = streams.get(request.stream_id.as_str())?
             {
@@ -372,10 +381,10 @@ fn commit(db: &Database, batch: &[Pending], outbox: Outbox) -> Result<Vec<Planne
                 state.requests.insert(key.id, found);
             }
         }
-        let planned = plan(batch.iter().map(|p| &p.write), state);
+        let planned = plan(batch.iter().map(|p| p.write.as_slice()), state);
 
         let mut position = meta.get(NEXT_POSITION)?.map_or(1, |v| v.value());
-        for (request, planned) in batch.iter().map(|p| &p.write).zip(&planned) {
+        for (request, planned) in appends(batch).zip(&planned) {
             let Planned::Write {
                 first_version,
                 result,
@@ -579,7 +588,7 @@ mod legacy {
             let log = store.read_all(0, 10, &LogFilter::all()).await.unwrap();
             let positions: Vec<_> = log.events.iter().map(|e| e.position).collect();
             assert_eq!((positions, log.head), (vec![1, 2, 3], 3));
-            let outbox: Vec<_> = store.read_outbox(10).await.unwrap();
+            let outbox: Vec<_> = store.read_outbox(0, 10).await.unwrap();
             assert_eq!(outbox.iter().map(|e| e.position).collect::<Vec<_>>(), [3]);
         }
     }

@@ -549,3 +549,40 @@ async fn a_request_repeated_within_a_round_is_replayed() {
     assert_eq!(stored.len(), 9, "the repeat wrote nothing: {stored:?}");
     assert_eq!(stored[&first.result().version], "twice");
 }
+
+/// Clients that each send one command after another on one stream: its
+/// queue runs empty and fills again all the time, so leaders end while the
+/// next command arrives. Every command is answered, each version once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_that_end_as_the_next_command_arrives_lose_nothing() {
+    let (store, _dir) = support::redb_store();
+    let handler = Arc::new(CommandHandler::new(
+        Arc::clone(&store),
+        RetryPolicy::default(),
+    ));
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let handler = Arc::clone(&handler);
+        clients.spawn(async move {
+            let mut versions = Vec::new();
+            for _ in 0..150 {
+                let increment = CounterCommand::Increment {
+                    amount: Amount::parse(1).unwrap(),
+                };
+                let outcome = handler
+                    .execute::<Counter>(command("busy", increment, None))
+                    .await
+                    .expect("answered");
+                versions.push(outcome.result().version);
+            }
+            versions
+        });
+    }
+    let mut versions = BTreeSet::new();
+    while let Some(joined) = clients.join_next().await {
+        for version in joined.unwrap() {
+            assert!(versions.insert(version), "version {version} twice");
+        }
+    }
+    assert_eq!(versions, (1..=1200).collect());
+}

@@ -223,17 +223,32 @@ impl CommandHandler {
 impl Inner {
     /// Runs rounds on `stream_id` until nothing is queued there.
     async fn lead<A: Aggregate>(self: Arc<Self>, stream_id: String) {
-        /// Ends the leader however it stops.
-        struct Leading<'a, A: Aggregate>(&'a Inner, &'a str, std::marker::PhantomData<A>);
+        /// Ends a leader that stops before its queue is empty (it
+        /// panicked), so that the next command leads; one that ran the queue
+        /// empty has ended already, and another may lead by now.
+        struct Leading<'a, A: Aggregate> {
+            inner: &'a Inner,
+            stream_id: &'a str,
+            ended: bool,
+            job: std::marker::PhantomData<A>,
+        }
         impl<A: Aggregate> Drop for Leading<'_, A> {
             fn drop(&mut self) {
-                self.0.queues.abandon::<Job<A>>(self.1);
+                if !self.ended {
+                    self.inner.queues.abandon::<Job<A>>(self.stream_id);
+                }
             }
         }
-        let _leading = Leading::<A>(&self, &stream_id, std::marker::PhantomData);
+        let mut leading = Leading::<A> {
+            inner: &self,
+            stream_id: &stream_id,
+            ended: false,
+            job: std::marker::PhantomData,
+        };
         loop {
             let jobs = self.queues.take::<Job<A>>(&stream_id, MAX_ROUND);
             if jobs.is_empty() {
+                leading.ended = true;
                 return;
             }
             if let Some(attempt) = self.round(&stream_id, jobs).await {

@@ -957,7 +957,9 @@ async fn postgres_reconnects_after_losing_its_connections() {
         let url = postgres_url();
         let separator = if url.contains('?') { '&' } else { '?' };
         let tagged = format!("{url}{separator}application_name={name}");
-        let config = PostgresConfig::new(&tagged).with_schema(schema);
+        let config = PostgresConfig::new(&tagged)
+            .with_schema(schema)
+            .with_writers(4);
         let store = PostgresStore::connect(config).await.expect("connect");
         appended(&store, append("s", NoStream, 1)).await;
 

@@ -1,8 +1,8 @@
 //! The PostgreSQL event store: several processes can share one database.
 //!
-//! `writers` tasks, each with its own connection and its own partition of
-//! the group commit queue (streams are spread over them), commit each batch
-//! in one transaction. A batch locks the rows of
+//! `writers` tasks (one unless configured), each with its own connection and
+//! its own partition of the group commit queue (streams are spread over
+//! them), commit each batch in one transaction. A batch locks the rows of
 //! the streams it touches (in stream id order, so writers never deadlock on
 //! them), loads their versions and the request ids it carries, asks `plan`
 //! and writes. A stream or request id that another writer creates after those
@@ -72,12 +72,19 @@ pub struct PostgresConfig {
 }
 
 impl PostgresConfig {
-    /// Schema `scaleout`, 4 writer connections.
+    /// Schema `scaleout`, one writer connection.
+    ///
+    /// One writer gathers every concurrent append into its batches, so each
+    /// fsync carries the most. Measured on 2 cores against a local
+    /// PostgreSQL, 16 clients appending to their own streams: 1 writer
+    /// commits 2.3× as many appends as one transaction per append from 16
+    /// connections, 2 writers 1.9×, 4 writers 1.1×, 16 writers 0.5×; more
+    /// writers only split the same load into smaller batches.
     pub fn new(url: &str) -> Self {
         Self {
             url: url.to_owned(),
             schema: "scaleout".to_owned(),
-            writers: 4,
+            writers: 1,
         }
     }
 

@@ -22,7 +22,7 @@
 //! | [`bus`] | the event bus port, in-process and RabbitMQ | `store` internals, `domain`, `grpc` |
 //! | [`documents`] | the read-model store port (CAS), redb and Couchbase | `domain`, `grpc` |
 //! | [`log`] | reading the whole log: the port the read side reads through, a follower | `grpc`, `bus`, `documents` |
-//! | [`command`] | load, decide, append; retry only what is safe | `grpc`, `bus` |
+//! | [`command`] | load, decide, append: the commands queued on a stream decided in turn and committed as one chain; retry only what is safe | `grpc`, `bus` |
 //! | [`relay`] | the outbox relay: store outbox → bus, with confirms | `domain`, `grpc` |
 //! | [`projection`] | read models as a fold of the log: the projection contract, CAS writes, the runtime, generations, rebuild and verify | `store`, `grpc` |
 //! | [`query`] | reading read models, waiting for a version when asked | `bus`, `store` |

@@ -125,6 +125,79 @@ enum Decided {
     Answer(Result<AppendOutcome, CommandError>),
 }
 
+/// One round's decisions, made without I/O: the chain to append, and for
+/// each command how many of the chain's appends precede its decision and
+/// what it awaits.
+struct Round<A: Aggregate> {
+    /// The state once every append of the chain is written.
+    state: A,
+    /// The stream's version then.
+    version: u64,
+    chain: Vec<AppendRequest>,
+    decided: Vec<(Job<A>, usize, Decided)>,
+}
+
+impl<A: Aggregate> Round<A> {
+    /// Decides `jobs` in order on `state` (at `version`), each on what the
+    /// ones before it leave.
+    fn decide(stream_id: &str, mut state: A, mut version: u64, jobs: Vec<Job<A>>) -> Self {
+        let mut chain = Vec::new();
+        let mut decided = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let prior = chain.len();
+            let expected = job.command.expected.unwrap_or(ExpectedVersion::Any);
+            let decision = if expected.accepts(version) {
+                state
+                    .decide(job.command.aggregate_id.as_str(), &job.command.command)
+                    .map_err(CommandError::from)
+            } else {
+                Err(StoreError::WrongExpectedVersion {
+                    stream: stream_id.to_owned(),
+                    expected,
+                    actual: version,
+                }
+                .into())
+            };
+            let outcome = match decision {
+                Err(refused) => Decided::Answer(Err(refused)),
+                Ok(events) => match NewEvents::try_from(encode(&events)) {
+                    // Nothing to do is a success that changes nothing.
+                    Err(_) => Decided::Answer(Ok(AppendOutcome::Appended(AppendResult {
+                        stream_id: stream_id.to_owned(),
+                        version,
+                        event_ids: Vec::new(),
+                    }))),
+                    Ok(new_events) => {
+                        chain.push(AppendRequest {
+                            stream_id: stream_id.to_owned(),
+                            stream_type: A::STREAM_TYPE.to_owned(),
+                            // The decision holds for exactly the state it was made on.
+                            expected: ExpectedVersion::Exact(version),
+                            events: new_events,
+                            request_key: job.command.request_key,
+                            metadata: job.metadata.clone(),
+                        });
+                        let decided_at = version;
+                        version += events.len() as u64;
+                        events.into_iter().for_each(|event| state.apply(event));
+                        Decided::Append {
+                            index: prior,
+                            version: decided_at,
+                        }
+                    }
+                },
+            };
+            decided.push((job, prior, outcome));
+        }
+        Self {
+            state,
+            version,
+            chain,
+            decided,
+        }
+    }
+}
+
 impl CommandHandler {
     pub fn new(store: Arc<dyn EventStore>, retry: RetryPolicy) -> Self {
         Self {
@@ -268,7 +341,7 @@ impl Inner {
             Some(cached) => Some(cached),
             None => self.load_snapshot::<A>(stream_id).await,
         };
-        let (mut state, start) = match self.catch_up(stream_id, known).await {
+        let (state, start) = match self.catch_up(stream_id, known).await {
             Ok(loaded) => loaded,
             Err(error) => {
                 for job in jobs {
@@ -277,93 +350,51 @@ impl Inner {
                 return None;
             }
         };
-        let mut version = start;
-        let mut chain = Vec::new();
-        let mut decided = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            let prior = chain.len();
-            let expected = job.command.expected.unwrap_or(ExpectedVersion::Any);
-            let decision = if expected.accepts(version) {
-                state
-                    .decide(job.command.aggregate_id.as_str(), &job.command.command)
-                    .map_err(CommandError::from)
-            } else {
-                Err(StoreError::WrongExpectedVersion {
-                    stream: stream_id.to_owned(),
-                    expected,
-                    actual: version,
-                }
-                .into())
-            };
-            let outcome = match decision {
-                Err(refused) => Decided::Answer(Err(refused)),
-                Ok(events) => match NewEvents::try_from(encode(&events)) {
-                    // Nothing to do is a success that changes nothing.
-                    Err(_) => Decided::Answer(Ok(AppendOutcome::Appended(AppendResult {
-                        stream_id: stream_id.to_owned(),
-                        version,
-                        event_ids: Vec::new(),
-                    }))),
-                    Ok(new_events) => {
-                        chain.push(AppendRequest {
-                            stream_id: stream_id.to_owned(),
-                            stream_type: A::STREAM_TYPE.to_owned(),
-                            // The decision holds for exactly the state it was made on.
-                            expected: ExpectedVersion::Exact(version),
-                            events: new_events,
-                            request_key: job.command.request_key,
-                            metadata: job.metadata.clone(),
-                        });
-                        let decided_at = version;
-                        version += events.len() as u64;
-                        events.into_iter().for_each(|event| state.apply(event));
-                        Decided::Append {
-                            index: prior,
-                            version: decided_at,
-                        }
-                    }
-                },
-            };
-            decided.push((job, prior, outcome));
-        }
-        let mut outcomes: Vec<Option<Result<AppendOutcome, StoreError>>> = if chain.is_empty() {
+        let round = Round::decide(stream_id, state, start, jobs);
+        let outcomes = if round.chain.is_empty() {
             Vec::new()
         } else {
-            self.store
-                .append_chain(chain)
-                .await
-                .into_iter()
-                .map(Some)
-                .collect()
+            self.store.append_chain(round.chain).await
         };
         let written = outcomes
             .iter()
-            .take_while(|o| matches!(o, Some(Ok(AppendOutcome::Appended(_)))))
+            .take_while(|o| matches!(o, Ok(AppendOutcome::Appended(_))))
             .count();
         if written == outcomes.len() {
-            self.take_snapshot(stream_id, start, version, &state);
-            self.states.put(stream_id.to_owned(), version, state);
+            self.take_snapshot(stream_id, start, round.version, &round.state);
+            self.states
+                .put(stream_id.to_owned(), round.version, round.state);
         }
+        self.settle(stream_id, round.decided, outcomes, written)
+    }
+
+    /// Answers each command of a round from its chain's `outcomes` (the
+    /// first `written` were written), or queues it again: decided on a state
+    /// that was not written, or lost to another writer and retryable.
+    /// Returns the attempt to back off for after a lost race.
+    fn settle<A: Aggregate>(
+        &self,
+        stream_id: &str,
+        decided: Vec<(Job<A>, usize, Decided)>,
+        outcomes: Vec<Result<AppendOutcome, StoreError>>,
+        written: usize,
+    ) -> Option<u32> {
+        let mut outcomes: Vec<Option<_>> = outcomes.into_iter().map(Some).collect();
         let mut lost = None;
         let mut requeued = Vec::new();
-        for (mut job, prior, outcome) in decided {
-            let own = match outcome {
+        for (mut job, prior, decision) in decided {
+            let (index, decided_at) = match decision {
                 Decided::Answer(answer) if prior <= written => {
                     job.answer(answer);
                     continue;
                 }
-                // Decided on a state that was not written.
                 Decided::Answer(_) => {
                     requeued.push(job);
                     continue;
                 }
-                Decided::Append { index, version } => (
-                    index,
-                    version,
-                    outcomes.get_mut(index).and_then(Option::take),
-                ),
+                Decided::Append { index, version } => (index, version),
             };
-            let (index, decided_at, Some(appended)) = own else {
+            let Some(appended) = outcomes.get_mut(index).and_then(Option::take) else {
                 job.answer(Err(
                     StoreError::backend("an append without an outcome").into()
                 ));

@@ -552,7 +552,9 @@ async fn a_request_repeated_within_a_round_is_replayed() {
 
 /// Clients that each send one command after another on one stream: its
 /// queue runs empty and fills again all the time, so leaders end while the
-/// next command arrives. Every command is answered, each version once.
+/// next command arrives. Every command is answered, each version once. (A
+/// leader ending as the next starts is pinned exactly by `command::queue`'s
+/// unit test; here it is met at whatever moments the scheduler gives.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaders_that_end_as_the_next_command_arrives_lose_nothing() {
     let (store, _dir) = support::redb_store();

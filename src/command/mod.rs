@@ -21,6 +21,7 @@ mod cache;
 mod queue;
 mod retry;
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -266,11 +267,11 @@ impl CommandHandler {
             attempt: 0,
             reply,
         };
-        if self.inner.queues.push(&stream_id, job) {
+        if let Some(lead) = self.inner.queues.push(&stream_id, job) {
             // Its own task: a caller that goes away does not take the other
             // commands of the round with it.
             let inner = Arc::clone(&self.inner);
-            tokio::spawn(inner.lead::<A>(stream_id.clone()));
+            tokio::spawn(inner.lead::<A>(stream_id.clone(), lead));
         }
         let outcome = answer.await.unwrap_or_else(|_| {
             Err(StoreError::backend("the command's round ended without an answer").into())
@@ -294,37 +295,23 @@ impl CommandHandler {
 }
 
 impl Inner {
-    /// Runs rounds on `stream_id` until nothing is queued there.
-    async fn lead<A: Aggregate>(self: Arc<Self>, stream_id: String) {
-        /// Ends a leader that stops before its queue is empty (it
-        /// panicked), so that the next command leads; one that ran the queue
-        /// empty has ended already, and another may lead by now.
-        struct Leading<'a, A: Aggregate> {
-            inner: &'a Inner,
-            stream_id: &'a str,
-            ended: bool,
-            job: std::marker::PhantomData<A>,
-        }
+    /// Runs rounds on `stream_id` as `lead` until nothing is queued there.
+    async fn lead<A: Aggregate>(self: Arc<Self>, stream_id: String, lead: queue::Lead) {
+        /// Ends the lead however the leader stops, so that a leader that
+        /// panicked does not leave its stream without one.
+        struct Leading<'a, A: Aggregate>(&'a Inner, &'a str, queue::Lead, PhantomData<A>);
         impl<A: Aggregate> Drop for Leading<'_, A> {
             fn drop(&mut self) {
-                if !self.ended {
-                    self.inner.queues.abandon::<Job<A>>(self.stream_id);
-                }
+                self.0.queues.end::<Job<A>>(self.1, self.2);
             }
         }
-        let mut leading = Leading::<A> {
-            inner: &self,
-            stream_id: &stream_id,
-            ended: false,
-            job: std::marker::PhantomData,
-        };
+        let _leading = Leading::<A>(&self, &stream_id, lead, PhantomData);
         loop {
-            let jobs = self.queues.take::<Job<A>>(&stream_id, MAX_ROUND);
+            let jobs = self.queues.take::<Job<A>>(&stream_id, lead, MAX_ROUND);
             if jobs.is_empty() {
-                leading.ended = true;
                 return;
             }
-            if let Some(attempt) = self.round(&stream_id, jobs).await {
+            if let Some(attempt) = self.round(&stream_id, lead, jobs).await {
                 // Lost to another writer: give it room before deciding again.
                 tracing::debug!(stream = %stream_id, attempt, "lost a race, deciding again");
                 tokio::time::sleep(self.retry.backoff(attempt)).await;
@@ -336,7 +323,12 @@ impl Inner {
     /// appends their events as one chain and answers each command whose
     /// decision held; the others go back to the queue. Returns the attempt
     /// to back off for when one lost a race to another writer.
-    async fn round<A: Aggregate>(&self, stream_id: &str, jobs: Vec<Job<A>>) -> Option<u32> {
+    async fn round<A: Aggregate>(
+        &self,
+        stream_id: &str,
+        lead: queue::Lead,
+        jobs: Vec<Job<A>>,
+    ) -> Option<u32> {
         let known = match self.states.take::<A>(stream_id) {
             Some(cached) => Some(cached),
             None => self.load_snapshot::<A>(stream_id).await,
@@ -365,7 +357,7 @@ impl Inner {
             self.states
                 .put(stream_id.to_owned(), round.version, round.state);
         }
-        self.settle(stream_id, round.decided, outcomes, written)
+        self.settle(stream_id, lead, round.decided, outcomes, written)
     }
 
     /// Answers each command of a round from its chain's `outcomes` (the
@@ -375,6 +367,7 @@ impl Inner {
     fn settle<A: Aggregate>(
         &self,
         stream_id: &str,
+        lead: queue::Lead,
         decided: Vec<(Job<A>, usize, Decided)>,
         outcomes: Vec<Result<AppendOutcome, StoreError>>,
         written: usize,
@@ -431,7 +424,7 @@ impl Inner {
             }
         }
         if !requeued.is_empty() {
-            self.queues.requeue(stream_id, requeued);
+            self.queues.requeue(stream_id, lead, requeued);
         }
         lost
     }

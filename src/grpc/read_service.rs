@@ -83,32 +83,25 @@ impl ReadApi {
         as_stored: bool,
     ) -> Result<(LogFilter, Reading), String> {
         let filter = filter.unwrap_or_default();
-        let unknown = |given: &[String], known: &dyn Fn(&str) -> bool, what: &str| {
-            let unknown: Vec<&str> = given
-                .iter()
-                .filter(|g| !known(g))
-                .map(String::as_str)
-                .collect();
-            if unknown.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("unknown {what} {unknown:?}"))
-            }
-        };
         let known = &self.known;
-        unknown(
+        refuse_unknown(
             &filter.stream_types,
-            &|t| known.stream_types.iter().any(|k| k == t),
             "stream types",
-        )
-        .map_err(|e| format!("{e}; known: {}", known.stream_types.join(", ")))?;
-        let event_type_known = |t: &str| known.event_types.iter().any(|k| k == t);
-        if as_stored {
-            unknown(&filter.event_types, &|t| known.stored(t), "event types")
-        } else {
-            unknown(&filter.event_types, &event_type_known, "event types")
-        }
-        .map_err(|e| format!("{e}; known: {}", known.event_types.join(", ")))?;
+            &known.stream_types,
+            |t| known.stream_types.iter().any(|k| k == t),
+        )?;
+        refuse_unknown(
+            &filter.event_types,
+            "event types",
+            &known.event_types,
+            |t| {
+                if as_stored {
+                    known.stored(t)
+                } else {
+                    known.event_types.iter().any(|k| k == t)
+                }
+            },
+        )?;
         let mut stored_types = filter.event_types.clone();
         if !as_stored {
             for current in &filter.event_types {
@@ -179,6 +172,29 @@ impl Reading {
             }
         }
         Ok(logged)
+    }
+}
+
+/// Refuses the `given` names that are not `known` (a typo would otherwise
+/// match nothing, silently), listing the `listed` ones.
+fn refuse_unknown(
+    given: &[String],
+    what: &str,
+    listed: &[String],
+    known: impl Fn(&str) -> bool,
+) -> Result<(), String> {
+    let unknown: Vec<&str> = given
+        .iter()
+        .map(String::as_str)
+        .filter(|g| !known(g))
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "unknown {what} {unknown:?}; known: {}",
+            listed.join(", ")
+        ))
     }
 }
 

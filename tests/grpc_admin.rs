@@ -198,3 +198,73 @@ async fn dead_letters_page_within_a_byte_bound() {
         .unwrap_err();
     assert_eq!(forged.code(), Code::InvalidArgument);
 }
+
+/// The contention report over gRPC: a command refused because another
+/// client moved its stream first is a lost race on that stream, and
+/// nothing else is listed; without a bus, dead letters are refused with the
+/// reason, not answered as an empty queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_race_is_reported_by_stream() {
+    let (store, _dir) = support::redb_store();
+    let service = CommandService::start(store).await;
+    let mut commands = service.client().await;
+    let increment = |counter: &str, exact: Option<u64>| pb::IncrementCounterRequest {
+        counter_id: counter.into(),
+        expected_version: exact.map(|version| pb::ExpectedVersion {
+            kind: Some(pb::expected_version::Kind::Exact(version)),
+        }),
+        ..Default::default()
+    };
+    for counter in ["hot", "hot", "calm"] {
+        commands
+            .increment_counter(increment(counter, None))
+            .await
+            .unwrap();
+    }
+    // Two clients read `hot` at version 2; the second to send loses.
+    commands
+        .increment_counter(increment("hot", Some(2)))
+        .await
+        .unwrap();
+    let lost = commands
+        .increment_counter(increment("hot", Some(2)))
+        .await
+        .unwrap_err();
+    assert_eq!(lost.code(), Code::Aborted, "{lost:?}");
+
+    let mut admin = AdminServiceClient::new(service.channel().await);
+    let report = admin
+        .get_contention(pb::GetContentionRequest { limit: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.window_seconds, 60);
+    let streams: Vec<(String, u64)> = report
+        .streams
+        .into_iter()
+        .map(|hot| (hot.key, hot.lost_races))
+        .collect();
+    assert_eq!(streams, [("counter-hot".to_owned(), 1)]);
+    assert!(report.documents.is_empty());
+    let metrics = support::http_get(&service.addr.to_string(), "/metrics").await;
+    assert!(
+        metrics.contains(
+            "scaleout_contention_stream_lost_races{rank=\"1\",stream=\"counter-hot\"} 1\n"
+        ),
+        "{metrics}"
+    );
+
+    let too_many = admin
+        .get_contention(pb::GetContentionRequest { limit: 101 })
+        .await
+        .unwrap_err();
+    assert_eq!(too_many.code(), Code::InvalidArgument);
+    let no_bus = admin
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            service_type: "projector".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(no_bus.code(), Code::FailedPrecondition, "{no_bus:?}");
+}

@@ -9,6 +9,8 @@ use super::{Application, ServeError, Services, relay_metrics, report_relay, serv
 use crate::bus::EventBus;
 use crate::command::{CommandHandler, RetryPolicy};
 use crate::config::ServerArgs;
+use crate::contention::Contention;
+use crate::grpc::metrics::ExtraMetrics;
 use crate::grpc::{AdminApi, ReadApi, ReadConfig, server};
 use crate::relay::{Relay, RelayConfig};
 use crate::store::EventStore;
@@ -30,8 +32,8 @@ pub struct CommandService {
 }
 
 /// command-svc: the application's command services over the store, with health following
-/// the store, and with a bus the outbox relay and the admin service (dead
-/// letters), until `stopping` is cancelled.
+/// the store, the admin service (contention; with a bus, dead letters) and
+/// with a bus the outbox relay, until `stopping` is cancelled.
 pub async fn run_command_service(
     listener: TcpListener,
     service: CommandService,
@@ -47,10 +49,12 @@ pub async fn run_command_service(
         relay,
     } = service;
     let known = app.known_types();
+    let contention = Arc::new(Contention::new());
     let handler = Arc::new(
         CommandHandler::new(Arc::clone(&store), retry)
             .with_snapshots_every(snapshot_every)
-            .with_upcasters(known.upcasters.clone()),
+            .with_upcasters(known.upcasters.clone())
+            .with_contention(Arc::clone(&contention)),
     );
     let mut services = Services::new(server_args.max_message_bytes);
     app.command_services(handler, &mut services);
@@ -59,16 +63,21 @@ pub async fn run_command_service(
     let limit = services.max_message_bytes;
     services
         .add(ReadApi::new(Arc::clone(&store), known, ReadConfig::default()).into_service(limit));
-    if let Some(bus) = &bus {
-        services.add(AdminApi::new(Arc::clone(bus)).into_service(limit));
-    }
+    services.add(AdminApi::new(bus.clone(), Arc::clone(&contention)).into_service(limit));
     let relay = bus.map(|bus| Relay::new(Arc::clone(&store), bus, relay));
-    let extra = relay.as_ref().map(|relay| relay_metrics(relay.state()));
+    let relay_state = relay.as_ref().map(|relay| relay_metrics(relay.state()));
+    let extra: ExtraMetrics = Arc::new(move || {
+        let relay = relay_state
+            .as_ref()
+            .map(|render| render())
+            .unwrap_or_default();
+        relay + &contention.render()
+    });
     let (routes, health) = server::routes(
         services,
         app.file_descriptor_set(),
         &commands,
-        extra,
+        Some(extra),
         &server_args,
         stopping.clone(),
     )

@@ -10,7 +10,7 @@ use crate::command::{CommandHandler, RetryPolicy};
 use crate::config::ServerArgs;
 use crate::documents::DocumentStore;
 use crate::grpc::metrics::ExtraMetrics;
-use crate::grpc::{ReadApi, ReadConfig, ReadModelApi, server};
+use crate::grpc::{AdminApi, ReadApi, ReadConfig, ReadModelApi, server};
 use crate::log::StoreLog;
 use crate::projection::FollowConfig;
 use crate::projection::metrics::ProjectorMetrics;
@@ -70,10 +70,12 @@ pub async fn run_platform(
     // answers that it is being built from the first query on.
     crate::projection::rebuild::register(documents.as_ref(), app.as_ref()).await?;
     let known = app.known_types();
+    let projector_metrics = Arc::new(ProjectorMetrics::default());
     let handler = Arc::new(
         CommandHandler::new(Arc::clone(&store), retry)
             .with_snapshots_every(snapshot_every)
-            .with_upcasters(known.upcasters.clone()),
+            .with_upcasters(known.upcasters.clone())
+            .with_contention(Arc::clone(&projector_metrics.contention)),
     );
     let mut services = Services::new(server_args.max_message_bytes);
     app.command_services(handler, &mut services);
@@ -95,7 +97,8 @@ pub async fn run_platform(
         )
         .into_service(limit),
     );
-    let projector_metrics = Arc::new(ProjectorMetrics::default());
+    services
+        .add(AdminApi::new(None, Arc::clone(&projector_metrics.contention)).into_service(limit));
     let scraped = Arc::clone(&projector_metrics);
     let extra: ExtraMetrics = Arc::new(move || scraped.render());
     let health_names = [commands.as_slice(), queries.as_slice()].concat();

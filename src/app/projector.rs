@@ -11,9 +11,9 @@ use crate::backoff::Backoff;
 use crate::bus::{EventBus, Subscription};
 use crate::config::ServerArgs;
 use crate::documents::DocumentStore;
-use crate::grpc::ReadModelApi;
 use crate::grpc::metrics::ExtraMetrics;
 use crate::grpc::server::{self, Services};
+use crate::grpc::{AdminApi, ReadModelApi};
 use crate::log::EventLog;
 use crate::projection::metrics::ProjectorMetrics;
 use crate::projection::rebuild::Rebuilder;
@@ -63,6 +63,10 @@ pub async fn run_projector(
     let mut services = Services::new(server_args.max_message_bytes);
     services.add(
         ReadModelApi::new(Arc::clone(&app), Arc::clone(&log), Arc::clone(&documents))
+            .into_service(server_args.max_message_bytes),
+    );
+    services.add(
+        AdminApi::new(Some(Arc::clone(&bus)), Arc::clone(&metrics.contention))
             .into_service(server_args.max_message_bytes),
     );
     let health_names = [&[PROJECTOR_HEALTH], services.names()].concat();

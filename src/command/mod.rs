@@ -29,6 +29,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 pub use self::retry::RetryPolicy;
+use crate::contention::Contention;
 use crate::domain::values::Id;
 use crate::domain::{Aggregate, DomainError, DomainEvent, UnknownEvent, Upcasters};
 use crate::store::{
@@ -86,6 +87,8 @@ struct Inner {
     /// events; 0 takes none.
     snapshot_every: u64,
     upcasters: Upcasters,
+    /// Where lost races are counted, per stream.
+    contention: Arc<Contention>,
 }
 
 /// Events between two snapshots of a stream, unless configured otherwise.
@@ -209,6 +212,7 @@ impl CommandHandler {
                 states: cache::StateCache::new(CACHED_STATES),
                 snapshot_every: 0,
                 upcasters: Upcasters::default(),
+                contention: Arc::default(),
             }),
         }
     }
@@ -227,6 +231,18 @@ impl CommandHandler {
     pub fn with_upcasters(mut self, upcasters: Upcasters) -> Self {
         self.configure(|inner| inner.upcasters = upcasters);
         self
+    }
+
+    /// Counts the races its commands lose in `contention` (shared with the
+    /// rest of the process, which reports it).
+    pub fn with_contention(mut self, contention: Arc<Contention>) -> Self {
+        self.configure(|inner| inner.contention = contention);
+        self
+    }
+
+    /// The races its commands lost, per stream.
+    pub fn contention(&self) -> &Arc<Contention> {
+        &self.inner.contention
     }
 
     /// Configures a handler that has not run a command yet (nothing else
@@ -378,6 +394,12 @@ impl Inner {
         for (mut job, prior, decision) in decided {
             let (index, decided_at) = match decision {
                 Decided::Answer(answer) if prior <= written => {
+                    if let Err(CommandError::Store(StoreError::WrongExpectedVersion { .. })) =
+                        &answer
+                    {
+                        // Another client's command moved the version first.
+                        self.contention.lost_command_race(stream_id);
+                    }
                     job.answer(answer);
                     continue;
                 }
@@ -403,11 +425,13 @@ impl Inner {
                 Err(StoreError::WrongExpectedVersion { .. } | StoreError::Contended { .. })
                     if job.retryable() && job.attempt < self.retry.max_retries =>
                 {
+                    self.contention.lost_command_race(stream_id);
                     lost = lost.max(Some(job.attempt));
                     job.attempt += 1;
                     requeued.push(job);
                 }
                 Err(StoreError::WrongExpectedVersion { actual, .. }) => {
+                    self.contention.lost_command_race(stream_id);
                     let expected = job
                         .command
                         .expected

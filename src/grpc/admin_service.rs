@@ -1,4 +1,5 @@
-//! `scaleout.v1.AdminService`: list and replay dead-lettered messages.
+//! `scaleout.v1.AdminService`: list and replay dead-lettered messages; the
+//! contention report.
 
 use std::sync::Arc;
 
@@ -10,12 +11,16 @@ use super::page::{MAX_PAGE_BYTES, within_bytes};
 use super::status::Violations;
 use crate::bus::DeadLetter;
 use crate::bus::EventBus;
+use crate::contention::{Contention, Hot, WINDOW};
 use crate::domain::values::Id;
 use crate::pb::{self, admin_service_server::AdminServiceServer};
 
 /// Most dead letters one list call returns.
 const MAX_LIMIT: u32 = 1000;
 const DEFAULT_LIMIT: u32 = 100;
+/// Most keys of each kind one contention report lists.
+const MAX_HOT: u32 = 100;
+const DEFAULT_HOT: u32 = 10;
 /// How deep paging reaches into a dead-letter queue: each page re-reads the
 /// messages before it (a queue has no random access), so the depth bounds
 /// the work of one call.
@@ -50,15 +55,22 @@ fn clip(mut text: String) -> String {
     text
 }
 
-/// The admin service over an [`EventBus`].
+/// The admin service: dead letters over a server's [`EventBus`] (if it has
+/// one), and its process's [`Contention`].
 #[derive(Debug, Clone)]
 pub struct AdminApi {
-    bus: Arc<dyn EventBus>,
+    bus: Option<Arc<dyn EventBus>>,
+    contention: Arc<Contention>,
 }
 
 impl AdminApi {
-    pub fn new(bus: Arc<dyn EventBus>) -> Self {
-        Self { bus }
+    pub fn new(bus: Option<Arc<dyn EventBus>>, contention: Arc<Contention>) -> Self {
+        Self { bus, contention }
+    }
+
+    /// The bus, or why dead letters cannot be asked for here.
+    fn bus(&self) -> Result<&Arc<dyn EventBus>, Status> {
+        self.bus.as_ref().ok_or_else(super::status::no_event_bus)
     }
 
     pub fn into_service(self, max_message_bytes: usize) -> AdminServiceServer<Self> {
@@ -88,7 +100,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         };
         let limit = (limit as usize).min(MAX_REACH - start);
         let page = self
-            .bus
+            .bus()?
             .dead_letters(service_type.as_str(), start, limit)
             .await?;
         // A longer body is cut to a page's bound (its size is kept).
@@ -133,9 +145,41 @@ impl pb::admin_service_server::AdminService for AdminApi {
         else {
             return Err(violations.into_status());
         };
-        let replayed = self.bus.replay_dead_letters(service_type.as_str()).await?;
+        let replayed = self
+            .bus()?
+            .replay_dead_letters(service_type.as_str())
+            .await?;
         Ok(Response::new(pb::ReplayDeadLettersResponse {
             replayed: u32::try_from(replayed).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn get_contention(
+        &self,
+        request: Request<pb::GetContentionRequest>,
+    ) -> Result<Response<pb::GetContentionResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => Ok(DEFAULT_HOT),
+            n if n <= MAX_HOT => Ok(n),
+            n => Err(format!("must be at most {MAX_HOT}, got {n}")),
+        };
+        let mut violations = Violations::default();
+        let Some(limit) = violations.check("limit", limit) else {
+            return Err(violations.into_status());
+        };
+        let listed = |hot: Vec<Hot>| {
+            hot.into_iter()
+                .map(|Hot { key, lost }| pb::ContendedKey {
+                    key,
+                    lost_races: lost,
+                })
+                .collect()
+        };
+        let limit = limit as usize;
+        Ok(Response::new(pb::GetContentionResponse {
+            window_seconds: u32::try_from(WINDOW.as_secs()).unwrap_or(u32::MAX),
+            streams: listed(self.contention.hot_streams(limit)),
+            documents: listed(self.contention.hot_documents(limit)),
         }))
     }
 }

@@ -279,6 +279,20 @@ pub(crate) fn subscriber_too_slow(buffer: usize, waited: std::time::Duration) ->
     )
 }
 
+/// Dead letters asked of a server that runs without an event bus.
+pub(crate) fn no_event_bus() -> Status {
+    Status::with_error_details(
+        Code::FailedPrecondition,
+        "this server has no event bus, so nothing is parked here: \
+         ask a command-svc or projector that runs with one",
+        ErrorDetails::with_precondition_failure_violation(
+            "NO_EVENT_BUS",
+            "event bus",
+            "this server runs without an event bus",
+        ),
+    )
+}
+
 /// Every subscription slot is taken.
 pub(crate) fn too_many_subscriptions(max: usize) -> Status {
     Status::with_error_details(

@@ -1,7 +1,10 @@
 //! What a projector counts, rendered in the Prometheus text format.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::contention::Contention;
 
 /// Counters shared by a projector's workers.
 #[derive(Debug, Default)]
@@ -34,6 +37,9 @@ pub struct ProjectorMetrics {
     pub rebuild_events: AtomicU64,
     /// Log events a rebuild in this process has still to fold, as last seen.
     pub rebuild_remaining: AtomicU64,
+    /// The documents that lose the most CAS races (and, in the embedded
+    /// platform, the streams that lose the most command races).
+    pub contention: Arc<Contention>,
 }
 
 impl ProjectorMetrics {
@@ -143,6 +149,7 @@ impl ProjectorMetrics {
                 value.load(Ordering::Relaxed)
             );
         }
+        out.push_str(&self.contention.render());
         out
     }
 }

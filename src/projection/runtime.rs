@@ -382,6 +382,7 @@ impl Projector {
                     | DocumentError::NotFound(_),
                 ) => {
                     ProjectorMetrics::add(&self.metrics.cas_conflicts, 1);
+                    self.metrics.contention.lost_cas_race(&stored);
                     tokio::time::sleep(CAS_BACKOFF.pause(attempt)).await;
                 }
                 Err(error) => return Err(context(WriteError::document(error))),

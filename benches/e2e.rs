@@ -231,7 +231,9 @@ async fn split(rate: u32, freeze: Option<Duration>) -> Sample {
             app: std::sync::Arc::new(reference::Reference),
             bus: Arc::new(RabbitBus::new(rabbit.clone())),
             documents: documents().await,
-            log: Arc::new(RemoteLog::new(&command_url, Duration::from_secs(5)).unwrap()),
+            log: Arc::new(
+                RemoteLog::new(&command_url, Duration::from_secs(5), &Default::default()).unwrap(),
+            ),
             sweep_delay: Duration::from_secs(5),
             subscription: Subscription {
                 service_type: "projector".into(),

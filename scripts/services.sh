@@ -30,9 +30,10 @@ apt_install() {
 # The Couchbase SDK links the system OpenSSL (its only TLS option without a
 # C++ crypto build).
 ensure_build_deps() {
-  if ! dpkg -s libssl-dev pkg-config >/dev/null 2>&1; then
-    echo "libssl-dev and pkg-config are missing: installing them"
-    apt_install libssl-dev pkg-config
+  # openssl: the TLS tests make certificates with its CLI.
+  if ! dpkg -s libssl-dev pkg-config openssl >/dev/null 2>&1; then
+    echo "libssl-dev, pkg-config or openssl is missing: installing them"
+    apt_install libssl-dev pkg-config openssl
   fi
 }
 

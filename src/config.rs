@@ -36,9 +36,44 @@ pub struct ServerArgs {
     pub health_interval: Duration,
     /// Instead of serving: ask the server already listening on `--listen`
     /// for its gRPC health and exit 0 if SERVING, 1 if not (a container
-    /// health check that needs no extra tool).
+    /// health check that needs no extra tool). It speaks TLS when the
+    /// server does (given the same flags).
     #[arg(long)]
     pub check_health: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+impl ServerArgs {
+    /// How grpcurl reaches a server at `address`, for the line a binary logs
+    /// when it starts serving.
+    pub fn grpcurl_target(&self, address: std::net::SocketAddr) -> String {
+        match (&self.tls.tls_cert, &self.tls.tls_client_ca) {
+            (None, _) => format!("-plaintext {address}"),
+            (Some(_), None) => format!("-cacert YOUR_CA.crt {address}"),
+            (Some(_), Some(_)) => {
+                format!("-cacert YOUR_CA.crt -cert CLIENT.crt -key CLIENT.key {address}")
+            }
+        }
+    }
+}
+
+/// TLS on a gRPC server; plaintext without `--tls-cert`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// Serve TLS with this PEM certificate chain (the server's first). Both
+    /// files are re-read when they change, so a renewed certificate takes
+    /// effect without a restart.
+    #[arg(long, env = "SCALEOUT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The certificate's PEM private key (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "SCALEOUT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Mutual TLS: accept only clients presenting a certificate issued by a
+    /// CA in this PEM file. `--check-health` presents the server's own
+    /// certificate, which then needs the clientAuth usage from that CA too.
+    #[arg(long, env = "SCALEOUT_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerArgs {
@@ -52,6 +87,7 @@ impl Default for ServerArgs {
             idle_timeout: Duration::from_secs(120),
             health_interval: Duration::from_secs(2),
             check_health: false,
+            tls: TlsArgs::default(),
         }
     }
 }

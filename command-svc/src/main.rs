@@ -86,7 +86,8 @@ async fn main() -> anyhow::Result<ExitCode> {
         %address,
         event_store = %redact(&args.event_store),
         event_bus = %args.event_bus.as_deref().map_or_else(|| "none".into(), redact),
-        "command-svc serving gRPC with health and reflection: try `grpcurl -plaintext {address} list`"
+        "command-svc serving gRPC with health and reflection: try `grpcurl {} list`",
+        args.server.grpcurl_target(address)
     );
     let service = scaleout::app::CommandService {
         app: std::sync::Arc::new(reference::Reference),

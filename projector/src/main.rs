@@ -3,6 +3,7 @@
 //! store, serves health and /metrics, runs until SIGINT or SIGTERM.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use clap::Parser;
 use scaleout::app::Application;
 use scaleout::bus::Subscription;
 use scaleout::config::{DocumentStoreArgs, ServerArgs, TelemetryArgs, parse_duration, redact};
+use scaleout::grpc::tls::ClientTls;
 use scaleout::projection::runtime::ProjectorConfig;
 
 /// The scaleout projector.
@@ -61,6 +63,17 @@ struct Args {
         default_value = "http://127.0.0.1:50051"
     )]
     event_log: String,
+    /// For an `https://` event log: trust only this PEM CA (the system's
+    /// roots when unset).
+    #[arg(long, env = "SCALEOUT_EVENT_LOG_CA")]
+    event_log_ca: Option<PathBuf>,
+    /// For an event log that requires client certificates (mutual TLS):
+    /// present this PEM certificate.
+    #[arg(long, env = "SCALEOUT_EVENT_LOG_CERT", requires = "event_log_key")]
+    event_log_cert: Option<PathBuf>,
+    /// The client certificate's PEM private key.
+    #[arg(long, env = "SCALEOUT_EVENT_LOG_KEY", requires = "event_log_cert")]
+    event_log_key: Option<PathBuf>,
     /// How far the sweep trails the log: it brings up to date any document
     /// whose delivery was lost or parked once events are this old.
     #[arg(long, env = "SCALEOUT_SWEEP_DELAY", default_value = "5s", value_parser = parse_duration)]
@@ -71,6 +84,21 @@ struct Args {
     telemetry: TelemetryArgs,
     #[command(subcommand)]
     task: Option<Task>,
+}
+
+impl Args {
+    /// The event log's read API, over TLS for an `https://` URL.
+    fn event_log(&self, timeout: Duration) -> anyhow::Result<scaleout::grpc::RemoteLog> {
+        let tls = ClientTls {
+            ca: self.event_log_ca.clone(),
+            identity: self.event_log_cert.clone().zip(self.event_log_key.clone()),
+        };
+        Ok(scaleout::grpc::RemoteLog::new(
+            &self.event_log,
+            timeout,
+            &tls,
+        )?)
+    }
 }
 
 /// What to do instead of projecting.
@@ -138,7 +166,8 @@ async fn main() -> anyhow::Result<ExitCode> {
         service_type = %args.service_type,
         "projector running; health on gRPC, metrics at http://{address}/metrics"
     );
-    let log = scaleout::grpc::RemoteLog::new(&args.event_log, Duration::from_secs(5))
+    let log = args
+        .event_log(Duration::from_secs(5))
         .with_context(|| format!("event log {}", args.event_log))?;
     let service = scaleout::app::ProjectorService {
         app: std::sync::Arc::new(reference::Reference),
@@ -176,7 +205,8 @@ async fn verify(
         .open()
         .await
         .context("opening the document store")?;
-    let log = scaleout::grpc::RemoteLog::new(&args.event_log, Duration::from_secs(30))
+    let log = args
+        .event_log(Duration::from_secs(30))
         .with_context(|| format!("event log {}", args.event_log))?;
     let report = scaleout::projection::verify::verify(
         &log,
@@ -228,7 +258,8 @@ async fn rebuild(args: &Args, projection: &str, switch: bool) -> anyhow::Result<
         .open()
         .await
         .context("opening the document store")?;
-    let log = scaleout::grpc::RemoteLog::new(&args.event_log, Duration::from_secs(30))
+    let log = args
+        .event_log(Duration::from_secs(30))
         .with_context(|| format!("event log {}", args.event_log))?;
     match rebuild::start(documents.as_ref(), projection, switch).await {
         Ok(generation) => tracing::info!(projection, generation, "rebuild started"),

@@ -22,6 +22,7 @@ pub use self::query::{QueryService, run_query_service};
 use crate::config::ServerArgs;
 use crate::grpc::metrics::ExtraMetrics;
 pub use crate::grpc::server::Services;
+use crate::grpc::tls::ServerTls;
 use crate::grpc::{Health, server};
 
 /// The health service name of a projector process: SERVING while both the
@@ -42,6 +43,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("serving gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::grpc::tls::TlsError),
 }
 
 /// Serves until `stopping` is cancelled, then cancels and awaits the
@@ -54,7 +57,18 @@ async fn serve_then_drain(
     stopping: CancellationToken,
     mut tasks: tokio::task::JoinSet<()>,
 ) -> Result<(), ServeError> {
-    let served = server::serve(listener, routes, health, server_args, stopping.clone()).await;
+    let tls = match server_args.tls.files().map(ServerTls::load).transpose() {
+        Ok(tls) => tls,
+        Err(error) => {
+            stopping.cancel();
+            while tasks.join_next().await.is_some() {}
+            return Err(error.into());
+        }
+    };
+    if let Some(tls) = &tls {
+        tasks.spawn(tls.clone().reload_on_change(stopping.child_token()));
+    }
+    let served = server::serve(listener, routes, health, tls, server_args, stopping.clone()).await;
     stopping.cancel();
     while tasks.join_next().await.is_some() {}
     Ok(served?)

@@ -9,6 +9,8 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use super::tls::TlsFiles;
+
 /// The health one server reports, per service name (the empty name is the
 /// server as a whole).
 #[derive(Debug, Clone)]
@@ -100,16 +102,24 @@ impl Health {
 
 /// Asks the gRPC health service at `addr` about the server as a whole:
 /// `Ok(true)` when SERVING. What a container health check runs, so images
-/// need no probe tool of their own.
-pub async fn check(addr: std::net::SocketAddr, timeout: Duration) -> Result<bool, String> {
+/// need no probe tool of their own. `tls`: the server's own TLS files, when
+/// it serves TLS.
+pub async fn check(
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+    tls: Option<&TlsFiles>,
+) -> Result<bool, String> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let ask = async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .connect()
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let channel = match tls {
+            Some(files) => super::tls::health_channel(addr, files).await?,
+            None => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| e.to_string())?
+                .connect()
+                .await
+                .map_err(|e| format!("cannot connect to {addr}: {e}"))?,
+        };
         let status = HealthClient::new(channel)
             .check(HealthCheckRequest::default())
             .await
@@ -140,16 +150,19 @@ impl crate::config::ServerArgs {
         } else {
             listen
         };
-        Some(match check(addr, Duration::from_secs(3)).await {
-            Ok(true) => std::process::ExitCode::SUCCESS,
-            Ok(false) => {
-                eprintln!("{addr} is NOT_SERVING");
-                std::process::ExitCode::FAILURE
-            }
-            Err(error) => {
-                eprintln!("{error}");
-                std::process::ExitCode::FAILURE
-            }
-        })
+        let tls = self.tls.files();
+        Some(
+            match check(addr, Duration::from_secs(3), tls.as_ref()).await {
+                Ok(true) => std::process::ExitCode::SUCCESS,
+                Ok(false) => {
+                    eprintln!("{addr} is NOT_SERVING");
+                    std::process::ExitCode::FAILURE
+                }
+                Err(error) => {
+                    eprintln!("{error}");
+                    std::process::ExitCode::FAILURE
+                }
+            },
+        )
     }
 }

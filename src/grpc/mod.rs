@@ -18,6 +18,7 @@ mod read_service;
 mod remote_log;
 pub mod server;
 mod status;
+pub mod tls;
 mod wire_status;
 
 pub use self::admin_service::AdminApi;

@@ -11,6 +11,7 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 use super::read_service::MAX_PAGE;
+use super::tls::ClientTls;
 use crate::log::EventLog;
 use crate::pb::{self, read_service_client::ReadServiceClient};
 use crate::store::{LogFilter, LogPage, RecordedEvent, StoreError};
@@ -24,13 +25,22 @@ pub struct RemoteLog {
 }
 
 impl RemoteLog {
-    /// A log at `url` (e.g. `http://command-svc:50051`), connected on first
-    /// use and again after a loss; each call is bounded by `timeout`.
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
+    /// A log at `url` (e.g. `http://command-svc:50051`, or `https://` with
+    /// `tls`), connected on first use and again after a loss; each call is
+    /// bounded by `timeout`.
+    pub fn new(url: &str, timeout: Duration, tls: &ClientTls) -> Result<Self, StoreError> {
+        let mut endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| StoreError::backend(format!("invalid event log URL {url:?}: {e}")))?
             .connect_timeout(timeout)
             .tcp_nodelay(true);
+        if url.starts_with("https://") {
+            let config = tls
+                .config()
+                .map_err(|e| StoreError::backend(format!("event log TLS: {e}")))?;
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| StoreError::backend(format!("event log TLS: {e}")))?;
+        }
         Ok(Self {
             client: ReadServiceClient::new(endpoint.connect_lazy())
                 .max_decoding_message_size(64 << 20),

@@ -16,6 +16,7 @@ use tonic::transport::server::TcpIncoming;
 use super::Health;
 use super::idle::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, Quiet, Watched};
 use super::metrics::{ExtraMetrics, RpcMetrics, track};
+use super::tls::ServerTls;
 use super::wire_status::METRICS_PATH;
 use crate::config::ServerArgs;
 use crate::pb;
@@ -143,10 +144,12 @@ pub async fn routes(
 /// Serves until `stopping` is cancelled, then: reports NOT_SERVING, waits
 /// `shutdown_grace` so that load balancers stop sending, stops accepting and
 /// lets requests in flight finish (each bounded by the request timeout).
+/// With `tls`, every connection is a TLS one (see [`ServerTls`]).
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     health: Health,
+    tls: Option<ServerTls>,
     args: &ServerArgs,
     stopping: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
@@ -161,16 +164,27 @@ pub async fn serve(
         handshake: args.handshake_timeout,
         idle: args.idle_timeout,
     };
-    Server::builder()
+    let router = Server::builder()
         // HTTP/1.1 too, for plain GETs such as a projector's /metrics.
         .accept_http1(true)
         .concurrency_limit_per_connection(args.max_concurrent_requests)
         .max_concurrent_streams(u32::try_from(args.max_concurrent_requests).ok())
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming(listener, quiet), drained)
-        .await
+        .add_routes(routes);
+    match tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(incoming(listener, quiet), drained)
+                .await
+        }
+        Some(tls) => {
+            let connections = tls.incoming(listener, quiet, args.handshake_timeout);
+            router
+                .serve_with_incoming_shutdown(connections, drained)
+                .await
+        }
+    }
 }
 
 /// Accepted connections send small frames at once: with Nagle's algorithm a

@@ -385,6 +385,7 @@ impl ProxiedProjector {
         let remote = scaleout::grpc::RemoteLog::new(
             &format!("http://{proxy_addr}"),
             std::time::Duration::from_secs(60),
+            &Default::default(),
         )
         .unwrap();
         let service = scaleout::app::ProjectorService {

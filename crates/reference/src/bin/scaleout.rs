@@ -46,7 +46,8 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     tracing::info!(
         %address,
         data_dir = %args.data_dir.display(),
-        "scaleout platform serving commands and queries: try `grpcurl -plaintext {address} list`"
+        "scaleout platform serving commands and queries: try `grpcurl {} list`",
+        args.server.grpcurl_target(address)
     );
     let platform = scaleout::app::Platform {
         app: std::sync::Arc::new(reference::Reference),

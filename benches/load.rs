@@ -38,7 +38,7 @@ fn command(id: &str, command: FileCommand) -> Command<FileCommand> {
         command,
         expected: None,
         request_key: None,
-        correlation_id: None,
+        origin: Default::default(),
     }
 }
 

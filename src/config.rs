@@ -42,6 +42,59 @@ pub struct ServerArgs {
     pub check_health: bool,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+/// Bearer-token authentication on a gRPC server; none without a key source.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[group(id = "auth_keys", multiple = false)]
+pub struct AuthArgs {
+    /// Require a bearer token (a JWT) on every call, verified with the
+    /// RS256 and ES256 keys of this JWKS file (re-read when it changes).
+    #[arg(
+        long,
+        env = "SCALEOUT_AUTH_JWKS",
+        group = "auth_keys",
+        requires = "auth_audience"
+    )]
+    pub auth_jwks: Option<std::path::PathBuf>,
+    /// Require a bearer token verified with this PEM public key (RSA for
+    /// RS256, P-256 for ES256).
+    #[arg(
+        long,
+        env = "SCALEOUT_AUTH_PUBLIC_KEY",
+        group = "auth_keys",
+        requires = "auth_audience"
+    )]
+    pub auth_public_key: Option<std::path::PathBuf>,
+    /// Require a bearer token signed with the HS256 secret in this file (at
+    /// least 32 bytes): for development, as whoever can verify can also sign.
+    #[arg(
+        long,
+        env = "SCALEOUT_AUTH_HS256_SECRET_FILE",
+        group = "auth_keys",
+        requires = "auth_audience"
+    )]
+    pub auth_hs256_secret_file: Option<std::path::PathBuf>,
+    /// The audience a token must name (`aud`).
+    #[arg(long, env = "SCALEOUT_AUTH_AUDIENCE")]
+    pub auth_audience: Option<String>,
+    /// The issuer a token must name (`iss`); any when unset.
+    #[arg(long, env = "SCALEOUT_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+    /// What needs a token too (comma-separated): health, reflection,
+    /// metrics. They are open by default, for probes, tools and scrapers.
+    #[arg(long, env = "SCALEOUT_AUTH_PROTECT", value_delimiter = ',', value_enum)]
+    pub auth_protect: Vec<Unprotected>,
+}
+
+/// What a server with authentication leaves open unless protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Unprotected {
+    Health,
+    Reflection,
+    Metrics,
 }
 
 impl ServerArgs {
@@ -88,6 +141,7 @@ impl Default for ServerArgs {
             health_interval: Duration::from_secs(2),
             check_health: false,
             tls: TlsArgs::default(),
+            auth: AuthArgs::default(),
         }
     }
 }

@@ -31,6 +31,7 @@ impl RecordedEvent {
             request_id: self.request_id.map(|id| id.to_string()).unwrap_or_default(),
             event_type: self.event_type.clone(),
             payload: self.payload.clone(),
+            actor: self.metadata.actor.clone().unwrap_or_default(),
         }
     }
 
@@ -58,6 +59,7 @@ impl RecordedEvent {
                 occurred_at,
                 correlation_id: uuid("correlation_id", &envelope.correlation_id)?,
                 causation_id: uuid("causation_id", &envelope.causation_id)?,
+                actor: Some(envelope.actor).filter(|actor| !actor.is_empty()),
             },
             request_id,
             stream_id: envelope.stream_id,

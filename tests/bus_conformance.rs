@@ -30,6 +30,7 @@ fn message(stream_type: &str, event_type: &str, version: u64) -> BusMessage {
             occurred_at: std::time::SystemTime::now(),
             correlation_id: Uuid::now_v7(),
             causation_id: Uuid::now_v7(),
+            actor: None,
         },
         request_id: None,
     })

@@ -18,7 +18,7 @@ fn command<C>(id: &str, command: C, expected: Option<ExpectedVersion>) -> Comman
         command,
         expected,
         request_key: None,
-        correlation_id: None,
+        origin: Default::default(),
     }
 }
 

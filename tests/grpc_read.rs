@@ -42,6 +42,7 @@ fn padded_increments(stream: &str, count: usize, padding: usize) -> AppendReques
             occurred_at: SystemTime::now(),
             correlation_id: Uuid::now_v7(),
             causation_id: Uuid::now_v7(),
+            actor: None,
         },
     }
 }

@@ -97,7 +97,7 @@ fn command<C>(id: &str, command: C) -> Command<C> {
         command,
         expected: None,
         request_key: None,
-        correlation_id: None,
+        origin: Default::default(),
     }
 }
 
@@ -553,6 +553,7 @@ async fn an_event_that_would_overflow_a_total_is_parked_and_skipped() {
                 occurred_at: std::time::SystemTime::now(),
                 correlation_id: uuid::Uuid::now_v7(),
                 causation_id: uuid::Uuid::now_v7(),
+                actor: None,
             },
         };
         store.append(append).await.unwrap();

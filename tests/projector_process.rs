@@ -87,7 +87,7 @@ async fn a_projector_killed_mid_stream_and_restarted_still_equals_the_fold() {
                     },
                     expected: None,
                     request_key: None,
-                    correlation_id: None,
+                    origin: Default::default(),
                 };
                 handler.execute::<Counter>(command).await.unwrap();
             }

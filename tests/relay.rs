@@ -122,6 +122,7 @@ async fn append_events(store: Arc<dyn EventStore>, total: usize, tag: &str) -> V
                         occurred_at: std::time::SystemTime::now(),
                         correlation_id: Uuid::now_v7(),
                         causation_id: Uuid::now_v7(),
+                        actor: None,
                     },
                 };
                 store.append(request).await.unwrap();

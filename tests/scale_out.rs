@@ -123,7 +123,7 @@ async fn experiment(rounds: &[u64], naive: bool) -> Outcome {
             },
             expected: None,
             request_key: None,
-            correlation_id: None,
+            origin: Default::default(),
         };
         handler.execute::<Counter>(command).await.unwrap();
     };

@@ -44,6 +44,8 @@ fn append(stream: &str, expected: ExpectedVersion, events: usize) -> AppendReque
             occurred_at: UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
             correlation_id: Uuid::new_v4(),
             causation_id: Uuid::new_v4(),
+            // Who sent it travels with every event.
+            actor: Some("alice@example.test".into()),
         },
     }
 }

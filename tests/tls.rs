@@ -304,11 +304,14 @@ async fn a_projector_reads_the_log_over_mutual_tls() {
         write(dir.path(), "projector.key", &identity.key),
     );
     let log = |identity| {
-        let tls = ClientTls {
-            ca: Some(ca_file.clone()),
-            identity,
+        let credentials = scaleout::grpc::Credentials {
+            tls: ClientTls {
+                ca: Some(ca_file.clone()),
+                identity,
+            },
+            token_file: None,
         };
-        scaleout::grpc::RemoteLog::new(&url, Duration::from_secs(5), &tls).unwrap()
+        scaleout::grpc::RemoteLog::new(&url, Duration::from_secs(5), &credentials).unwrap()
     };
     let page = log(Some(identity))
         .read_all(0, 10, &Default::default())

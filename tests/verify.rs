@@ -21,7 +21,7 @@ fn command<C>(id: &str, command: C) -> Command<C> {
         command,
         expected: None,
         request_key: None,
-        correlation_id: None,
+        origin: Default::default(),
     }
 }
 

@@ -16,6 +16,7 @@ pub fn metadata() -> EventMetadata {
         occurred_at: std::time::SystemTime::now(),
         correlation_id: uuid::Uuid::now_v7(),
         causation_id: uuid::Uuid::now_v7(),
+        actor: None,
     }
 }
 

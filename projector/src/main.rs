@@ -12,6 +12,7 @@ use clap::Parser;
 use scaleout::app::Application;
 use scaleout::bus::Subscription;
 use scaleout::config::{DocumentStoreArgs, ServerArgs, TelemetryArgs, parse_duration, redact};
+use scaleout::grpc::Credentials;
 use scaleout::grpc::tls::ClientTls;
 use scaleout::projection::runtime::ProjectorConfig;
 
@@ -74,6 +75,10 @@ struct Args {
     /// The client certificate's PEM private key.
     #[arg(long, env = "SCALEOUT_EVENT_LOG_KEY", requires = "event_log_cert")]
     event_log_key: Option<PathBuf>,
+    /// A file holding the bearer token for an event log that requires one
+    /// (a JWT with the `scaleout.read` scope), read again when it changes.
+    #[arg(long, env = "SCALEOUT_EVENT_LOG_TOKEN_FILE")]
+    event_log_token_file: Option<PathBuf>,
     /// How far the sweep trails the log: it brings up to date any document
     /// whose delivery was lost or parked once events are this old.
     #[arg(long, env = "SCALEOUT_SWEEP_DELAY", default_value = "5s", value_parser = parse_duration)]
@@ -87,16 +92,20 @@ struct Args {
 }
 
 impl Args {
-    /// The event log's read API, over TLS for an `https://` URL.
+    /// The event log's read API, over TLS for an `https://` URL, with a
+    /// bearer token if configured.
     fn event_log(&self, timeout: Duration) -> anyhow::Result<scaleout::grpc::RemoteLog> {
-        let tls = ClientTls {
-            ca: self.event_log_ca.clone(),
-            identity: self.event_log_cert.clone().zip(self.event_log_key.clone()),
+        let credentials = Credentials {
+            tls: ClientTls {
+                ca: self.event_log_ca.clone(),
+                identity: self.event_log_cert.clone().zip(self.event_log_key.clone()),
+            },
+            token_file: self.event_log_token_file.clone(),
         };
         Ok(scaleout::grpc::RemoteLog::new(
             &self.event_log,
             timeout,
-            &tls,
+            &credentials,
         )?)
     }
 }

@@ -10,6 +10,7 @@ use crate::bus::EventBus;
 use crate::command::{CommandHandler, RetryPolicy};
 use crate::config::ServerArgs;
 use crate::contention::Contention;
+use crate::grpc::auth::Capability;
 use crate::grpc::metrics::ExtraMetrics;
 use crate::grpc::{AdminApi, ReadApi, ReadConfig, server};
 use crate::relay::{Relay, RelayConfig};
@@ -57,13 +58,17 @@ pub async fn run_command_service(
             .with_contention(Arc::clone(&contention)),
     );
     let mut services = Services::new(server_args.max_message_bytes);
+    services.requiring(Capability::Commands);
     app.command_services(handler, &mut services);
     // Health reports on the application's command services.
     let commands = services.names().to_vec();
     let limit = services.max_message_bytes;
     services
+        .requiring(Capability::Read)
         .add(ReadApi::new(Arc::clone(&store), known, ReadConfig::default()).into_service(limit));
-    services.add(AdminApi::new(bus.clone(), Arc::clone(&contention)).into_service(limit));
+    services
+        .requiring(Capability::Admin)
+        .add(AdminApi::new(bus.clone(), Arc::clone(&contention)).into_service(limit));
     let relay = bus.map(|bus| Relay::new(Arc::clone(&store), bus, relay));
     let relay_state = relay.as_ref().map(|relay| relay_metrics(relay.state()));
     let extra: ExtraMetrics = Arc::new(move || {

@@ -39,8 +39,8 @@ pub const OUTBOX_RELAY_HEALTH: &str = "scaleout.OutboxRelay";
 pub enum ServeError {
     #[error(transparent)]
     Projection(#[from] crate::projection::UnknownProjection),
-    #[error("building reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Routes(#[from] crate::grpc::server::RoutesError),
     #[error("serving gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("TLS: {0}")]

@@ -9,6 +9,7 @@ use super::{Application, ServeError, Services, serve_then_drain};
 use crate::command::{CommandHandler, RetryPolicy};
 use crate::config::ServerArgs;
 use crate::documents::DocumentStore;
+use crate::grpc::auth::Capability;
 use crate::grpc::metrics::ExtraMetrics;
 use crate::grpc::{AdminApi, ReadApi, ReadConfig, ReadModelApi, server};
 use crate::log::StoreLog;
@@ -78,8 +79,10 @@ pub async fn run_platform(
             .with_contention(Arc::clone(&projector_metrics.contention)),
     );
     let mut services = Services::new(server_args.max_message_bytes);
+    services.requiring(Capability::Commands);
     app.command_services(handler, &mut services);
     let commands = services.names().to_vec();
+    services.requiring(Capability::Queries);
     app.query_services(
         Queries::new(Arc::clone(&documents)),
         max_wait,
@@ -88,8 +91,9 @@ pub async fn run_platform(
     let queries = services.names()[commands.len()..].to_vec();
     let limit = services.max_message_bytes;
     services
+        .requiring(Capability::Read)
         .add(ReadApi::new(Arc::clone(&store), known, ReadConfig::default()).into_service(limit));
-    services.add(
+    services.requiring(Capability::Admin).add(
         ReadModelApi::new(
             Arc::clone(&app),
             Arc::new(StoreLog(Arc::clone(&store))),
@@ -200,8 +204,8 @@ pub enum PlatformError {
     Opening(String),
 }
 
-impl From<tonic_reflection::server::Error> for PlatformError {
-    fn from(error: tonic_reflection::server::Error) -> Self {
-        Self::Serve(ServeError::Reflection(error))
+impl From<crate::grpc::server::RoutesError> for PlatformError {
+    fn from(error: crate::grpc::server::RoutesError) -> Self {
+        Self::Serve(ServeError::Routes(error))
     }
 }

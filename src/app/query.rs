@@ -36,6 +36,7 @@ pub async fn run_query_service(
         server: server_args,
     } = service;
     let mut services = Services::new(server_args.max_message_bytes);
+    services.requiring(crate::grpc::auth::Capability::Queries);
     app.query_services(
         Queries::new(Arc::clone(&documents)),
         max_wait,

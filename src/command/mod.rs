@@ -47,8 +47,18 @@ pub struct Command<C> {
     /// Makes the command idempotent: sent again, it is answered with the
     /// first result; its id reused for another request is refused.
     pub request_key: Option<RequestKey>,
+    /// Who sent it and as part of what, recorded with its events.
+    pub origin: Origin,
+}
+
+/// Where a command comes from; see `grpc::command_request::origin`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
     /// Shared by everything one user action causes; a new one when `None`.
     pub correlation_id: Option<Uuid>,
+    /// The authenticated caller (a bearer token's subject); `None` where
+    /// the server authenticates nobody.
+    pub actor: Option<String>,
 }
 
 /// Why a command did not apply.
@@ -270,10 +280,11 @@ impl CommandHandler {
         }
         let metadata = EventMetadata {
             occurred_at: SystemTime::now(),
-            correlation_id: command.correlation_id.unwrap_or_else(Uuid::now_v7),
+            correlation_id: command.origin.correlation_id.unwrap_or_else(Uuid::now_v7),
             causation_id: command
                 .request_key
                 .map_or_else(Uuid::now_v7, |key| key.id.0),
+            actor: command.origin.actor.clone(),
         };
         let key = command.request_key;
         let (reply, answer) = oneshot::channel();

@@ -5,19 +5,28 @@
 use tonic::Request;
 use uuid::Uuid;
 
+use super::auth::Caller;
+use crate::command::Origin;
 use crate::pb;
 use crate::store::{AppendResult, ExpectedVersion, Fingerprint, RequestId, RequestKey};
 
 /// The metadata key a caller may set to tie its commands together.
 pub const CORRELATION_ID_HEADER: &str = "x-correlation-id";
 
-/// The caller's correlation id, if it sent a valid one.
-pub fn correlation_id<T>(request: &Request<T>) -> Option<Uuid> {
-    request
-        .metadata()
-        .get(CORRELATION_ID_HEADER)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| Uuid::parse_str(value).ok())
+/// Where a command comes from: the caller's correlation id, if it sent a
+/// valid one, and who the caller is, if the server authenticated it.
+pub fn origin<T>(request: &Request<T>) -> Origin {
+    Origin {
+        correlation_id: request
+            .metadata()
+            .get(CORRELATION_ID_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| Uuid::parse_str(value).ok()),
+        actor: request
+            .extensions()
+            .get::<Caller>()
+            .map(|caller| caller.subject.clone()),
+    }
 }
 
 /// The request's idempotency key: its `request_id`, when set, and a

@@ -7,6 +7,7 @@
 //! shutdown; see [`server`].
 
 mod admin_service;
+pub mod auth;
 pub mod command_request;
 mod health;
 mod idle;
@@ -25,5 +26,5 @@ pub use self::admin_service::AdminApi;
 pub use self::health::{Health, check as check_health};
 pub use self::read_model_service::ReadModelApi;
 pub use self::read_service::{MAX_PAGE, ReadApi, ReadConfig};
-pub use self::remote_log::RemoteLog;
+pub use self::remote_log::{Credentials, RemoteLog};
 pub use self::status::{ERROR_DOMAIN, Violations};

@@ -3,11 +3,14 @@
 //! It reads events as stored: the projector upcasts them with its own
 //! application's upcasters.
 
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use tokio::sync::Notify;
 use tonic::Code;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 use super::read_service::MAX_PAGE;
@@ -22,13 +25,63 @@ pub struct RemoteLog {
     client: ReadServiceClient<Channel>,
     url: String,
     timeout: Duration,
+    token: Option<TokenFile>,
+}
+
+/// What a client needs beyond the URL where the server asks for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    pub tls: ClientTls,
+    /// A file holding the bearer token to send (a JWT with the
+    /// `scaleout.read` scope), read again whenever it changes, so that an
+    /// agent renewing it needs no restart.
+    pub token_file: Option<PathBuf>,
+}
+
+/// A bearer token file and what was last read from it.
+#[derive(Debug, Clone)]
+struct TokenFile {
+    path: PathBuf,
+    read: Arc<Mutex<Option<ReadToken>>>,
+}
+
+/// The `authorization` value a token file held when it was last modified.
+type ReadToken = (Option<SystemTime>, MetadataValue<Ascii>);
+
+impl TokenFile {
+    /// The `authorization` value the file holds now.
+    fn authorization(&self) -> Result<MetadataValue<Ascii>, StoreError> {
+        let modified = std::fs::metadata(&self.path)
+            .and_then(|meta| meta.modified())
+            .ok();
+        let mut read = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((seen, value)) = read.as_ref()
+            && *seen == modified
+            && modified.is_some()
+        {
+            return Ok(value.clone());
+        }
+        let path = self.path.display();
+        let token = std::fs::read_to_string(&self.path)
+            .map_err(|e| StoreError::unavailable(format!("reading the token file {path}: {e}")))?;
+        let value = format!("Bearer {}", token.trim())
+            .parse::<MetadataValue<Ascii>>()
+            .map_err(|_| StoreError::backend(format!("the token file {path} holds no token")))?;
+        *read = Some((modified, value.clone()));
+        Ok(value)
+    }
 }
 
 impl RemoteLog {
     /// A log at `url` (e.g. `http://command-svc:50051`, or `https://` with
     /// `tls`), connected on first use and again after a loss; each call is
     /// bounded by `timeout`.
-    pub fn new(url: &str, timeout: Duration, tls: &ClientTls) -> Result<Self, StoreError> {
+    pub fn new(
+        url: &str,
+        timeout: Duration,
+        credentials: &Credentials,
+    ) -> Result<Self, StoreError> {
+        let tls = &credentials.tls;
         let mut endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| StoreError::backend(format!("invalid event log URL {url:?}: {e}")))?
             .connect_timeout(timeout)
@@ -46,7 +99,22 @@ impl RemoteLog {
                 .max_decoding_message_size(64 << 20),
             url: url.to_owned(),
             timeout,
+            token: credentials.token_file.clone().map(|path| TokenFile {
+                path,
+                read: Arc::default(),
+            }),
         })
+    }
+
+    /// `body` as a request, with the bearer token if there is one.
+    fn request<T>(&self, body: T) -> Result<tonic::Request<T>, StoreError> {
+        let mut request = tonic::Request::new(body);
+        if let Some(token) = &self.token {
+            request
+                .metadata_mut()
+                .insert("authorization", token.authorization()?);
+        }
+        Ok(request)
     }
 
     fn failure(&self, status: tonic::Status) -> StoreError {
@@ -97,13 +165,13 @@ impl EventLog for RemoteLog {
             let page_limit = (limit - events.len()).min(MAX_PAGE as usize) as u32;
             let mut client = self.client.clone();
             let page = self
-                .call(client.read_stream(pb::ReadStreamRequest {
+                .call(client.read_stream(self.request(pb::ReadStreamRequest {
                     stream_id: stream_id.to_owned(),
                     from_version: from,
                     limit: page_limit,
                     // The projector upcasts with its own application's upcasters.
                     as_stored: true,
-                }))
+                })?))
                 .await?;
             for logged in page.events {
                 events.push(recorded(logged)?);
@@ -124,7 +192,7 @@ impl EventLog for RemoteLog {
     ) -> Result<LogPage, StoreError> {
         let mut client = self.client.clone();
         let page = self
-            .call(client.read_all(pb::ReadAllRequest {
+            .call(client.read_all(self.request(pb::ReadAllRequest {
                 from_position,
                 limit: limit.min(MAX_PAGE as usize) as u32,
                 filter: Some(pb::LogFilter {
@@ -132,7 +200,7 @@ impl EventLog for RemoteLog {
                     event_types: filter.event_types.clone(),
                 }),
                 as_stored: true,
-            }))
+            })?))
             .await?;
         Ok(LogPage {
             events: page

@@ -1,5 +1,6 @@
 //! Serving a set of gRPC services with what every scaleout server carries.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -14,18 +15,23 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use super::Health;
+use super::auth::{AuthError, Authenticator, Capability, Gate};
 use super::idle::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, Quiet, Watched};
 use super::metrics::{ExtraMetrics, RpcMetrics, track};
 use super::tls::ServerTls;
 use super::wire_status::METRICS_PATH;
-use crate::config::ServerArgs;
+use crate::config::{ServerArgs, Unprotected};
 use crate::pb;
+use axum::extract::State;
 
-/// gRPC services being gathered for one server, with their full names.
+/// gRPC services being gathered for one server, with their full names and
+/// the capability each needs (see [`Services::requiring`]).
 #[derive(Debug)]
 pub struct Services {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
+    capabilities: HashMap<String, Capability>,
+    requiring: Capability,
     /// The request size limit every service of this server applies.
     pub max_message_bytes: usize,
 }
@@ -35,8 +41,18 @@ impl Services {
         Self {
             routes: RoutesBuilder::default(),
             names: Vec::new(),
+            capabilities: HashMap::new(),
+            requiring: Capability::Admin,
             max_message_bytes,
         }
+    }
+
+    /// Services added from now on need `capability`'s scope in a caller's
+    /// token (where the server authenticates); until this is called, the
+    /// admin scope.
+    pub fn requiring(&mut self, capability: Capability) -> &mut Self {
+        self.requiring = capability;
+        self
     }
 
     /// The full names of the services added so far.
@@ -57,9 +73,19 @@ impl Services {
         S::Future: Send + 'static,
     {
         self.names.push(S::NAME);
+        self.capabilities.insert(S::NAME.to_owned(), self.requiring);
         self.routes.add_service(service);
         self
     }
+}
+
+/// Why a server's routes could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesError {
+    #[error("building reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("authentication: {0}")]
+    Auth(#[from] AuthError),
 }
 
 /// The Prometheus text exposition format's content type.
@@ -78,9 +104,9 @@ pub async fn routes(
     extra_metrics: Option<ExtraMetrics>,
     args: &ServerArgs,
     stopping: CancellationToken,
-) -> Result<(Routes, Health), tonic_reflection::server::Error> {
+) -> Result<(Routes, Health), RoutesError> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    let health = Health::new(reporter, stopping);
+    let health = Health::new(reporter, stopping.clone());
     // Nothing serves until its dependencies say so.
     for service in service_names.iter().chain(&[""]) {
         health.report(service, false).await;
@@ -90,6 +116,7 @@ pub async fn routes(
     let Services {
         routes: mut services,
         names: served,
+        capabilities,
         ..
     } = services;
     let reflection = |itself: &str| {
@@ -122,6 +149,28 @@ pub async fn routes(
         );
     let metrics = Arc::new(RpcMetrics::new(extra_metrics, app_descriptors));
     let scraped = Arc::clone(&metrics);
+    let gate = match Authenticator::from_args(&args.auth)? {
+        Some(authenticator) => {
+            let authenticator = Arc::new(authenticator);
+            tokio::spawn(
+                Arc::clone(&authenticator).reload_on_change(health.clone(), stopping.child_token()),
+            );
+            let unprotected = [
+                Unprotected::Health,
+                Unprotected::Reflection,
+                Unprotected::Metrics,
+            ]
+            .into_iter()
+            .filter(|open| !args.auth.auth_protect.contains(open))
+            .collect();
+            Some(Arc::new(Gate::new(
+                authenticator,
+                capabilities,
+                unprotected,
+            )))
+        }
+        None => None,
+    };
     let router = services
         .routes()
         .into_axum_router()
@@ -132,6 +181,17 @@ pub async fn routes(
                 async move { ([(CONTENT_TYPE, PROMETHEUS_TEXT)], metrics.render()) }
             }),
         )
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let gate = gate.clone();
+                async move {
+                    match gate {
+                        Some(gate) => super::auth::authorize(State(gate), request, next).await,
+                        None => next.run(request).await,
+                    }
+                }
+            },
+        ))
         .layer(axum::middleware::from_fn_with_state(
             args.request_timeout,
             super::wire_status::enforce,

@@ -264,6 +264,7 @@ mod tests {
                 occurred_at: SystemTime::now(),
                 correlation_id: uuid::Uuid::now_v7(),
                 causation_id: uuid::Uuid::now_v7(),
+                actor: None,
             },
             request_id: None,
         };
@@ -443,6 +444,7 @@ mod tests {
                 occurred_at: SystemTime::now(),
                 correlation_id: uuid::Uuid::now_v7(),
                 causation_id: uuid::Uuid::now_v7(),
+                actor: None,
             },
             request_id: None,
         };

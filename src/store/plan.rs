@@ -144,6 +144,7 @@ mod tests {
                 occurred_at: SystemTime::now(),
                 correlation_id: Uuid::now_v7(),
                 causation_id: Uuid::now_v7(),
+                actor: None,
             },
         }
     }

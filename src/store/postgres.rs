@@ -56,7 +56,7 @@ const OUTBOX_LOCK: i32 = 0x736f;
 /// The columns [`recorded`] reads, in this order, in `events` and in
 /// `outbox JOIN events`.
 const EVENT_COLUMNS: &str = "position, stream_id, version, stream_type, event_id, event_type, \
-     payload, occurred_at, correlation_id, causation_id, request_id";
+     payload, occurred_at, correlation_id, causation_id, request_id, actor";
 
 /// Where and how to connect.
 ///
@@ -467,6 +467,8 @@ async fn migrate(connector: &Connector, schema: &str) -> Result<(), StoreError> 
         );
         -- NULL for requests recorded before fingerprints were kept.
         ALTER TABLE "{schema}".requests ADD COLUMN IF NOT EXISTS fingerprint bytea NULL;
+        -- Who sent the command; NULL where nobody was authenticated.
+        ALTER TABLE "{schema}".events ADD COLUMN IF NOT EXISTS actor text NULL;
         "#
     ))
     .await
@@ -589,20 +591,20 @@ impl Writer {
                         "WITH input AS (
                             SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[],
                                 $4::uuid[], $5::text[], $6::bytea[], $7::timestamptz[],
-                                $8::uuid[], $9::uuid[], $10::uuid[], $11::bytea[])
+                                $8::uuid[], $9::uuid[], $10::uuid[], $11::bytea[], $12::text[])
                                 WITH ORDINALITY AS e(stream_id, version, stream_type, event_id,
                                     event_type, payload, occurred_at, correlation_id,
-                                    causation_id, request_id, fingerprint, n)
+                                    causation_id, request_id, fingerprint, actor, n)
                         ), head AS (
                             UPDATE log SET head = head + cardinality($1::text[])
                             RETURNING head - cardinality($1::text[]) AS base
                         ), written AS (
                             INSERT INTO events (position, stream_id, version, stream_type,
                                 event_id, event_type, payload, occurred_at, correlation_id,
-                                causation_id, request_id)
+                                causation_id, request_id, actor)
                             SELECT head.base + n, stream_id, version, stream_type, event_id,
                                 event_type, payload, occurred_at, correlation_id, causation_id,
-                                request_id
+                                request_id, actor
                             FROM head, input
                             RETURNING position
                         ), outboxed AS (
@@ -741,6 +743,7 @@ struct EventColumns<'a> {
     causation_id: Vec<Uuid>,
     request_id: Vec<Option<Uuid>>,
     fingerprint: Vec<Option<&'a [u8]>>,
+    actor: Vec<Option<&'a str>>,
 }
 
 impl<'a> EventColumns<'a> {
@@ -758,9 +761,10 @@ impl<'a> EventColumns<'a> {
         self.request_id.push(key.map(|key| key.id.0));
         self.fingerprint
             .push(key.map(|key| key.fingerprint.0.as_slice()));
+        self.actor.push(request.metadata.actor.as_deref());
     }
 
-    fn params(&self) -> [Param<'_>; 11] {
+    fn params(&self) -> [Param<'_>; 12] {
         [
             &self.stream_id,
             &self.version,
@@ -773,6 +777,7 @@ impl<'a> EventColumns<'a> {
             &self.causation_id,
             &self.request_id,
             &self.fingerprint,
+            &self.actor,
         ]
     }
 }
@@ -848,6 +853,7 @@ fn recorded(row: &Row) -> Result<RecordedEvent, StoreError> {
             occurred_at: row.try_get(7)?,
             correlation_id: row.try_get(8)?,
             causation_id: row.try_get(9)?,
+            actor: row.try_get(11)?,
         },
         request_id: row.try_get::<_, Option<Uuid>>(10)?.map(RequestId),
     })

@@ -554,6 +554,7 @@ mod legacy {
                         occurred_at: std::time::SystemTime::UNIX_EPOCH,
                         correlation_id: uuid::Uuid::nil(),
                         causation_id: uuid::Uuid::nil(),
+                        actor: None,
                     },
                     request_id: None,
                 };

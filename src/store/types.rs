@@ -179,6 +179,9 @@ pub struct EventMetadata {
     pub occurred_at: SystemTime,
     pub correlation_id: Uuid,
     pub causation_id: Uuid,
+    /// Who sent the command: its bearer token's subject; `None` where the
+    /// server authenticates nobody.
+    pub actor: Option<String>,
 }
 
 /// One atomic append to one stream.

@@ -4,18 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use scaleout::command::{Command, CommandHandler};
+use scaleout::command::{Command, CommandHandler, Origin};
 use scaleout::domain::values::Id;
 use scaleout::grpc::Violations;
-use scaleout::grpc::command_request::{
-    command_result, correlation_id, expected_version, request_key,
-};
+use scaleout::grpc::command_request::{command_result, expected_version, origin, request_key};
 use scaleout::grpc::query_request::wait_deadline;
 use scaleout::pb::CommandResult;
 use scaleout::query::Queries;
 use scaleout::store::RequestKey;
 use tonic::{Request, Response, Status};
-use uuid::Uuid;
 
 use crate::account::{Account, AccountCommand, Cents, Owner};
 use crate::balance::{Balance, BalanceProjection, balance_key};
@@ -44,7 +41,7 @@ impl pb::bank_service_server::BankService for BankApi {
         &self,
         request: Request<pb::OpenAccountRequest>,
     ) -> Result<Response<pb::OpenAccountResponse>, Status> {
-        let correlation_id = correlation_id(&request);
+        let origin = origin(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
         let (Some(request_key), Some(account_id), Some(owner)) = (
@@ -60,7 +57,7 @@ impl pb::bank_service_server::BankService for BankApi {
                 command: AccountCommand::Open { owner },
                 expected: None,
                 request_key,
-                correlation_id,
+                origin,
             })
             .await?;
         Ok(Response::new(pb::OpenAccountResponse { result }))
@@ -70,7 +67,7 @@ impl pb::bank_service_server::BankService for BankApi {
         &self,
         request: Request<pb::DepositRequest>,
     ) -> Result<Response<pb::DepositResponse>, Status> {
-        let correlation_id = correlation_id(&request);
+        let origin = origin(&request);
         let body = request.into_inner();
         let result = self
             .move_money(
@@ -79,7 +76,7 @@ impl pb::bank_service_server::BankService for BankApi {
                     account_id: &body.account_id,
                     amount: body.amount,
                     expected: body.expected_version,
-                    correlation_id,
+                    origin,
                 },
                 |amount| AccountCommand::Deposit { amount },
             )
@@ -91,7 +88,7 @@ impl pb::bank_service_server::BankService for BankApi {
         &self,
         request: Request<pb::WithdrawRequest>,
     ) -> Result<Response<pb::WithdrawResponse>, Status> {
-        let correlation_id = correlation_id(&request);
+        let origin = origin(&request);
         let body = request.into_inner();
         let result = self
             .move_money(
@@ -100,7 +97,7 @@ impl pb::bank_service_server::BankService for BankApi {
                     account_id: &body.account_id,
                     amount: body.amount,
                     expected: body.expected_version,
-                    correlation_id,
+                    origin,
                 },
                 |amount| AccountCommand::Withdraw { amount },
             )
@@ -115,7 +112,7 @@ struct Money<'a> {
     account_id: &'a str,
     amount: u64,
     expected: Option<scaleout::pb::ExpectedVersion>,
-    correlation_id: Option<Uuid>,
+    origin: Origin,
 }
 
 impl BankApi {
@@ -138,7 +135,7 @@ impl BankApi {
             command: command(amount),
             expected: expected_version(money.expected),
             request_key,
-            correlation_id: money.correlation_id,
+            origin: money.origin,
         })
         .await
     }

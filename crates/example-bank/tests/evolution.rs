@@ -50,6 +50,7 @@ async fn store_event(
                 occurred_at: SystemTime::now(),
                 correlation_id: Uuid::now_v7(),
                 causation_id: Uuid::now_v7(),
+                actor: None,
             },
         })
         .await

@@ -7,9 +7,7 @@ use tonic::{Request, Response, Status};
 use scaleout::command::{Command, CommandHandler};
 use scaleout::domain::Aggregate;
 use scaleout::grpc::Violations;
-use scaleout::grpc::command_request::{
-    command_result, correlation_id, expected_version, request_key,
-};
+use scaleout::grpc::command_request::{command_result, expected_version, origin, request_key};
 
 use crate::domain::values::{Amount, Author, CommentText, FileName, Id};
 use crate::domain::{Counter, CounterCommand, File, FileCommand};
@@ -46,7 +44,7 @@ impl pb::command_service_server::CommandService for CommandApi {
         &self,
         request: Request<pb::CreateFileRequest>,
     ) -> Result<Response<pb::CreateFileResponse>, Status> {
-        let correlation_id = correlation_id(&request);
+        let origin = origin(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
         let (Some(request_key), Some(file_id), Some(name), Some(folder_id)) = (
@@ -63,7 +61,7 @@ impl pb::command_service_server::CommandService for CommandApi {
                 command: FileCommand::Create { name, folder_id },
                 expected: None,
                 request_key,
-                correlation_id,
+                origin,
             })
             .await?;
         Ok(Response::new(pb::CreateFileResponse { result }))
@@ -73,7 +71,7 @@ impl pb::command_service_server::CommandService for CommandApi {
         &self,
         request: Request<pb::RenameFileRequest>,
     ) -> Result<Response<pb::RenameFileResponse>, Status> {
-        let correlation_id = correlation_id(&request);
+        let origin = origin(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
         let (Some(request_key), Some(file_id), Some(new_name)) = (
@@ -89,7 +87,7 @@ impl pb::command_service_server::CommandService for CommandApi {
                 command: FileCommand::Rename { new_name },
                 expected: expected_version(body.expected_version),
                 request_key,
-                correlation_id,
+                origin,
             })
             .await?;
         Ok(Response::new(pb::RenameFileResponse { result }))
@@ -99,7 +97,7 @@ impl pb::command_service_server::CommandService for CommandApi {
         &self,
         request: Request<pb::MoveFileRequest>,
     ) -> Result<Response<pb::MoveFileResponse>, Status> {
-        let correlation_id = correlation_id(&request);
+        let origin = origin(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
         let (Some(request_key), Some(file_id), Some(to_folder_id)) = (
@@ -115,7 +113,7 @@ impl pb::command_service_server::CommandService for CommandApi {
                 command: FileCommand::Move { to_folder_id },
                 expected: expected_version(body.expected_version),
                 request_key,
-                correlation_id,
+                origin,
             })
             .await?;
         Ok(Response::new(pb::MoveFileResponse { result }))
@@ -125,7 +123,7 @@ impl pb::command_service_server::CommandService for CommandApi {
         &self,
         request: Request<pb::DeleteFileRequest>,
     ) -> Result<Response<pb::DeleteFileResponse>, Status> {
-        let correlation_id = correlation_id(&request);
+        let origin = origin(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
         let (Some(request_key), Some(file_id)) = (
@@ -140,7 +138,7 @@ impl pb::command_service_server::CommandService for CommandApi {
                 command: FileCommand::Delete,
                 expected: expected_version(body.expected_version),
                 request_key,
-                correlation_id,
+                origin,
             })
             .await?;
         Ok(Response::new(pb::DeleteFileResponse { result }))
@@ -150,7 +148,7 @@ impl pb::command_service_server::CommandService for CommandApi {
         &self,
         request: Request<pb::AddCommentRequest>,
     ) -> Result<Response<pb::AddCommentResponse>, Status> {
-        let correlation_id = correlation_id(&request);
+        let origin = origin(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
         let (Some(request_key), Some(file_id), Some(author), Some(text)) = (
@@ -167,7 +165,7 @@ impl pb::command_service_server::CommandService for CommandApi {
                 command: FileCommand::AddComment { author, text },
                 expected: expected_version(body.expected_version),
                 request_key,
-                correlation_id,
+                origin,
             })
             .await?;
         Ok(Response::new(pb::AddCommentResponse { result }))
@@ -177,7 +175,7 @@ impl pb::command_service_server::CommandService for CommandApi {
         &self,
         request: Request<pb::IncrementCounterRequest>,
     ) -> Result<Response<pb::IncrementCounterResponse>, Status> {
-        let correlation_id = correlation_id(&request);
+        let origin = origin(&request);
         let body = request.into_inner();
         let mut violations = Violations::default();
         let (Some(request_key), Some(counter_id), Some(amount)) = (
@@ -193,7 +191,7 @@ impl pb::command_service_server::CommandService for CommandApi {
                 command: CounterCommand::Increment { amount },
                 expected: expected_version(body.expected_version),
                 request_key,
-                correlation_id,
+                origin,
             })
             .await?;
         Ok(Response::new(pb::IncrementCounterResponse { result }))

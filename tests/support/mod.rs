@@ -281,7 +281,14 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
 pub struct Process {
     pub child: std::process::Child,
     pub addr: String,
+    binary: String,
+    /// The last lines it logged, for the failure message of a process that
+    /// would not stop.
+    last_lines: Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
 }
+
+/// Lines of a process's log kept for a failure message.
+const KEPT_LINES: usize = 40;
 
 impl Process {
     pub fn start(binary: &str, args: &[String]) -> Process {
@@ -306,8 +313,23 @@ impl Process {
                 break rest.split_whitespace().next().unwrap().to_owned();
             }
         };
-        std::thread::spawn(move || lines.for_each(drop));
-        Process { child, addr }
+        let last_lines = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let kept = Arc::clone(&last_lines);
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let mut kept = kept.lock().unwrap();
+                if kept.len() == KEPT_LINES {
+                    kept.pop_front();
+                }
+                kept.push_back(line);
+            }
+        });
+        Process {
+            child,
+            addr,
+            binary: binary.to_owned(),
+            last_lines,
+        }
     }
 
     /// SIGTERM, then waits (up to 20 s) for a clean exit.
@@ -322,10 +344,16 @@ impl Process {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "process ignored SIGTERM"
-            );
+            if std::time::Instant::now() >= deadline {
+                let lines = self.last_lines.lock().unwrap();
+                let log: Vec<&str> = lines.iter().map(String::as_str).collect();
+                panic!(
+                    "{} (pid {pid}) on {} ignored SIGTERM for 20 s; its last lines:\n{}",
+                    self.binary,
+                    self.addr,
+                    log.join("\n")
+                );
+            }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }

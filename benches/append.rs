@@ -19,6 +19,7 @@ use scaleout::store::postgres::{PostgresConfig, PostgresStore};
 use scaleout::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, NewEvents};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use uuid::Uuid;
 
@@ -226,20 +227,77 @@ impl RawPostgres {
 /// A command service on `store`, with a client channel to it.
 struct CommandServer {
     channel: Channel,
+    /// The `authorization` value each command carries, if any.
+    token: Option<MetadataValue<Ascii>>,
     stopping: CancellationToken,
     served: tokio::task::JoinHandle<Result<(), scaleout::app::ServeError>>,
 }
 
 impl CommandServer {
     async fn start(store: Arc<dyn EventStore>) -> Self {
+        Self::start_with(store, ServerArgs::default(), None, None).await
+    }
+
+    /// Over TLS (certificates from rcgen in `dir`), every command with a
+    /// bearer token verified against an ES256 JWKS.
+    async fn secured(store: Arc<dyn EventStore>, dir: &std::path::Path) -> Self {
+        use base64::Engine;
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        std::fs::write(dir.join("tls.crt"), certified.cert.pem()).unwrap();
+        std::fs::write(dir.join("tls.key"), certified.signing_key.serialize_pem()).unwrap();
+        let signer = rcgen::KeyPair::generate().unwrap();
+        let point = signer.public_key_raw();
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "kid": "bench",
+            "x": b64(&point[1..33]), "y": b64(&point[33..]),
+        }]});
+        std::fs::write(dir.join("jwks.json"), jwks.to_string()).unwrap();
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3_600;
+        let claims = serde_json::json!({
+            "sub": "bench", "aud": "scaleout", "exp": exp, "scope": "scaleout.commands",
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("bench".into());
+        let key =
+            jsonwebtoken::EncodingKey::from_ec_pem(signer.serialize_pem().as_bytes()).unwrap();
+        let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+        let mut args = ServerArgs::default();
+        args.tls.tls_cert = Some(dir.join("tls.crt"));
+        args.tls.tls_key = Some(dir.join("tls.key"));
+        args.auth.auth_jwks = Some(dir.join("jwks.json"));
+        args.auth.auth_audience = Some("scaleout".into());
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(
+                certified.cert.pem(),
+            ))
+            .domain_name("localhost");
+        let token = format!("Bearer {token}").parse().unwrap();
+        Self::start_with(store, args, Some(tls), Some(token)).await
+    }
+
+    async fn start_with(
+        store: Arc<dyn EventStore>,
+        args: ServerArgs,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+        token: Option<MetadataValue<Ascii>>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let port = listener.local_addr().unwrap().port();
+        let url = match tls {
+            Some(_) => format!("https://localhost:{port}"),
+            None => format!("http://127.0.0.1:{port}"),
+        };
         let stopping = CancellationToken::new();
         let service = scaleout::app::CommandService {
             app: Arc::new(reference::Reference),
             store,
             bus: None,
-            server: ServerArgs::default(),
+            server: args,
             retry: RetryPolicy::default(),
             snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
             relay: Default::default(),
@@ -249,9 +307,14 @@ impl CommandServer {
             service,
             stopping.clone(),
         ));
-        let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+        let mut endpoint = Channel::from_shared(url).unwrap();
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls).unwrap();
+        }
+        let channel = endpoint.connect().await.unwrap();
         Self {
             channel,
+            token,
             stopping,
             served,
         }
@@ -265,12 +328,17 @@ impl CommandServer {
     /// `clients` incrementing counters in a closed loop for a run.
     async fn increments(&self, clients: usize, streams: Streams) -> Sample {
         let (channel, run) = (self.channel.clone(), Uuid::now_v7().simple().to_string());
+        let token = self.token.clone();
         closed_loop(clients, move |client| {
             let counter_id = match streams {
                 Streams::Own => format!("{run}-{client}"),
                 Streams::Shared => format!("{run}-shared"),
             };
-            increment(CommandServiceClient::new(channel.clone()), counter_id)
+            increment(
+                CommandServiceClient::new(channel.clone()),
+                counter_id,
+                token.clone(),
+            )
         })
         .await
     }
@@ -288,7 +356,7 @@ impl CommandServer {
             let client = CommandServiceClient::new(self.channel.clone());
             let counter_id = format!("{run}-{}", i % 100);
             tasks.spawn(async move {
-                increment(client, counter_id).await;
+                increment(client, counter_id, None).await;
                 due.elapsed()
             });
         }
@@ -300,14 +368,19 @@ impl CommandServer {
     }
 }
 
-async fn increment(mut client: CommandServiceClient<Channel>, counter_id: String) {
-    client
-        .increment_counter(pb::IncrementCounterRequest {
-            counter_id,
-            ..Default::default()
-        })
-        .await
-        .expect("increment");
+async fn increment(
+    mut client: CommandServiceClient<Channel>,
+    counter_id: String,
+    token: Option<MetadataValue<Ascii>>,
+) {
+    let mut request = tonic::Request::new(pb::IncrementCounterRequest {
+        counter_id,
+        ..Default::default()
+    });
+    if let Some(token) = token {
+        request.metadata_mut().insert("authorization", token);
+    }
+    client.increment_counter(request).await.expect("increment");
 }
 
 #[tokio::main]
@@ -375,6 +448,20 @@ async fn main() {
             .await;
         server.stop().await;
     }
+
+    // What TLS and a token check on every call cost, beside plaintext.
+    let plain = CommandServer::start(Arc::clone(&redb)).await;
+    let secured = CommandServer::secured(Arc::clone(&redb), dir.path()).await;
+    report
+        .compare(
+            "redb gRPC commands over TLS, each with an ES256 bearer token: 16 clients, a counter each",
+            "the same, plaintext without a token",
+            async || plain.increments(16, Streams::Own).await,
+            async || secured.increments(16, Streams::Own).await,
+        )
+        .await;
+    plain.stop().await;
+    secured.stop().await;
     report.finish();
     common::drop_schema(&schema).await;
 }

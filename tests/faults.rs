@@ -330,6 +330,21 @@ impl Split {
         self.projectors[index] = Process::start("projector", &self.projector_args);
     }
 
+    /// Deliveries each projector has handled so far.
+    async fn handled(&self) -> Vec<u64> {
+        let mut handled = Vec::new();
+        for projector in &self.projectors {
+            let metrics = projector.http_get("/metrics").await;
+            let count = metrics
+                .lines()
+                .find_map(|line| line.strip_prefix("scaleout_projector_handled_total "))
+                .and_then(|n| n.trim().parse().ok())
+                .expect("scaleout_projector_handled_total on /metrics");
+            handled.push(count);
+        }
+        handled
+    }
+
     /// The invariant, and nothing parked.
     async fn assert_whole(&self, acked: &HashMap<String, u64>) {
         let started = std::time::Instant::now();
@@ -487,6 +502,21 @@ async fn the_broker_and_the_database_unreachable_are_waited_out() {
     split.rabbit_proxy.1 =
         Some(support::Proxy::start(split.rabbit_proxy.0, "127.0.0.1:5672").await);
     wait_for_acks(&load, 300).await;
+    // Every projector consumes again: a worker whose connection died under
+    // it must not sit there healthy and idle while the log sweep hides it.
+    let before = split.handled().await;
+    let started = std::time::Instant::now();
+    loop {
+        let now = split.handled().await;
+        if now.iter().zip(&before).all(|(now, before)| now > before) {
+            break;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "a projector stopped consuming after the broker came back: {before:?} → {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     split.postgres_proxy.1 = None;
     hold(Duration::from_secs(10)).await;
     split.postgres_proxy.1 =

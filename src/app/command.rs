@@ -5,7 +5,9 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{Application, ServeError, Services, relay_metrics, report_relay, serve_then_drain};
+use super::{
+    Application, Background, ServeError, Services, relay_metrics, report_relay, serve_then_drain,
+};
 use crate::bus::EventBus;
 use crate::command::{CommandHandler, RetryPolicy};
 use crate::config::ServerArgs;
@@ -88,9 +90,10 @@ pub async fn run_command_service(
     )
     .await?;
 
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = Background::default();
     let probed = Arc::clone(&store);
     tasks.spawn(
+        "health: event store",
         health.clone().follow(
             commands
                 .iter()
@@ -106,8 +109,8 @@ pub async fn run_command_service(
         ),
     );
     if let Some(relay) = relay {
-        tasks.spawn(report_relay(health.clone(), relay.state()));
-        tasks.spawn(relay.run(stopping.child_token()));
+        tasks.spawn("health: relay", report_relay(health.clone(), relay.state()));
+        tasks.spawn("outbox relay", relay.run(stopping.child_token()));
     }
 
     serve_then_drain(listener, routes, health, &server_args, stopping, tasks).await

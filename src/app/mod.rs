@@ -10,6 +10,7 @@ mod projector;
 mod query;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -55,23 +56,69 @@ async fn serve_then_drain(
     health: Health,
     server_args: &ServerArgs,
     stopping: CancellationToken,
-    mut tasks: tokio::task::JoinSet<()>,
+    mut tasks: Background,
 ) -> Result<(), ServeError> {
     let tls = match server_args.tls.files().map(ServerTls::load).transpose() {
         Ok(tls) => tls,
         Err(error) => {
             stopping.cancel();
-            while tasks.join_next().await.is_some() {}
+            tasks.join().await;
             return Err(error.into());
         }
     };
     if let Some(tls) = &tls {
-        tasks.spawn(tls.clone().reload_on_change(stopping.child_token()));
+        tasks.spawn(
+            "TLS reload",
+            tls.clone().reload_on_change(stopping.child_token()),
+        );
     }
     let served = server::serve(listener, routes, health, tls, server_args, stopping.clone()).await;
     stopping.cancel();
-    while tasks.join_next().await.is_some() {}
+    tasks.join().await;
     Ok(served?)
+}
+
+/// A service's background tasks, by name, so that a shutdown that waits
+/// says for what.
+#[derive(Debug, Default)]
+struct Background {
+    tasks: tokio::task::JoinSet<&'static str>,
+    running: Vec<&'static str>,
+}
+
+impl Background {
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        self.running.push(name);
+        self.tasks.spawn(async move {
+            task.await;
+            name
+        });
+    }
+
+    /// Waits for every task (once they were told to stop), naming the ones
+    /// still running every few seconds.
+    async fn join(mut self) {
+        tracing::info!(tasks = ?self.running, "stopping background tasks");
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), self.tasks.join_next()).await {
+                Ok(Some(ended)) => {
+                    let name = ended.unwrap_or("a task that panicked");
+                    if let Some(index) = self.running.iter().position(|r| *r == name) {
+                        self.running.remove(index);
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(waiting_for = ?self.running, "shutdown is waiting for background tasks")
+                }
+            }
+        }
+        tracing::info!("background tasks stopped");
+    }
 }
 
 /// The relay's state as a metric: 1 while events can flow to the bus.

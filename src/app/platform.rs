@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{Application, ServeError, Services, serve_then_drain};
+use super::{Application, Background, ServeError, Services, serve_then_drain};
 use crate::command::{CommandHandler, RetryPolicy};
 use crate::config::ServerArgs;
 use crate::documents::DocumentStore;
@@ -116,25 +116,29 @@ pub async fn run_platform(
     )
     .await?;
 
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = Background::default();
     // Commands need only the event store; queries, and the platform as a
     // whole, also a projector that keeps the views moving.
     let probed_store = Arc::clone(&store);
-    tasks.spawn(health.clone().follow(
-        commands.iter().map(|name| (*name).to_owned()).collect(),
-        "event store",
-        server_args.health_interval,
-        move || {
-            let store = Arc::clone(&probed_store);
-            async move { store.ping().await }
-        },
-    ));
+    tasks.spawn(
+        "health: event store",
+        health.clone().follow(
+            commands.iter().map(|name| (*name).to_owned()).collect(),
+            "event store",
+            server_args.health_interval,
+            move || {
+                let store = Arc::clone(&probed_store);
+                async move { store.ping().await }
+            },
+        ),
+    );
     let (probed_store, probed_documents, probed_projector) = (
         Arc::clone(&store),
         Arc::clone(&documents),
         Arc::clone(&projector_metrics),
     );
     tasks.spawn(
+        "health: queries",
         health.clone().follow(
             queries
                 .iter()
@@ -168,7 +172,10 @@ pub async fn run_platform(
         Arc::clone(&projector_metrics),
     );
     let names = app.projections().iter().map(|p| p.name()).collect();
-    tasks.spawn(rebuilder.supervise(names, stopping.child_token()));
+    tasks.spawn(
+        "rebuilds",
+        rebuilder.supervise(names, stopping.child_token()),
+    );
     let projector = Projector::new(
         documents,
         log,
@@ -184,7 +191,9 @@ pub async fn run_platform(
         page: 500,
     };
     let worker_stopping = stopping.child_token();
-    tasks.spawn(async move { projector.follow(follow, worker_stopping).await });
+    tasks.spawn("projector", async move {
+        projector.follow(follow, worker_stopping).await
+    });
 
     Ok(serve_then_drain(listener, routes, health, &server_args, stopping, tasks).await?)
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{Application, PROJECTOR_HEALTH, ServeError, serve_then_drain};
+use super::{Application, Background, PROJECTOR_HEALTH, ServeError, serve_then_drain};
 use crate::backoff::Backoff;
 use crate::bus::{EventBus, Subscription};
 use crate::config::ServerArgs;
@@ -98,13 +98,14 @@ pub async fn run_projector(
     )
     .await?;
 
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = Background::default();
     let (probed_bus, probed_documents, probed_metrics) = (
         Arc::clone(&bus),
         Arc::clone(&documents),
         Arc::clone(&metrics),
     );
     tasks.spawn(
+        "health",
         health.clone().follow(
             health_names
                 .iter()
@@ -139,9 +140,14 @@ pub async fn run_projector(
         page: 500,
     };
     let (sweeper, sweep_stopping) = (projector.clone(), stopping.child_token());
-    tasks.spawn(async move { sweeper.follow(sweep, sweep_stopping).await });
+    tasks.spawn("sweep", async move {
+        sweeper.follow(sweep, sweep_stopping).await
+    });
     // Any instance runs a rebuild whose builder is gone.
-    tasks.spawn(rebuilder.supervise(kept_names, stopping.child_token()));
+    tasks.spawn(
+        "rebuilds",
+        rebuilder.supervise(kept_names, stopping.child_token()),
+    );
     for _ in 0..workers.max(1) {
         let (bus, projector, subscription, stopping) = (
             Arc::clone(&bus),
@@ -150,26 +156,29 @@ pub async fn run_projector(
             stopping.child_token(),
         );
         let (metrics, supervised) = (Arc::clone(&metrics), Arc::clone(&metrics));
-        tasks.spawn(supervise(supervised, stopping.clone(), move || {
-            let (bus, projector, subscription, stopping) = (
-                Arc::clone(&bus),
-                projector.clone(),
-                subscription.clone(),
-                stopping.clone(),
-            );
-            let metrics = Arc::clone(&metrics);
-            async move {
-                let subscribed = {
-                    // Not serving until it consumes: its queue may not even
-                    // be declared yet (broker away, arguments refused).
-                    let _waiting = metrics.pause();
-                    subscribe(bus.as_ref(), &subscription, &stopping).await
-                };
-                if let Some(subscriber) = subscribed {
-                    projector.run(subscriber, stopping).await;
+        tasks.spawn(
+            "worker",
+            supervise(supervised, stopping.clone(), move || {
+                let (bus, projector, subscription, stopping) = (
+                    Arc::clone(&bus),
+                    projector.clone(),
+                    subscription.clone(),
+                    stopping.clone(),
+                );
+                let metrics = Arc::clone(&metrics);
+                async move {
+                    let subscribed = {
+                        // Not serving until it consumes: its queue may not even
+                        // be declared yet (broker away, arguments refused).
+                        let _waiting = metrics.pause();
+                        subscribe(bus.as_ref(), &subscription, &stopping).await
+                    };
+                    if let Some(subscriber) = subscribed {
+                        projector.run(subscriber, stopping).await;
+                    }
                 }
-            }
-        }));
+            }),
+        );
     }
 
     serve_then_drain(listener, routes, health, &server_args, stopping, tasks).await

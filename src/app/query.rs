@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{Application, ServeError, Services, serve_then_drain};
+use super::{Application, Background, ServeError, Services, serve_then_drain};
 use crate::config::ServerArgs;
 use crate::documents::DocumentStore;
 use crate::grpc::server;
@@ -52,14 +52,15 @@ pub async fn run_query_service(
         stopping.clone(),
     )
     .await?;
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = Background::default();
     // Whichever of query-svc and the projectors starts first registers the
     // application's read models, so a new one reads as being built.
     let (registered, registering) = (Arc::clone(&documents), stopping.child_token());
-    tasks.spawn(async move {
+    tasks.spawn("registering read models", async move {
         register_until(registered.as_ref(), app.as_ref(), &registering).await;
     });
     tasks.spawn(
+        "health",
         health.clone().follow(
             queries
                 .iter()

@@ -563,13 +563,13 @@ struct RabbitSettle {
 #[async_trait]
 impl Settle for RabbitSettle {
     async fn ack(self: Box<Self>) -> Result<(), BusError> {
-        settled(self.delivery.acker.ack(BasicAckOptions::default()).await)
+        settled(self.delivery.acker.ack(BasicAckOptions::default())).await
     }
 
     async fn requeue(self: Box<Self>) -> Result<(), BusError> {
         // `reject` (not `nack`) is what counts toward the delivery limit.
         let requeue = BasicRejectOptions { requeue: true };
-        settled(self.delivery.acker.reject(requeue).await)
+        settled(self.delivery.acker.reject(requeue)).await
     }
 
     async fn dead_letter(self: Box<Self>, reason: &str, attempts: u32) -> Result<(), BusError> {
@@ -595,14 +595,11 @@ impl Settle for RabbitSettle {
             )
             .await;
         match parked.into_iter().next() {
-            Some(Ok(())) => settled(self.delivery.acker.ack(BasicAckOptions::default()).await),
+            Some(Ok(())) => settled(self.delivery.acker.ack(BasicAckOptions::default())).await,
             Some(Err(error)) => {
                 // Not parked: hand it back rather than lose it.
-                let _ = self
-                    .delivery
-                    .acker
-                    .reject(BasicRejectOptions { requeue: true })
-                    .await;
+                let requeue = BasicRejectOptions { requeue: true };
+                let _ = settled(self.delivery.acker.reject(requeue)).await;
                 Err(error)
             }
             None => Err(BusError::backend("no confirm for the dead-letter publish")),
@@ -611,12 +608,13 @@ impl Settle for RabbitSettle {
 }
 
 /// An ack or reject that did not reach a live channel leaves the message
-/// with the broker, which redelivers it: the caller must know.
-fn settled(outcome: lapin::Result<bool>) -> Result<(), BusError> {
-    match outcome {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(BusError::unavailable("the delivery's channel is gone")),
-        Err(error) => Err(unavailable(error)),
+/// with the broker, which redelivers it: the caller must know. Bounded like
+/// every broker call: on a connection that died under it, lapin can wait
+/// forever, and a worker stuck in an ack consumes nothing more.
+async fn settled(settle: impl Future<Output = lapin::Result<bool>>) -> Result<(), BusError> {
+    match bounded(settle).await? {
+        true => Ok(()),
+        false => Err(BusError::unavailable("the delivery's channel is gone")),
     }
 }
 

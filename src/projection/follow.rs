@@ -109,7 +109,13 @@ impl Projector {
                 return;
             }
             let refs: Vec<&ProjectedEvent> = events.iter().collect();
-            if !self.apply_all(&refs, &stopping).await {
+            // Stopping ends the page wherever it waits: the checkpoint is
+            // not moved, so the next run folds it again (as duplicates).
+            let applied = tokio::select! {
+                () = stopping.cancelled() => false,
+                applied = self.apply_all(&refs, &stopping) => applied,
+            };
+            if !applied {
                 return;
             }
             let next = step.next_position;
@@ -186,15 +192,11 @@ impl Projector {
     /// Sleeps the backoff for the `pauses`th pause in a row, counted as a
     /// paused worker meanwhile; `false` if stopped first.
     async fn pause(&self, pauses: u32, stopping: &CancellationToken) -> bool {
-        ProjectorMetrics::add(&self.metrics.paused, 1);
-        let resumed = tokio::select! {
+        let _paused = self.metrics.pause();
+        tokio::select! {
             () = stopping.cancelled() => false,
             () = tokio::time::sleep(self.backoff(pauses)) => true,
-        };
-        self.metrics
-            .paused
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        resumed
+        }
     }
 
     /// Runs `attempt` until it answers, pausing in between; `None` if stopped.

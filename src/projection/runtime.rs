@@ -219,7 +219,13 @@ impl Projector {
                     Err(poison) => self.park(delivery, &poison.to_string()).await,
                 }
             }
-            if !self.project_until_done(work, &stopping).await {
+            // Stopping ends a round wherever it waits: what it leaves
+            // unsettled goes back to the queue, and comes again as a duplicate.
+            let finished = tokio::select! {
+                () = stopping.cancelled() => false,
+                finished = self.project_until_done(work, &stopping) => finished,
+            };
+            if !finished {
                 break;
             }
         }
@@ -229,6 +235,8 @@ impl Projector {
     /// answer; `false` if stopped first.
     async fn project_until_done(&self, mut work: Vec<Held>, stopping: &CancellationToken) -> bool {
         let mut pauses = 0u32;
+        // Counted as paused while it waits, however the wait ends.
+        let mut paused = None;
         let finished = loop {
             work = self.project(work).await;
             let Some(first) = work
@@ -238,7 +246,7 @@ impl Projector {
                 break true;
             };
             if pauses == 0 {
-                ProjectorMetrics::add(&self.metrics.paused, 1);
+                paused = Some(self.metrics.pause());
                 tracing::warn!(
                     deliveries = work.len(),
                     first = %first,
@@ -251,29 +259,27 @@ impl Projector {
                 () = tokio::time::sleep(self.backoff(pauses)) => {}
             }
         };
-        if pauses > 0 {
-            self.metrics
-                .paused
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            if finished {
-                tracing::info!(pauses, "dependencies answer again; worker resumed");
-            }
+        if paused.take().is_some() && finished {
+            tracing::info!(pauses, "dependencies answer again; worker resumed");
         }
         finished
     }
 
-    /// Folds `work` into its documents and settles what is done; returns
-    /// the deliveries that wait for a dependency to answer.
+    /// Folds `work` into its documents and settles what is done, all at
+    /// once (a broker that stopped answering costs one timeout, not one per
+    /// delivery); returns the deliveries that wait for a dependency to answer.
     async fn project(&self, work: Vec<Held>) -> Vec<Held> {
         let events: Vec<&ProjectedEvent> = work.iter().map(|held| &held.event).collect();
         let verdicts = self.verdicts(&events).await;
         let mut waiting = Vec::new();
+        let mut settling = Vec::new();
         for (held, verdict) in work.into_iter().zip(verdicts) {
             match verdict {
                 Verdict::Paused(_) => waiting.push(held),
-                verdict => self.settle(held, verdict).await,
+                verdict => settling.push(self.settle(held, verdict)),
             }
         }
+        futures_util::future::join_all(settling).await;
         waiting
     }
 

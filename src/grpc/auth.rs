@@ -32,6 +32,8 @@ pub const AUTH_HEALTH: &str = "scaleout.Auth";
 const MAX_TOKEN_BYTES: usize = 8 << 10;
 /// Clock skew allowed on `exp` and `nbf`.
 const LEEWAY_SECONDS: u64 = 30;
+/// Tokens remembered as verified; the memory is cleared when it is full.
+const CACHED_TOKENS: usize = 4096;
 /// How often the JWKS file is checked for a change.
 const RELOAD_CHECK: Duration = Duration::from_secs(2);
 
@@ -175,6 +177,10 @@ struct Key {
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: Option<String>,
+    /// Seconds since the epoch (a NumericDate may have a fraction).
+    exp: f64,
+    #[serde(default)]
+    nbf: Option<f64>,
     #[serde(default)]
     scope: Option<String>,
     #[serde(default)]
@@ -189,6 +195,16 @@ enum Scopes {
 }
 
 impl Claims {
+    /// Whether the token is within its lifetime now, as `jsonwebtoken`
+    /// judges it (with the same leeway).
+    fn current(&self) -> bool {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |since| since.as_secs_f64());
+        let leeway = LEEWAY_SECONDS as f64;
+        self.exp >= now - leeway && self.nbf.is_none_or(|nbf| nbf <= now + leeway)
+    }
+
     fn has_scope(&self, wanted: &str) -> bool {
         let spaced = |s: &String| s.split_ascii_whitespace().any(|scope| scope == wanted);
         self.scope.as_ref().is_some_and(spaced)
@@ -234,6 +250,10 @@ pub struct Authenticator {
     audience: String,
     issuer: Option<String>,
     keys: RwLock<Arc<Vec<Key>>>,
+    /// Tokens already verified with the current keys: a client sends the
+    /// same token with every call, and checking a signature costs more than
+    /// the rest of a small command. Each use still checks its lifetime.
+    verified: std::sync::Mutex<HashMap<String, (Caller, Arc<Claims>)>>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -266,11 +286,12 @@ impl Authenticator {
             issuer: args.auth_issuer.clone(),
             source,
             keys: RwLock::new(Arc::new(keys)),
+            verified: std::sync::Mutex::default(),
         }))
     }
 
     /// The caller a request's `authorization` value proves, and its claims.
-    fn verify(&self, authorization: Option<&[u8]>) -> Result<(Caller, Claims), Refusal> {
+    fn verify(&self, authorization: Option<&[u8]>) -> Result<(Caller, Arc<Claims>), Refusal> {
         let Some(value) = authorization else {
             return Err(Refusal::unauthenticated(
                 "TOKEN_MISSING",
@@ -295,6 +316,15 @@ impl Authenticator {
                     "the authorization value is not `Bearer <JWT>`",
                 )
             })?;
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((caller, claims)) = verified.get(token) {
+            if claims.current() {
+                return Ok((caller.clone(), Arc::clone(claims)));
+            }
+            // Expired since: verified again below, which says so.
+            verified.remove(token);
+        }
+        drop(verified);
         let invalid = |e: jsonwebtoken::errors::Error| {
             use jsonwebtoken::errors::ErrorKind;
             let reason = match e.kind() {
@@ -338,7 +368,13 @@ impl Authenticator {
                             "the bearer token's `sub` must be 1 to 256 bytes",
                         ));
                     }
-                    return Ok((Caller { subject }, data.claims));
+                    let (caller, claims) = (Caller { subject }, Arc::new(data.claims));
+                    let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+                    if verified.len() >= CACHED_TOKENS {
+                        verified.clear();
+                    }
+                    verified.insert(token.to_owned(), (caller.clone(), Arc::clone(&claims)));
+                    return Ok((caller, claims));
                 }
                 Err(e) => refusal = invalid(e),
             }
@@ -374,6 +410,11 @@ impl Authenticator {
             match self.source.load() {
                 Ok(keys) => {
                     *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+                    // A token of a key that is gone must not pass on memory.
+                    self.verified
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clear();
                     tracing::info!(path = %path.display(), "token keys reloaded");
                     health.report(AUTH_HEALTH, true).await;
                 }
@@ -461,4 +502,46 @@ pub async fn authorize(
     }
     request.extensions_mut().insert(caller);
     next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(exp_from_now: f64, nbf_from_now: Option<f64>) -> Claims {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        Claims {
+            sub: Some("alice".into()),
+            exp: now + exp_from_now,
+            nbf: nbf_from_now.map(|n| now + n),
+            scope: Some("scaleout.read scaleout.commands".into()),
+            scp: None,
+        }
+    }
+
+    #[test]
+    fn a_remembered_token_is_current_only_within_its_lifetime_and_leeway() {
+        assert!(claims(60.0, None).current());
+        assert!(claims(-10.0, None).current(), "within the 30 s leeway");
+        assert!(!claims(-60.0, None).current());
+        assert!(!claims(600.0, Some(120.0)).current(), "not yet valid");
+        assert!(claims(600.0, Some(10.0)).current());
+    }
+
+    #[test]
+    fn scopes_are_whole_words_of_scope_or_entries_of_scp() {
+        let token = claims(60.0, None);
+        assert!(token.has_scope("scaleout.commands"));
+        assert!(!token.has_scope("scaleout.command"));
+        let listed = Claims {
+            scope: None,
+            scp: Some(Scopes::Many(vec!["scaleout.admin".into()])),
+            ..claims(60.0, None)
+        };
+        assert!(listed.has_scope("scaleout.admin"));
+        assert!(!listed.has_scope("scaleout.read"));
+    }
 }

@@ -15,7 +15,7 @@
 //! | module | owns | must not depend on |
 //! | --- | --- | --- |
 //! | [`pb`] | the kernel's generated Protobuf contract: envelope, read API, admin, what commands share | anything |
-//! | [`config`], [`telemetry`], [`shutdown`], [`backoff`], [`error`], [`contention`] | typed flags, logs, the shutdown token, the one pause policy, the cause every failure keeps, the streams and documents that lose the most races | the rest |
+//! | [`config`], [`telemetry`], [`shutdown`], [`backoff`], [`error`], [`contention`], [`tls`] | typed flags, logs, the shutdown token, the one pause policy, the cause every failure keeps, the streams and documents that lose the most races, what TLS clients and servers share | the rest |
 //! | [`domain`] | what an application's aggregates are: pure `decide` / `apply`, events, known types, validated values, given/when/then | I/O, `store`, `grpc` |
 //! | [`store`] | the event store port, its shared batch planner, redb and PostgreSQL | `domain`, `command`, `grpc` |
 //! | [`envelope`] | recorded events to and from their wire envelope | `domain`, `grpc` |
@@ -49,3 +49,4 @@ pub mod relay;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

@@ -31,6 +31,11 @@ struct Args {
     /// The PostgreSQL schema holding the event store's tables.
     #[arg(long, env = "SCALEOUT_POSTGRES_SCHEMA", default_value = "scaleout")]
     postgres_schema: String,
+    /// The CA (PEM) that PostgreSQL's certificate must chain to, for a URL
+    /// with `sslmode=verify-ca` or `verify-full` (the system's CAs when
+    /// unset); with `require`, giving one also checks the chain.
+    #[arg(long, env = "SCALEOUT_POSTGRES_CA")]
+    postgres_ca: Option<std::path::PathBuf>,
     /// Where the outbox relay publishes events: an `amqp://` URL, or
     /// `memory`. Unset, no relay runs and events wait in the outbox.
     #[arg(long, env = "SCALEOUT_EVENT_BUS")]
@@ -63,9 +68,13 @@ async fn main() -> anyhow::Result<ExitCode> {
     }
     scaleout::telemetry::init(&args.telemetry).context("invalid --log-filter")?;
     let stopping = scaleout::shutdown::on_signal();
-    let store = scaleout::store::open(&args.event_store, &args.postgres_schema)
-        .await
-        .with_context(|| format!("opening event store {}", redact(&args.event_store)))?;
+    let store = scaleout::store::open(
+        &args.event_store,
+        &args.postgres_schema,
+        args.postgres_ca.clone(),
+    )
+    .await
+    .with_context(|| format!("opening event store {}", redact(&args.event_store)))?;
     let bus = match &args.event_bus {
         Some(spec) => Some(
             scaleout::bus::open(spec, &args.event_bus_prefix)

@@ -4,14 +4,12 @@
 //! (mutual TLS). And TLS for this platform's own clients.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 use tokio_stream::Stream;
@@ -23,30 +21,13 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use super::idle::{Quiet, Watched};
 use crate::config::TlsArgs;
+pub use crate::tls::TlsError;
+use crate::tls::{AnyIssuer, certificates, private_key, provider, read};
 
 /// How often the certificate files are checked for a change.
 const RELOAD_CHECK: Duration = Duration::from_secs(2);
 /// Handshakes in progress before the accept loop waits for one to finish.
 const PENDING_HANDSHAKES: usize = 256;
-
-/// Why TLS could not be configured.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{path} holds no PEM {what}")]
-    Missing { path: PathBuf, what: &'static str },
-    #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
-    #[error("the certificate and key do not form a TLS configuration: {0}")]
-    Config(#[from] rustls::Error),
-    #[error("the client CA cannot verify clients: {0}")]
-    ClientCa(#[from] rustls::server::VerifierBuilderError),
-}
 
 /// The files a TLS server reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,48 +46,6 @@ impl TlsArgs {
             client_ca: self.tls_client_ca.clone(),
         })
     }
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-/// Every certificate in a PEM file, in order.
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(path)?;
-    let certificates = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Invalid {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-    if certificates.is_empty() {
-        return Err(TlsError::Missing {
-            path: path.to_owned(),
-            what: "certificate",
-        });
-    }
-    Ok(certificates)
-}
-
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_slice(&read(path)?).map_err(|e| match e {
-        rustls::pki_types::pem::Error::NoItemsFound => TlsError::Missing {
-            path: path.to_owned(),
-            what: "private key",
-        },
-        e => TlsError::Invalid {
-            path: path.to_owned(),
-            message: e.to_string(),
-        },
-    })
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 impl TlsFiles {
@@ -289,7 +228,7 @@ pub(super) async fn health_channel(
         .with_protocol_versions(rustls::DEFAULT_VERSIONS)
         .map_err(|e| e.to_string())?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyIssuer(provider())));
+        .with_custom_certificate_verifier(Arc::new(AnyIssuer::new()));
     let mut config = if files.client_ca.is_some() {
         let chain = certificates(&files.cert).map_err(|e| e.to_string())?;
         let key = private_key(&files.key).map_err(|e| e.to_string())?;
@@ -315,55 +254,6 @@ pub(super) async fn health_channel(
         .connect_with_connector(connect)
         .await
         .map_err(|e| format!("cannot connect to {addr} over TLS: {e}"))
-}
-
-/// Accepts any certificate, and checks that the peer holds its key.
-#[derive(Debug)]
-struct AnyIssuer(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyIssuer {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// A connector: an async function of the URI.

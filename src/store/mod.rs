@@ -254,9 +254,14 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
 }
 
 /// Opens the store a `--event-store` value names: `redb:PATH` or a
-/// `postgres://` URL (see [`postgres::PostgresConfig`] for its options),
-/// whose tables live in `postgres_schema`.
-pub async fn open(spec: &str, postgres_schema: &str) -> Result<Arc<dyn EventStore>, StoreError> {
+/// `postgres://` URL (see [`postgres::PostgresConfig`] for its options,
+/// `sslmode` among them), whose tables live in `postgres_schema`, its
+/// certificate checked against `postgres_ca` where `sslmode` asks.
+pub async fn open(
+    spec: &str,
+    postgres_schema: &str,
+    postgres_ca: Option<std::path::PathBuf>,
+) -> Result<Arc<dyn EventStore>, StoreError> {
     if let Some(path) = spec.strip_prefix("redb:") {
         // Opening may repair a file after a crash: not on a runtime thread.
         let path = path.to_owned();
@@ -265,7 +270,9 @@ pub async fn open(spec: &str, postgres_schema: &str) -> Result<Arc<dyn EventStor
             .map_err(|e| StoreError::backend(format!("opening the event store: {e}")))?;
         Ok(Arc::new(opened?))
     } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
-        let config = postgres::PostgresConfig::new(spec).with_schema(postgres_schema.to_owned());
+        let config = postgres::PostgresConfig::new(spec)
+            .with_schema(postgres_schema.to_owned())
+            .with_ca(postgres_ca);
         Ok(Arc::new(postgres::PostgresStore::connect(config).await?))
     } else {
         Err(StoreError::backend(format!(

@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::error::Error as _;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -22,7 +23,10 @@ use async_trait::async_trait;
 use tokio::sync::{Mutex, Notify};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Row, Statement};
+use tokio_postgres::{Client, Row, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::tls::ServerCheck;
 use uuid::Uuid;
 
 use super::plan::{BatchState, Planned, plan};
@@ -61,14 +65,20 @@ const EVENT_COLUMNS: &str = "position, stream_id, version, stream_type, event_id
 /// Where and how to connect.
 ///
 /// The URL takes every libpq-style option tokio-postgres knows (`host`,
-/// `user`, `password`, `dbname`, `options`, ...); connections are plain TCP
-/// or Unix sockets, without TLS. Tables live in their own schema, set as each
-/// connection's `search_path`.
+/// `user`, `password`, `dbname`, `options`, ...) and libpq's `sslmode`:
+/// `disable`, `prefer` (TLS if the server offers it), `require` (TLS, the
+/// certificate unchecked unless a CA is configured, then as `verify-ca`),
+/// `verify-ca` (the chain to the CA) or `verify-full` (the chain and the
+/// host name). Without `sslmode`, connections are plain, as before TLS was
+/// supported (libpq would try TLS first). Tables live in their own schema,
+/// set as each connection's `search_path`.
 #[derive(Clone)]
 pub struct PostgresConfig {
     url: String,
     schema: String,
     writers: usize,
+    /// The CA that `verify-ca` and `verify-full` trust; the system's when `None`.
+    ca: Option<PathBuf>,
 }
 
 impl PostgresConfig {
@@ -85,7 +95,14 @@ impl PostgresConfig {
             url: url.to_owned(),
             schema: "scaleout".to_owned(),
             writers: 1,
+            ca: None,
         }
+    }
+
+    /// Trusts the CA in this PEM file for the server's certificate.
+    pub fn with_ca(mut self, ca: Option<PathBuf>) -> Self {
+        self.ca = ca;
+        self
     }
 
     /// The schema holding the tables; only `a-z`, `0-9` and `_` are allowed.
@@ -112,6 +129,7 @@ impl fmt::Debug for PostgresConfig {
         debug
             .field("schema", &self.schema)
             .field("writers", &self.writers)
+            .field("ca", &self.ca)
             .finish()
     }
 }
@@ -356,9 +374,20 @@ impl EventStore for PostgresStore {
     }
 }
 
-/// Opens connections whose `search_path` is the store's schema.
-#[derive(Debug)]
-struct Connector(tokio_postgres::Config);
+/// Opens connections whose `search_path` is the store's schema, over TLS
+/// as the URL's `sslmode` says.
+struct Connector {
+    pg: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+}
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connector")
+            .field("pg", &self.pg)
+            .finish_non_exhaustive()
+    }
+}
 
 impl Connector {
     fn new(config: &PostgresConfig) -> Result<Self, StoreError> {
@@ -373,9 +402,25 @@ impl Connector {
                 "invalid PostgreSQL schema {schema:?}: use 1 to 63 of a-z, 0-9 and _"
             )));
         }
-        let mut pg: tokio_postgres::Config = config.url.parse().map_err(|e| {
+        // tokio-postgres knows `require` at most: how much is checked is
+        // the TLS configuration's business.
+        let (url, check) = if config.url.contains("sslmode=verify-full") {
+            let url = config.url.replace("sslmode=verify-full", "sslmode=require");
+            (url, ServerCheck::ChainAndName)
+        } else if config.url.contains("sslmode=verify-ca") || config.ca.is_some() {
+            let url = config.url.replace("sslmode=verify-ca", "sslmode=require");
+            (url, ServerCheck::Chain)
+        } else {
+            (config.url.clone(), ServerCheck::Nothing)
+        };
+        let mut pg: tokio_postgres::Config = url.parse().map_err(|e| {
             StoreError::backend(format!("invalid PostgreSQL URL: {}", describe(&e)))
         })?;
+        if !url.contains("sslmode=") {
+            pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        }
+        let tls = crate::tls::client_config(check, config.ca.as_deref())
+            .map_err(|e| StoreError::backend(format!("PostgreSQL TLS: {e}")))?;
         // Appended last, so it wins over a search_path the URL's options may set.
         let search_path = format!("-c search_path={schema}");
         let options = match pg.get_options() {
@@ -383,14 +428,17 @@ impl Connector {
             None => search_path,
         };
         pg.options(options);
-        Ok(Self(pg))
+        Ok(Self {
+            pg,
+            tls: MakeRustlsConnect::new(tls),
+        })
     }
 
     /// A new connection, its I/O driven by a task of its own.
     async fn connect(&self) -> Result<Client, StoreError> {
         let (client, connection) = self
-            .0
-            .connect(NoTls)
+            .pg
+            .connect(self.tls.clone())
             .await
             .map_err(|e| StoreError::unavailable(describe(&e)).caused_by(e))?;
         tokio::spawn(async move {

@@ -98,11 +98,11 @@ pub fn client_config(
     Ok(match check {
         ServerCheck::Nothing => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyIssuer::new()))
+            .with_custom_certificate_verifier(Arc::new(PartialCheck::nothing()))
             .with_no_client_auth(),
         ServerCheck::Chain => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyName::new(roots(ca)?)?))
+            .with_custom_certificate_verifier(Arc::new(PartialCheck::chain(roots(ca)?)?))
             .with_no_client_auth(),
         ServerCheck::ChainAndName => builder
             .with_root_certificates(roots(ca)?)
@@ -130,79 +130,41 @@ fn roots(ca: Option<&Path>) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// Accepts any certificate, and checks that the peer holds its key.
+/// Checks less of a server's certificate than the web does: its chain to
+/// the roots but not its name (libpq's `verify-ca`), or nothing at all (a
+/// server's own health check on loopback, libpq's `require`). Either way
+/// the handshake's signature proves the peer holds the certificate's key.
 #[derive(Debug)]
-pub(crate) struct AnyIssuer(Arc<rustls::crypto::CryptoProvider>);
-
-impl AnyIssuer {
-    pub(crate) fn new() -> Self {
-        Self(provider())
-    }
+pub(crate) struct PartialCheck {
+    /// `None`: any certificate.
+    chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-impl rustls::client::danger::ServerCertVerifier for AnyIssuer {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
+impl PartialCheck {
+    pub(crate) fn nothing() -> Self {
+        Self {
+            chain: None,
+            provider: provider(),
+        }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Verifies a server's chain to the roots but not its name (libpq's
-/// `verify-ca`).
-#[derive(Debug)]
-struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
-
-impl AnyName {
-    fn new(roots: RootCertStore) -> Result<Self, TlsError> {
+    fn chain(roots: RootCertStore) -> Result<Self, TlsError> {
+        let provider = provider();
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(roots),
-            provider(),
+            Arc::clone(&provider),
         )
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        Ok(Self(verifier))
+        Ok(Self {
+            chain: Some(verifier),
+            provider,
+        })
     }
 }
 
-impl rustls::client::danger::ServerCertVerifier for AnyName {
+impl rustls::client::danger::ServerCertVerifier for PartialCheck {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -212,10 +174,10 @@ impl rustls::client::danger::ServerCertVerifier for AnyName {
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         use rustls::{CertificateError, Error};
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
@@ -229,7 +191,8 @@ impl rustls::client::danger::ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -238,10 +201,13 @@ impl rustls::client::danger::ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

@@ -89,8 +89,14 @@ async fn sslmode_decides_tls_and_what_is_checked() {
     let refused = open(&url("sslmode=verify-ca"), Some(&stranger)).await;
     assert!(refused.is_err(), "a server another CA issued: {refused:?}");
     let refused = open(&url("sslmode=require"), Some(&stranger)).await;
-    assert!(refused.is_err(), "require with a CA checks the chain: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "require with a CA checks the chain: {refused:?}"
+    );
     // The snakeoil certificate names the machine, not 127.0.0.1.
     let refused = open(&url("sslmode=verify-full"), Some(&snakeoil)).await;
-    assert!(refused.is_err(), "a certificate for another name: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "a certificate for another name: {refused:?}"
+    );
 }

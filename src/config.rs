@@ -48,15 +48,14 @@ pub struct ServerArgs {
 
 /// Bearer-token authentication on a gRPC server; none without a key source.
 #[derive(Debug, Clone, Default, clap::Args)]
-#[group(id = "auth_keys", multiple = false)]
 pub struct AuthArgs {
     /// Require a bearer token (a JWT) on every call, verified with the
     /// RS256 and ES256 keys of this JWKS file (re-read when it changes).
     #[arg(
         long,
         env = "SCALEOUT_AUTH_JWKS",
-        group = "auth_keys",
-        requires = "auth_audience"
+        requires = "auth_audience",
+        conflicts_with_all = ["auth_public_key", "auth_hs256_secret_file"]
     )]
     pub auth_jwks: Option<std::path::PathBuf>,
     /// Require a bearer token verified with this PEM public key (RSA for
@@ -64,8 +63,8 @@ pub struct AuthArgs {
     #[arg(
         long,
         env = "SCALEOUT_AUTH_PUBLIC_KEY",
-        group = "auth_keys",
-        requires = "auth_audience"
+        requires = "auth_audience",
+        conflicts_with = "auth_hs256_secret_file"
     )]
     pub auth_public_key: Option<std::path::PathBuf>,
     /// Require a bearer token signed with the HS256 secret in this file (at
@@ -73,7 +72,6 @@ pub struct AuthArgs {
     #[arg(
         long,
         env = "SCALEOUT_AUTH_HS256_SECRET_FILE",
-        group = "auth_keys",
         requires = "auth_audience"
     )]
     pub auth_hs256_secret_file: Option<std::path::PathBuf>,

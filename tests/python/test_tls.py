@@ -80,3 +80,50 @@ def test_mutual_tls_from_python_and_grpcurl(pb, certificates, tmp_path):
         assert health.returncode == 0, health.stderr
     finally:
         command.stop()
+
+
+def hs256(secret, claims):
+    """A JWT signed with HS256, made with the standard library."""
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    def b64(data):
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    signing_input = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + "." + b64(json.dumps(claims).encode())
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + b64(signature)
+
+
+def test_bearer_tokens_from_python(pb, tmp_path):
+    import time
+
+    secret = b"a development secret of at least 32 bytes"
+    (tmp_path / "secret").write_bytes(secret)
+    command = Process("command-svc", "--listen", "127.0.0.1:0", "--event-store", f"redb:{tmp_path}/events.redb",
+                      "--auth-hs256-secret-file", str(tmp_path / "secret"), "--auth-audience", "scaleout")
+    try:
+        def token(scope, exp_in=600):
+            claims = {"sub": "python-client", "aud": "scaleout", "exp": int(time.time()) + exp_in, "scope": scope}
+            return ("authorization", f"Bearer {hs256(secret, claims)}")
+
+        channel = command.channel()
+        commands = pb.command_grpc.CommandServiceStub(channel)
+        request = pb.command.IncrementCounterRequest(counter_id="py")
+        for metadata, code in [
+            ((), grpc.StatusCode.UNAUTHENTICATED),
+            ((token("scaleout.commands", exp_in=-3600),), grpc.StatusCode.UNAUTHENTICATED),
+            ((token("scaleout.queries"),), grpc.StatusCode.PERMISSION_DENIED),
+        ]:
+            with pytest.raises(grpc.RpcError) as refused:
+                commands.IncrementCounter(request, metadata=metadata, timeout=10)
+            assert refused.value.code() == code, refused.value
+        assert commands.IncrementCounter(request, metadata=(token("scaleout.commands"),), timeout=10).result.version == 1
+
+        reader = pb.read_grpc.ReadServiceStub(channel)
+        logged = reader.ReadAll(pb.read.ReadAllRequest(limit=10), metadata=(token("scaleout.read"),), timeout=10)
+        assert [event.event.actor for event in logged.events] == ["python-client"]
+    finally:
+        command.stop()

@@ -75,6 +75,15 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// What identifies a file's contents without reading them (when it was
+/// last written, and its length), so that a file is re-read only when it
+/// changed; `None` while it is missing. One small metadata call, cheap
+/// enough for a task that looks every few seconds.
+pub(crate) fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
 /// How much of a server's certificate a client checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServerCheck {

@@ -24,6 +24,7 @@ use super::Health;
 use super::status::ERROR_DOMAIN;
 use super::wire_status::METRICS_PATH;
 use crate::config::{AuthArgs, Unprotected};
+use crate::tls::file_stamp;
 
 /// The health service name that says whether the token keys are current:
 /// NOT_SERVING while the JWKS file does not load (the last good keys stay).
@@ -386,23 +387,15 @@ impl Authenticator {
     /// keys that do not load are logged, the last good ones stay, and
     /// health reports [`AUTH_HEALTH`] NOT_SERVING until a good set loads.
     pub async fn reload_on_change(self: Arc<Self>, health: Health, stopping: CancellationToken) {
-        let stamp = |path: &Path| {
-            std::fs::metadata(path).ok().map(|meta| {
-                (
-                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                    meta.len(),
-                )
-            })
-        };
         let path = self.source.path().to_owned();
-        let mut seen = stamp(&path);
+        let mut seen = file_stamp(&path);
         health.report(AUTH_HEALTH, true).await;
         loop {
             tokio::select! {
                 () = stopping.cancelled() => return,
                 () = tokio::time::sleep(RELOAD_CHECK) => {}
             }
-            let now = stamp(&path);
+            let now = file_stamp(&path);
             if now == seen {
                 continue;
             }

@@ -22,7 +22,6 @@ use super::tls::ServerTls;
 use super::wire_status::METRICS_PATH;
 use crate::config::{ServerArgs, Unprotected};
 use crate::pb;
-use axum::extract::State;
 
 /// gRPC services being gathered for one server, with their full names and
 /// the capability each needs (see [`Services::requiring`]).
@@ -171,27 +170,21 @@ pub async fn routes(
         }
         None => None,
     };
-    let router = services
-        .routes()
-        .into_axum_router()
-        .route(
-            METRICS_PATH,
-            axum::routing::get(move || {
-                let metrics = Arc::clone(&scraped);
-                async move { ([(CONTENT_TYPE, PROMETHEUS_TEXT)], metrics.render()) }
-            }),
-        )
-        .layer(axum::middleware::from_fn(
-            move |request: axum::extract::Request, next: axum::middleware::Next| {
-                let gate = gate.clone();
-                async move {
-                    match gate {
-                        Some(gate) => super::auth::authorize(State(gate), request, next).await,
-                        None => next.run(request).await,
-                    }
-                }
-            },
-        ))
+    let mut router = services.routes().into_axum_router().route(
+        METRICS_PATH,
+        axum::routing::get(move || {
+            let metrics = Arc::clone(&scraped);
+            async move { ([(CONTENT_TYPE, PROMETHEUS_TEXT)], metrics.render()) }
+        }),
+    );
+    // Innermost: the checks below run first, then the token's.
+    if let Some(gate) = gate {
+        router = router.layer(axum::middleware::from_fn_with_state(
+            gate,
+            super::auth::authorize,
+        ));
+    }
+    let router = router
         .layer(axum::middleware::from_fn_with_state(
             args.request_timeout,
             super::wire_status::enforce,

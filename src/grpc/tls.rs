@@ -22,7 +22,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use super::idle::{Quiet, Watched};
 use crate::config::TlsArgs;
 pub use crate::tls::TlsError;
-use crate::tls::{PartialCheck, certificates, private_key, provider, read};
+use crate::tls::{PartialCheck, certificates, file_stamp, private_key, provider, read};
 
 /// How often the certificate files are checked for a change.
 const RELOAD_CHECK: Duration = Duration::from_secs(2);
@@ -82,10 +82,7 @@ impl TlsFiles {
         [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
             .into_iter()
             .flatten()
-            .map(|path| {
-                let meta = std::fs::metadata(path).ok()?;
-                Some((meta.modified().ok()?, meta.len()))
-            })
+            .map(|path| file_stamp(path))
             .collect()
     }
 }

@@ -320,8 +320,13 @@ async fn a_broken_jwks_keeps_the_last_good_keys_and_health_says_so() {
     };
     support::wait_for_health(channel.clone(), "scaleout.Auth", ServingStatus::Serving).await;
 
+    // Verified once, so remembered: forgotten only when the keys reload.
+    let remembered = token(&old);
+    assert!(increment(&channel, Some(&remembered)).await.is_ok());
+
     std::fs::write(&jwks, "{ not json").unwrap();
     support::wait_for_health(channel.clone(), "scaleout.Auth", ServingStatus::NotServing).await;
+    // ES256 signatures differ each time: a new token is verified afresh.
     assert!(increment(&channel, Some(&token(&old))).await.is_ok());
 
     std::fs::remove_file(&jwks).unwrap();
@@ -333,6 +338,12 @@ async fn a_broken_jwks_keeps_the_last_good_keys_and_health_says_so() {
     assert!(increment(&channel, Some(&token(&new))).await.is_ok());
     let retired = increment(&channel, Some(&token(&old))).await.unwrap_err();
     assert_eq!(retired.code(), Code::Unauthenticated);
+    let forgotten = increment(&channel, Some(&remembered)).await.unwrap_err();
+    assert_eq!(
+        forgotten.code(),
+        Code::Unauthenticated,
+        "a retired key's token passed on memory"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

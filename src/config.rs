@@ -216,7 +216,7 @@ impl std::fmt::Display for DocumentStoreArgs {
     }
 }
 
-/// Logging.
+/// Logging and traces.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TelemetryArgs {
     /// `text` for people, `json` for log pipelines.
@@ -225,6 +225,21 @@ pub struct TelemetryArgs {
     /// A `tracing` filter, e.g. `info` or `scaleout=debug,info`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_filter: String,
+    /// Export traces over OTLP/gRPC to this collector, e.g.
+    /// `http://127.0.0.1:4317`; unset, no spans are recorded at all.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// The share of traces started here that are recorded (0 to 1); a
+    /// trace a caller or an upstream service started follows its sampling.
+    #[arg(long, env = "SCALEOUT_TRACE_SAMPLE_RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
+    pub trace_sample_ratio: f64,
+}
+
+fn parse_ratio(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+        _ => Err(format!("{value:?} is not a ratio from 0 to 1")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

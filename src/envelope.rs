@@ -32,6 +32,11 @@ impl RecordedEvent {
             event_type: self.event_type.clone(),
             payload: self.payload.clone(),
             actor: self.metadata.actor.clone().unwrap_or_default(),
+            traceparent: self
+                .metadata
+                .trace
+                .map(|trace| trace.to_string())
+                .unwrap_or_default(),
         }
     }
 
@@ -60,6 +65,9 @@ impl RecordedEvent {
                 correlation_id: uuid("correlation_id", &envelope.correlation_id)?,
                 causation_id: uuid("causation_id", &envelope.causation_id)?,
                 actor: Some(envelope.actor).filter(|actor| !actor.is_empty()),
+                // A trace context is a hint for observers: one that does
+                // not read is dropped, never the event.
+                trace: envelope.traceparent.parse().ok(),
             },
             request_id,
             stream_id: envelope.stream_id,

@@ -26,6 +26,7 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use serde::Deserialize;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::documents::{DocumentError, DocumentStore};
 use crate::projection::Projection;
@@ -194,6 +195,20 @@ impl Queries {
         wanted: &[(String, u64)],
         deadline: Instant,
     ) -> Result<P::View, QueryError> {
+        let span = tracing::debug_span!("read view", projection = P::NAME, key);
+        self.read_when_caught_up::<P>(kind, id, key, wanted, deadline)
+            .instrument(span)
+            .await
+    }
+
+    async fn read_when_caught_up<P: Projection>(
+        &self,
+        kind: &'static str,
+        id: &str,
+        key: &str,
+        wanted: &[(String, u64)],
+        deadline: Instant,
+    ) -> Result<P::View, QueryError> {
         let mut pause = Duration::from_millis(1);
         loop {
             let state = self.generations.state(P::NAME).await?;
@@ -246,7 +261,8 @@ impl Queries {
                         current: applied.get(stream).copied().unwrap_or(0),
                     });
                 }
-                (Some(_), _) => {
+                (Some((stream, version)), _) => {
+                    tracing::debug!(stream, version, "the view is behind; waiting");
                     // One last read at the deadline, not a pause early.
                     tokio::time::sleep_until(next_poll(pause).min(deadline)).await;
                     pause = (pause * 2).min(MAX_POLL);

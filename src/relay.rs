@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::bus::{BusMessage, EventBus};
-use crate::store::EventStore;
+use crate::store::{EventStore, RecordedEvent};
+use crate::telemetry::trace::TraceParent;
 
 /// How the relay paces itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,7 +165,9 @@ impl Relay {
         let mut confirmed = Vec::new();
         loop {
             let after = rows.last().map_or(0, |row| row.position);
-            let messages: Vec<BusMessage> = rows.iter().map(BusMessage::from_event).collect();
+            // The spans end once the batch's confirms are in.
+            let (messages, _publishing): (Vec<BusMessage>, Vec<tracing::Span>) =
+                rows.iter().map(publishing).unzip();
             let (results, next, deleted) = tokio::join!(
                 self.bus.publish(&messages),
                 self.store.read_outbox(after, batch),
@@ -214,4 +217,24 @@ impl Relay {
     fn backoff(&self, failures: u32) -> Duration {
         Backoff::waiting(self.config.backoff_min, self.config.backoff_max).pause(failures)
     }
+}
+
+/// The message that carries `event`, and the span of its publish, which
+/// continues the event's trace and is the parent the message carries (where
+/// traces are exported; a disabled span otherwise).
+fn publishing(event: &RecordedEvent) -> (BusMessage, tracing::Span) {
+    let mut message = BusMessage::from_event(event);
+    let span = tracing::debug_span!(
+        "publish",
+        otel.kind = "producer",
+        messaging.destination = %message.routing_key,
+        messaging.message.id = %message.message_id,
+    );
+    if !span.is_disabled() {
+        BusMessage::trace_of(event).adopt(&span);
+        if let Some(trace) = TraceParent::of_span(&span) {
+            message.traceparent = trace.to_string();
+        }
+    }
+    (message, span)
 }

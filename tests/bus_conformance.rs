@@ -31,6 +31,7 @@ fn message(stream_type: &str, event_type: &str, version: u64) -> BusMessage {
             correlation_id: Uuid::now_v7(),
             causation_id: Uuid::now_v7(),
             actor: None,
+            trace: None,
         },
         request_id: None,
     })

@@ -43,6 +43,7 @@ fn padded_increments(stream: &str, count: usize, padding: usize) -> AppendReques
             correlation_id: Uuid::now_v7(),
             causation_id: Uuid::now_v7(),
             actor: None,
+            trace: None,
         },
     }
 }

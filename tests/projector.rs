@@ -554,6 +554,7 @@ async fn an_event_that_would_overflow_a_total_is_parked_and_skipped() {
                 correlation_id: uuid::Uuid::now_v7(),
                 causation_id: uuid::Uuid::now_v7(),
                 actor: None,
+                trace: None,
             },
         };
         store.append(append).await.unwrap();

@@ -123,6 +123,7 @@ async fn append_events(store: Arc<dyn EventStore>, total: usize, tag: &str) -> V
                         correlation_id: Uuid::now_v7(),
                         causation_id: Uuid::now_v7(),
                         actor: None,
+                        trace: None,
                     },
                 };
                 store.append(request).await.unwrap();

@@ -46,6 +46,12 @@ fn append(stream: &str, expected: ExpectedVersion, events: usize) -> AppendReque
             causation_id: Uuid::new_v4(),
             // Who sent it travels with every event.
             actor: Some("alice@example.test".into()),
+            // And the trace that recorded it.
+            trace: Some(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                    .parse()
+                    .unwrap(),
+            ),
         },
     }
 }

@@ -17,6 +17,7 @@ pub fn metadata() -> EventMetadata {
         correlation_id: uuid::Uuid::now_v7(),
         causation_id: uuid::Uuid::now_v7(),
         actor: None,
+        trace: None,
     }
 }
 

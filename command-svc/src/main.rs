@@ -66,7 +66,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     if let Some(verdict) = args.server.check_health_exit_code(args.listen).await {
         return Ok(verdict);
     }
-    scaleout::telemetry::init(&args.telemetry).context("invalid --log-filter")?;
+    let telemetry = scaleout::telemetry::init(&args.telemetry, "command-svc")?;
     let stopping = scaleout::shutdown::on_signal();
     let store = scaleout::store::open(
         &args.event_store,
@@ -112,5 +112,6 @@ async fn main() -> anyhow::Result<ExitCode> {
     };
     scaleout::app::run_command_service(listener, service, stopping).await?;
     tracing::info!("command-svc stopped");
+    telemetry.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -144,7 +144,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     if let Some(verdict) = args.server.check_health_exit_code(args.listen).await {
         return Ok(verdict);
     }
-    scaleout::telemetry::init(&args.telemetry).context("invalid --log-filter")?;
+    let telemetry = scaleout::telemetry::init(&args.telemetry, "projector")?;
     // Refuse a wrong --projections before connecting to anything.
     let projections =
         scaleout::projection::choose(reference::Reference.projections(), &args.projections)?;
@@ -200,6 +200,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     };
     scaleout::app::run_projector(listener, service, stopping).await?;
     tracing::info!("projector stopped");
+    telemetry.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
 

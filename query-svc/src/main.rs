@@ -34,7 +34,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     if let Some(verdict) = args.server.check_health_exit_code(args.listen).await {
         return Ok(verdict);
     }
-    scaleout::telemetry::init(&args.telemetry).context("invalid --log-filter")?;
+    let telemetry = scaleout::telemetry::init(&args.telemetry, "query-svc")?;
     let stopping = scaleout::shutdown::on_signal();
     let documents = args
         .documents
@@ -58,5 +58,6 @@ async fn main() -> anyhow::Result<ExitCode> {
     };
     scaleout::app::run_query_service(listener, service, stopping).await?;
     tracing::info!("query-svc stopped");
+    telemetry.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -6,6 +6,7 @@ use prost::Message as _;
 use crate::envelope::EnvelopeError;
 use crate::pb;
 use crate::store::RecordedEvent;
+use crate::telemetry::trace::TraceParent;
 
 /// The `content_type` of every message body: a [`pb::EventEnvelope`].
 pub const CONTENT_TYPE: &str = "application/x-protobuf; proto=scaleout.v1.EventEnvelope";
@@ -20,8 +21,8 @@ pub struct BusMessage {
     /// `stream_type.event_type`: what topic bindings match.
     pub routing_key: String,
     pub correlation_id: String,
-    /// W3C trace context; the trace id is the correlation id, so one user
-    /// action is one trace across services.
+    /// W3C trace context: the command's, so one user action is one trace
+    /// across services (see [`BusMessage::trace_of`]).
     pub traceparent: String,
     /// The encoded [`pb::EventEnvelope`].
     pub body: Vec<u8>,
@@ -30,16 +31,23 @@ pub struct BusMessage {
 impl BusMessage {
     /// The message that carries a recorded event.
     pub fn from_event(event: &RecordedEvent) -> Self {
-        let trace_id = event.metadata.correlation_id.simple();
-        let span_id = &event.event_id.simple().to_string()[16..];
         Self {
             message_id: event.event_id.to_string(),
             event_type: event.event_type.clone(),
             routing_key: format!("{}.{}", event.stream_type, event.event_type),
             correlation_id: event.metadata.correlation_id.to_string(),
-            traceparent: format!("00-{trace_id}-{span_id}-01"),
+            traceparent: Self::trace_of(event).to_string(),
             body: event.to_envelope().encode_to_vec(),
         }
+    }
+
+    /// The trace publishing `event` continues: the one stored with it, or
+    /// for an event stored without one, the trace its correlation id names.
+    pub fn trace_of(event: &RecordedEvent) -> TraceParent {
+        event.metadata.trace.unwrap_or_else(|| {
+            let (_, low) = event.event_id.as_u64_pair();
+            TraceParent::of_correlation(event.metadata.correlation_id, low)
+        })
     }
 
     /// Decodes the body; a body that does not decode is poison.

@@ -43,6 +43,7 @@ use super::{
     Subscriber, Subscription,
 };
 use crate::backoff::Backoff;
+use crate::telemetry::trace::TRACEPARENT;
 
 /// Longest a connect or a declaration may take before the broker counts as away.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,7 +53,6 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 const ROUTING_KEY_HEADER: &str = "x-scaleout-routing-key";
-const TRACEPARENT_HEADER: &str = "traceparent";
 const REASON_HEADER: &str = "x-scaleout-reason";
 const ATTEMPTS_HEADER: &str = "x-scaleout-attempts";
 /// Set by quorum queues: how many times the message was handed back before.
@@ -633,7 +633,7 @@ fn properties(message: &BusMessage) -> BasicProperties {
         AMQPValue::LongString(message.routing_key.as_str().into()),
     );
     headers.insert(
-        TRACEPARENT_HEADER.into(),
+        TRACEPARENT.into(),
         AMQPValue::LongString(message.traceparent.as_str().into()),
     );
     BasicProperties::default()
@@ -660,7 +660,7 @@ fn message(delivery: &lapin::message::Delivery) -> BusMessage {
         routing_key: header_text(properties, ROUTING_KEY_HEADER)
             .unwrap_or_else(|| delivery.routing_key.as_str().to_owned()),
         correlation_id: text(properties.correlation_id()),
-        traceparent: header_text(properties, TRACEPARENT_HEADER).unwrap_or_default(),
+        traceparent: header_text(properties, TRACEPARENT).unwrap_or_default(),
         body: delivery.data.clone(),
     }
 }

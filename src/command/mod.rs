@@ -36,6 +36,7 @@ use crate::store::{
     AppendOutcome, AppendRequest, AppendResult, EventMetadata, EventStore, ExpectedVersion,
     NewEvent, NewEvents, RequestKey, Snapshot, StoreError,
 };
+use crate::telemetry::trace::TraceParent;
 
 /// A command for the aggregate `aggregate_id`, with what the caller expects.
 #[derive(Debug, Clone)]
@@ -59,6 +60,9 @@ pub struct Origin {
     /// The authenticated caller (a bearer token's subject); `None` where
     /// the server authenticates nobody.
     pub actor: Option<String>,
+    /// The trace the request belongs to: its span's where this process
+    /// exports traces, otherwise the caller's `traceparent`.
+    pub trace: Option<TraceParent>,
 }
 
 /// Why a command did not apply.
@@ -117,6 +121,8 @@ struct Job<A: Aggregate> {
     metadata: EventMetadata,
     /// Decisions lost to other writers so far.
     attempt: u32,
+    /// The command's span, open until it is answered.
+    span: tracing::Span,
     reply: oneshot::Sender<Result<AppendOutcome, CommandError>>,
 }
 
@@ -133,8 +139,13 @@ impl<A: Aggregate> Job<A> {
 
 /// What a round decided for one command.
 enum Decided {
-    /// Its append is the chain's entry at `index`, decided at `version`.
-    Append { index: usize, version: u64 },
+    /// Its append is the chain's entry at `index`, decided at `version`;
+    /// `appending` is its span, open until the chain's commit is settled.
+    Append {
+        index: usize,
+        version: u64,
+        appending: tracing::Span,
+    },
     /// Its answer, which holds if the chain's appends before it were written.
     Answer(Result<AppendOutcome, CommandError>),
 }
@@ -161,6 +172,8 @@ impl<A: Aggregate> Round<A> {
             let prior = chain.len();
             let expected = job.command.expected.unwrap_or(ExpectedVersion::Any);
             let decision = if expected.accepts(version) {
+                let _deciding =
+                    tracing::debug_span!(parent: &job.span, "decide", version).entered();
                 state
                     .decide(job.command.aggregate_id.as_str(), &job.command.command)
                     .map_err(CommandError::from)
@@ -182,6 +195,17 @@ impl<A: Aggregate> Round<A> {
                         event_ids: Vec::new(),
                     }))),
                     Ok(new_events) => {
+                        let appending = tracing::debug_span!(
+                            parent: &job.span,
+                            "append",
+                            version,
+                            events = new_events.len(),
+                        );
+                        // Relaying and projecting these events continue from here.
+                        let mut metadata = job.metadata.clone();
+                        if let Some(trace) = TraceParent::of_span(&appending) {
+                            metadata.trace = Some(trace);
+                        }
                         chain.push(AppendRequest {
                             stream_id: stream_id.to_owned(),
                             stream_type: A::STREAM_TYPE.to_owned(),
@@ -189,7 +213,7 @@ impl<A: Aggregate> Round<A> {
                             expected: ExpectedVersion::Exact(version),
                             events: new_events,
                             request_key: job.command.request_key,
-                            metadata: job.metadata.clone(),
+                            metadata,
                         });
                         let decided_at = version;
                         version += events.len() as u64;
@@ -197,6 +221,7 @@ impl<A: Aggregate> Round<A> {
                         Decided::Append {
                             index: prior,
                             version: decided_at,
+                            appending,
                         }
                     }
                 },
@@ -280,18 +305,31 @@ impl CommandHandler {
         }
         let metadata = EventMetadata {
             occurred_at: SystemTime::now(),
-            correlation_id: command.origin.correlation_id.unwrap_or_else(Uuid::now_v7),
+            // A caller that names no correlation but a trace is correlated by it.
+            correlation_id: command
+                .origin
+                .correlation_id
+                .or(command.origin.trace.map(|trace| trace.correlation_id()))
+                .unwrap_or_else(Uuid::now_v7),
             causation_id: command
                 .request_key
                 .map_or_else(Uuid::now_v7, |key| key.id.0),
             actor: command.origin.actor.clone(),
+            trace: command.origin.trace,
         };
+        let span = tracing::info_span!(
+            "command",
+            stream = %stream_id,
+            correlation_id = %metadata.correlation_id,
+            causation_id = %metadata.causation_id,
+        );
         let key = command.request_key;
         let (reply, answer) = oneshot::channel();
         let job = Job::<A> {
             command,
             metadata,
             attempt: 0,
+            span,
             reply,
         };
         if let Some(lead) = self.inner.queues.push(&stream_id, job) {
@@ -403,7 +441,7 @@ impl Inner {
         let mut lost = None;
         let mut requeued = Vec::new();
         for (mut job, prior, decision) in decided {
-            let (index, decided_at) = match decision {
+            let (index, decided_at, appending) = match decision {
                 Decided::Answer(answer) if prior <= written => {
                     if let Err(CommandError::Store(StoreError::WrongExpectedVersion { .. })) =
                         &answer
@@ -418,7 +456,11 @@ impl Inner {
                     requeued.push(job);
                     continue;
                 }
-                Decided::Append { index, version } => (index, version),
+                Decided::Append {
+                    index,
+                    version,
+                    appending,
+                } => (index, version, appending),
             };
             let Some(appended) = outcomes.get_mut(index).and_then(Option::take) else {
                 job.answer(Err(
@@ -431,11 +473,13 @@ impl Inner {
                 // Refused only because an earlier append of the chain was
                 // not written: decide it again, on what was.
                 Err(StoreError::WrongExpectedVersion { .. }) if index > written => {
+                    tracing::debug!(parent: &appending, "an append before it was not written");
                     requeued.push(job);
                 }
                 Err(StoreError::WrongExpectedVersion { .. } | StoreError::Contended { .. })
                     if job.retryable() && job.attempt < self.retry.max_retries =>
                 {
+                    tracing::debug!(parent: &appending, "lost a race to another writer");
                     self.contention.lost_command_race(stream_id);
                     lost = lost.max(Some(job.attempt));
                     job.attempt += 1;

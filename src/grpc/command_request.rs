@@ -9,14 +9,25 @@ use super::auth::Caller;
 use crate::command::Origin;
 use crate::pb;
 use crate::store::{AppendResult, ExpectedVersion, Fingerprint, RequestId, RequestKey};
+use crate::telemetry::trace::{TRACEPARENT, TraceParent};
 
 /// The metadata key a caller may set to tie its commands together.
 pub const CORRELATION_ID_HEADER: &str = "x-correlation-id";
 
 /// Where a command comes from: the caller's correlation id, if it sent a
-/// valid one, and who the caller is, if the server authenticated it.
+/// valid one, who the caller is, if the server authenticated it, and the
+/// trace it is part of (the request's span, or the caller's `traceparent`
+/// where this process exports no traces). Call it in the handler, under the
+/// request's span.
 pub fn origin<T>(request: &Request<T>) -> Origin {
     Origin {
+        trace: TraceParent::of_span(&tracing::Span::current()).or_else(|| {
+            request
+                .metadata()
+                .get(TRACEPARENT)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.parse().ok())
+        }),
         correlation_id: request
             .metadata()
             .get(CORRELATION_ID_HEADER)

@@ -17,6 +17,7 @@ pub mod query_request;
 mod read_model_service;
 mod read_service;
 mod remote_log;
+mod request_span;
 pub mod server;
 mod status;
 pub mod tls;

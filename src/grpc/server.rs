@@ -189,8 +189,10 @@ pub async fn routes(
             args.request_timeout,
             super::wire_status::enforce,
         ))
-        // Outermost, so that it counts the statuses as corrected.
-        .layer(axum::middleware::from_fn_with_state(metrics, track));
+        // So that it counts the statuses as corrected.
+        .layer(axum::middleware::from_fn_with_state(metrics, track))
+        // Outermost: a refused call is traced too.
+        .layer(axum::middleware::from_fn(super::request_span::trace));
     Ok((Routes::from(router), health))
 }
 

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use crate::bus::BusMessage;
 use crate::domain::{DomainEvent, KnownTypes, Upcast, part_id};
 use crate::store::RecordedEvent;
+use crate::telemetry::trace::TraceParent;
 
 /// An event on its way through the runtime, its payload still encoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +25,10 @@ pub struct ProjectedEvent {
     /// current events its upcaster makes of it (several for an event split
     /// up), all at this version.
     pub parts: Vec<Upcast>,
+    /// The trace its projection continues: the one stored with it, then
+    /// (where traces are exported) the span projecting it, which the
+    /// document writes it goes into continue.
+    pub trace: Option<TraceParent>,
 }
 
 /// An event decoded for a projection: what it is, and where it sits in its
@@ -92,6 +97,7 @@ impl ProjectedEvent {
             version: event.version,
             occurred_at: event.metadata.occurred_at,
             parts,
+            trace: event.metadata.trace,
         })
     }
 

@@ -265,6 +265,7 @@ mod tests {
                 correlation_id: uuid::Uuid::now_v7(),
                 causation_id: uuid::Uuid::now_v7(),
                 actor: None,
+                trace: None,
             },
             request_id: None,
         };
@@ -445,6 +446,7 @@ mod tests {
                 correlation_id: uuid::Uuid::now_v7(),
                 causation_id: uuid::Uuid::now_v7(),
                 actor: None,
+                trace: None,
             },
             request_id: None,
         };

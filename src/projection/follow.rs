@@ -102,7 +102,12 @@ impl Projector {
                 }
             };
             pauses = 0;
-            let events = self.decode(step.events);
+            let mut events = self.decode(step.events);
+            // Open until the page is applied.
+            let _projecting: Vec<tracing::Span> = events
+                .iter_mut()
+                .map(|event| super::runtime::projecting(event, None))
+                .collect();
             if let Some(newest) = events.iter().map(|e| e.occurred_at).max()
                 && !settle(newest, config.settle_delay, &stopping).await
             {

@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::generation::{Generation, Generations, key_in};
 use super::metrics::ProjectorMetrics;
@@ -37,6 +38,7 @@ use crate::documents::{DocumentError, DocumentStore};
 use crate::domain::KnownTypes;
 use crate::log::EventLog;
 use crate::store::StoreError;
+use crate::telemetry::trace::TraceParent;
 
 /// Most events one gap fill reads from the log for one stream of one
 /// document; a longer gap (a document rolled far back) is filled over
@@ -110,6 +112,8 @@ impl std::fmt::Debug for Projector {
 struct Held {
     delivery: Delivery,
     event: ProjectedEvent,
+    /// Projecting it, until it is settled.
+    _span: tracing::Span,
 }
 
 /// What a delivery's documents made of it, worst last.
@@ -215,7 +219,15 @@ impl Projector {
             let mut work = Vec::with_capacity(fresh.len());
             for delivery in fresh {
                 match ProjectedEvent::decode(&delivery.message, &self.known) {
-                    Ok(event) => work.push(Held { delivery, event }),
+                    Ok(mut event) => {
+                        let span =
+                            projecting(&mut event, delivery.message.traceparent.parse().ok());
+                        work.push(Held {
+                            delivery,
+                            event,
+                            _span: span,
+                        });
+                    }
                     Err(poison) => self.park(delivery, &poison.to_string()).await,
                 }
             }
@@ -333,8 +345,33 @@ impl Projector {
         verdicts
     }
 
-    /// Reads, folds and writes one document with CAS until it sticks.
+    /// Reads, folds and writes one document with CAS until it sticks,
+    /// traced as part of the first event's trace, linked to the others'.
     async fn write(
+        &self,
+        projection: &dyn AnyProjection,
+        key: &str,
+        events: &[(&ProjectedEvent, Order)],
+    ) -> Result<Vec<Outcome>, WriteError> {
+        let span = tracing::debug_span!(
+            "write document",
+            projection = projection.name(),
+            key,
+            events = events.len(),
+        );
+        if !span.is_disabled() {
+            let mut traces = events.iter().filter_map(|(event, _)| event.trace);
+            if let Some(first) = traces.next() {
+                first.adopt(&span);
+            }
+            traces.for_each(|other| other.link(&span));
+        }
+        self.write_with_cas(projection, key, events)
+            .instrument(span)
+            .await
+    }
+
+    async fn write_with_cas(
         &self,
         projection: &dyn AnyProjection,
         key: &str,
@@ -389,6 +426,7 @@ impl Projector {
                 ) => {
                     ProjectorMetrics::add(&self.metrics.cas_conflicts, 1);
                     self.metrics.contention.lost_cas_race(&stored);
+                    tracing::debug!(attempt, "lost a CAS race");
                     tokio::time::sleep(CAS_BACKOFF.pause(attempt)).await;
                 }
                 Err(error) => return Err(context(WriteError::document(error))),
@@ -504,6 +542,25 @@ impl Projector {
     pub(super) fn backoff(&self, pauses: u32) -> Duration {
         Backoff::waiting(self.config.backoff_min, self.config.backoff_max).pause(pauses)
     }
+}
+
+/// The span of projecting `event`, continuing `parent` (what its delivery
+/// carries) or else the trace stored with it; `event` remembers the span
+/// for the writes it goes into.
+pub(super) fn projecting(event: &mut ProjectedEvent, parent: Option<TraceParent>) -> tracing::Span {
+    let span = tracing::debug_span!(
+        "project",
+        otel.kind = "consumer",
+        stream = %event.stream_id,
+        version = event.version,
+    );
+    if !span.is_disabled() {
+        if let Some(parent) = parent.or(event.trace) {
+            parent.adopt(&span);
+        }
+        event.trace = TraceParent::of_span(&span);
+    }
+    span
 }
 
 /// A projection's fold, with a panic in it (a bug in application code)

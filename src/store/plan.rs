@@ -145,6 +145,7 @@ mod tests {
                 correlation_id: Uuid::now_v7(),
                 causation_id: Uuid::now_v7(),
                 actor: None,
+                trace: None,
             },
         }
     }

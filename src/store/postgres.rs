@@ -60,7 +60,7 @@ const OUTBOX_LOCK: i32 = 0x736f;
 /// The columns [`recorded`] reads, in this order, in `events` and in
 /// `outbox JOIN events`.
 const EVENT_COLUMNS: &str = "position, stream_id, version, stream_type, event_id, event_type, \
-     payload, occurred_at, correlation_id, causation_id, request_id, actor";
+     payload, occurred_at, correlation_id, causation_id, request_id, actor, traceparent";
 
 /// Where and how to connect.
 ///
@@ -517,6 +517,8 @@ async fn migrate(connector: &Connector, schema: &str) -> Result<(), StoreError> 
         ALTER TABLE "{schema}".requests ADD COLUMN IF NOT EXISTS fingerprint bytea NULL;
         -- Who sent the command; NULL where nobody was authenticated.
         ALTER TABLE "{schema}".events ADD COLUMN IF NOT EXISTS actor text NULL;
+        -- The W3C trace context of the append; NULL where none was known.
+        ALTER TABLE "{schema}".events ADD COLUMN IF NOT EXISTS traceparent text NULL;
         "#
     ))
     .await
@@ -639,20 +641,21 @@ impl Writer {
                         "WITH input AS (
                             SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[],
                                 $4::uuid[], $5::text[], $6::bytea[], $7::timestamptz[],
-                                $8::uuid[], $9::uuid[], $10::uuid[], $11::bytea[], $12::text[])
+                                $8::uuid[], $9::uuid[], $10::uuid[], $11::bytea[], $12::text[],
+                                $13::text[])
                                 WITH ORDINALITY AS e(stream_id, version, stream_type, event_id,
                                     event_type, payload, occurred_at, correlation_id,
-                                    causation_id, request_id, fingerprint, actor, n)
+                                    causation_id, request_id, fingerprint, actor, traceparent, n)
                         ), head AS (
                             UPDATE log SET head = head + cardinality($1::text[])
                             RETURNING head - cardinality($1::text[]) AS base
                         ), written AS (
                             INSERT INTO events (position, stream_id, version, stream_type,
                                 event_id, event_type, payload, occurred_at, correlation_id,
-                                causation_id, request_id, actor)
+                                causation_id, request_id, actor, traceparent)
                             SELECT head.base + n, stream_id, version, stream_type, event_id,
                                 event_type, payload, occurred_at, correlation_id, causation_id,
-                                request_id, actor
+                                request_id, actor, traceparent
                             FROM head, input
                             RETURNING position
                         ), outboxed AS (
@@ -792,6 +795,7 @@ struct EventColumns<'a> {
     request_id: Vec<Option<Uuid>>,
     fingerprint: Vec<Option<&'a [u8]>>,
     actor: Vec<Option<&'a str>>,
+    traceparent: Vec<Option<String>>,
 }
 
 impl<'a> EventColumns<'a> {
@@ -810,9 +814,11 @@ impl<'a> EventColumns<'a> {
         self.fingerprint
             .push(key.map(|key| key.fingerprint.0.as_slice()));
         self.actor.push(request.metadata.actor.as_deref());
+        self.traceparent
+            .push(request.metadata.trace.map(|trace| trace.to_string()));
     }
 
-    fn params(&self) -> [Param<'_>; 12] {
+    fn params(&self) -> [Param<'_>; 13] {
         [
             &self.stream_id,
             &self.version,
@@ -826,6 +832,7 @@ impl<'a> EventColumns<'a> {
             &self.request_id,
             &self.fingerprint,
             &self.actor,
+            &self.traceparent,
         ]
     }
 }
@@ -902,6 +909,10 @@ fn recorded(row: &Row) -> Result<RecordedEvent, StoreError> {
             correlation_id: row.try_get(8)?,
             causation_id: row.try_get(9)?,
             actor: row.try_get(11)?,
+            // A hint for observers, never a reason to refuse the event.
+            trace: row
+                .try_get::<_, Option<&str>>(12)?
+                .and_then(|text| text.parse().ok()),
         },
         request_id: row.try_get::<_, Option<Uuid>>(10)?.map(RequestId),
     })

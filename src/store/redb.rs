@@ -555,6 +555,7 @@ mod legacy {
                         correlation_id: uuid::Uuid::nil(),
                         causation_id: uuid::Uuid::nil(),
                         actor: None,
+                        trace: None,
                     },
                     request_id: None,
                 };

@@ -6,6 +6,7 @@ use std::time::SystemTime;
 use uuid::Uuid;
 
 use super::StoreError;
+use crate::telemetry::trace::TraceParent;
 
 /// The version a stream must be at for an append to apply.
 ///
@@ -182,6 +183,9 @@ pub struct EventMetadata {
     /// Who sent the command: its bearer token's subject; `None` where the
     /// server authenticates nobody.
     pub actor: Option<String>,
+    /// The trace the command that recorded it belongs to, so that relaying
+    /// and projecting it join that trace; `None` when nobody traced it.
+    pub trace: Option<TraceParent>,
 }
 
 /// One atomic append to one stream.

@@ -51,6 +51,7 @@ async fn store_event(
                 correlation_id: Uuid::now_v7(),
                 causation_id: Uuid::now_v7(),
                 actor: None,
+                trace: None,
             },
         })
         .await

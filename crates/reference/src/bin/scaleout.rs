@@ -37,7 +37,8 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     if let Some(verdict) = args.server.check_health_exit_code(args.listen).await {
         return Ok(verdict);
     }
-    scaleout::telemetry::init(&args.telemetry).map_err(|e| format!("invalid --log-filter: {e}"))?;
+    let telemetry =
+        scaleout::telemetry::init(&args.telemetry, "scaleout").map_err(|e| e.to_string())?;
     let stopping = scaleout::shutdown::on_signal();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -59,5 +60,6 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
     scaleout::app::run_platform(listener, platform, stopping).await?;
     tracing::info!("scaleout platform stopped");
+    telemetry.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }

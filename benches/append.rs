@@ -9,6 +9,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::report::{self, Report, Sample};
@@ -22,6 +23,75 @@ use tokio_util::sync::CancellationToken;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use uuid::Uuid;
+
+/// Whether the trace exporter sees spans: off, this process runs as a
+/// binary without `--otlp-endpoint` does (logs at `info` only).
+static TRACING: AtomicBool = AtomicBool::new(false);
+
+/// An OTLP collector in this process that counts the spans it is sent.
+#[derive(Debug, Clone, Default)]
+struct Collector(Arc<AtomicU64>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let spans: usize = request
+            .into_inner()
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        self.0.fetch_add(spans as u64, Ordering::Relaxed);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// Logs as the binaries write them (`info`, here into a sink) and a trace
+/// exporter to a collector in this process, which sees spans only while
+/// [`TRACING`] is set; returns the collector's span count.
+async fn install_telemetry() -> (Arc<AtomicU64>, opentelemetry_sdk::trace::SdkTracerProvider) {
+    use tracing_subscriber::filter::FilterExt as _;
+    use tracing_subscriber::prelude::*;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let collector = Collector::default();
+    let spans = Arc::clone(&collector.0);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
+                    collector,
+                ),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let provider = scaleout::telemetry::exporter(&endpoint, 1.0, "bench").unwrap();
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::sink)
+        .with_filter(tracing_subscriber::EnvFilter::new("info"));
+    let traces =
+        scaleout::telemetry::spans(&provider).with_filter(scaleout::telemetry::traced().and(
+            tracing_subscriber::filter::filter_fn(|_| TRACING.load(Ordering::Relaxed)),
+        ));
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(traces)
+        .init();
+    (spans, provider)
+}
 
 /// Runs `writers` closed-loop tasks for [`report::run_for`]; each calls `op(writer)`.
 async fn closed_loop<F, Fut>(writers: usize, op: F) -> Sample
@@ -385,6 +455,7 @@ async fn increment(
 
 #[tokio::main]
 async fn main() {
+    let (spans, provider) = install_telemetry().await;
     let mut report = Report::start(
         "append",
         "durable appends and commands, beside one transaction per append",
@@ -462,6 +533,28 @@ async fn main() {
         .await;
     plain.stop().await;
     secured.stop().await;
+
+    // What recording and exporting every span costs, beside the same
+    // process exporting none.
+    let server = CommandServer::start(Arc::clone(&redb)).await;
+    report
+        .compare(
+            "redb gRPC commands, every span exported over OTLP to a collector on this machine: 16 clients, a counter each",
+            "the same, no spans exported",
+            async || {
+                TRACING.store(false, Ordering::Relaxed);
+                server.increments(16, Streams::Own).await
+            },
+            async || {
+                TRACING.store(true, Ordering::Relaxed);
+                server.increments(16, Streams::Own).await
+            },
+        )
+        .await;
+    TRACING.store(false, Ordering::Relaxed);
+    server.stop().await;
+    let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+    eprintln!("spans exported: {}", spans.load(Ordering::Relaxed));
     report.finish();
     common::drop_schema(&schema).await;
 }

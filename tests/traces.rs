@@ -348,3 +348,51 @@ async fn one_command_is_one_trace_from_the_request_to_the_query_that_waited_for_
         );
     }
 }
+
+/// Without a collector, a caller's trace context is still recorded with
+/// its events (so a relay or projector that exports carries it on), and a
+/// malformed one is ignored, never a reason to refuse the command.
+#[tokio::test]
+async fn a_callers_trace_context_is_kept_with_the_events_and_a_malformed_one_ignored() {
+    let (store, _dir) = support::redb_store();
+    let server = support::CommandService::start(std::sync::Arc::clone(&store)).await;
+    let mut commands = server.client().await;
+    let trace_id = uuid::Uuid::new_v4();
+    let traceparent = format!("00-{}-0102030405060708-01", trace_id.simple());
+    let increment = |counter_id: &str, traceparent: &str| {
+        let mut request = Request::new(pb::IncrementCounterRequest {
+            counter_id: counter_id.into(),
+            ..Default::default()
+        });
+        request
+            .metadata_mut()
+            .insert("traceparent", MetadataValue::try_from(traceparent).unwrap());
+        request
+    };
+    commands
+        .increment_counter(increment("kept", &traceparent))
+        .await
+        .unwrap();
+    let malformed = format!("00-{}-0102030405060708", "f".repeat(2000));
+    commands
+        .increment_counter(increment("ignored", &malformed))
+        .await
+        .unwrap();
+
+    let mut reader = ReadServiceClient::new(server.channel().await);
+    let events = reader
+        .read_all(pb::ReadAllRequest {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let envelopes: Vec<_> = events.into_iter().map(|e| e.event.unwrap()).collect();
+    assert_eq!(envelopes.len(), 2);
+    assert_eq!(envelopes[0].traceparent, traceparent);
+    assert_eq!(envelopes[0].correlation_id, trace_id.to_string());
+    assert_eq!(envelopes[1].traceparent, "");
+    assert!(uuid::Uuid::parse_str(&envelopes[1].correlation_id).is_ok());
+}

@@ -15,9 +15,11 @@ use std::time::Duration;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, Tracer};
+use tracing_opentelemetry::OpenTelemetryLayer;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
@@ -73,9 +75,7 @@ pub fn init(args: &TelemetryArgs, service: &'static str) -> Result<Telemetry, Te
         None => (None, None),
         Some(endpoint) => {
             let provider = exporter(endpoint, args.trace_sample_ratio, service)?;
-            let layer = tracing_opentelemetry::layer()
-                .with_tracer(provider.tracer(service))
-                .with_filter(traced());
+            let layer = spans(&provider).with_filter(traced());
             trace::EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
             (Some(layer), Some(provider))
         }
@@ -92,6 +92,23 @@ pub fn traced() -> Targets {
         .with_default(LevelFilter::INFO)
         .with_target("scaleout", LevelFilter::DEBUG)
         .with_target("opentelemetry", LevelFilter::OFF)
+}
+
+/// The layer that turns spans into OpenTelemetry spans for `provider`,
+/// recording what a trace shows and no more: no per-poll busy/idle timing,
+/// thread, source location or target attributes, and no OpenTelemetry
+/// context switched on every poll (nothing here reads it).
+pub fn spans<S>(provider: &SdkTracerProvider) -> OpenTelemetryLayer<S, Tracer>
+where
+    S: tracing::Subscriber + for<'span> LookupSpan<'span>,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("scaleout"))
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_location(false)
+        .with_target(false)
+        .with_context_activation(false)
 }
 
 /// A tracer provider that batches spans to the OTLP/gRPC collector at

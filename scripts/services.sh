@@ -78,6 +78,42 @@ ensure_rabbitmq() {
   wait_for "as_root rabbitmqctl -q await_startup" 120 "RabbitMQ (booted)"
 }
 
+# A TLS listener on 5671 beside the running broker, for the amqps:// tests:
+# started in the live broker (no restart, no config file), with a CA and a
+# localhost certificate kept where the broker can read them. A listener
+# that does not verify against that CA is replaced.
+RABBITMQ_TLS_DIR=/var/lib/rabbitmq/scaleout-test-tls
+rabbitmq_tls_verifies() {
+  echo | timeout 5 openssl s_client -connect 127.0.0.1:5671 -verify_return_error \
+    -CAfile "$RABBITMQ_TLS_DIR/ca.crt" >/dev/null 2>&1
+}
+ensure_rabbitmq_tls() {
+  if [[ -f $RABBITMQ_TLS_DIR/ca.crt ]] && rabbitmq_tls_verifies; then return 0; fi
+  echo "RabbitMQ has no TLS listener on 5671 for the tests: starting one"
+  as_root mkdir -p "$RABBITMQ_TLS_DIR"
+  local dir
+  dir=$(mktemp -d)
+  (
+    cd "$dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.crt \
+      -days 3650 -subj "/CN=scaleout test RabbitMQ CA" \
+      -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout server.key -out server.csr \
+      -subj /CN=localhost
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >server.ext
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile server.ext -out server.crt
+  ) >/dev/null 2>&1
+  as_root cp "$dir/ca.crt" "$dir/server.crt" "$dir/server.key" "$RABBITMQ_TLS_DIR/"
+  as_root chmod 644 "$RABBITMQ_TLS_DIR"/*
+  rm -rf "$dir"
+  as_root rabbitmqctl -q eval 'rabbit_networking:stop_tcp_listener(5671).' >/dev/null 2>&1 || true
+  as_root rabbitmqctl -q eval "rabbit_networking:start_ssl_listener(5671, [
+    {cacertfile, \"$RABBITMQ_TLS_DIR/ca.crt\"}, {certfile, \"$RABBITMQ_TLS_DIR/server.crt\"},
+    {keyfile, \"$RABBITMQ_TLS_DIR/server.key\"}, {verify, verify_none}], 1, 1)." >/dev/null
+  wait_for rabbitmq_tls_verifies 30 "RabbitMQ's TLS listener"
+}
+
 # No Docker engine runs here: tests/python/test_image.py builds the image's
 # runtime stage as a Debian root with mmdebstrap and runs the binaries in it.
 ensure_mmdebstrap() {

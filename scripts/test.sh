@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of scaleout, starting the services the tests need when they
 # are not running (PostgreSQL and RabbitMQ, installed with apt-get on a fresh
-# Debian machine, as is mmdebstrap for the image test).
+# Debian machine, as is mmdebstrap for the image test; RabbitMQ is given a TLS
+# listener on 5671 for the amqps:// tests).
 #
 #   scripts/test.sh            lints, then every test
 #   scripts/test.sh --no-lint  tests only
@@ -22,6 +23,7 @@ step "services"
 ensure_build_deps
 ensure_postgres
 ensure_rabbitmq
+ensure_rabbitmq_tls
 ensure_mmdebstrap
 ensure_python_tools
 export SCALEOUT_TEST_POSTGRES_URL="${SCALEOUT_TEST_POSTGRES_URL:-$POSTGRES_URL}"

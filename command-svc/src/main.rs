@@ -44,6 +44,10 @@ struct Args {
     /// share a broker.
     #[arg(long, env = "SCALEOUT_EVENT_BUS_PREFIX", default_value = "scaleout")]
     event_bus_prefix: String,
+    /// A PEM CA an `amqps://` broker's certificate may chain to, beside the
+    /// system's CAs.
+    #[arg(long, env = "SCALEOUT_EVENT_BUS_CA")]
+    event_bus_ca: Option<std::path::PathBuf>,
     /// How many times a command sent without an exact expected version is
     /// decided again after losing a race.
     #[arg(long, env = "SCALEOUT_MAX_RETRIES", default_value_t = RetryPolicy::default().max_retries)]
@@ -77,7 +81,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     .with_context(|| format!("opening event store {}", redact(&args.event_store)))?;
     let bus = match &args.event_bus {
         Some(spec) => Some(
-            scaleout::bus::open(spec, &args.event_bus_prefix)
+            scaleout::bus::open(spec, &args.event_bus_prefix, args.event_bus_ca.as_deref())
                 .with_context(|| format!("event bus {}", redact(spec)))?,
         ),
         None => {

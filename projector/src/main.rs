@@ -38,6 +38,10 @@ struct Args {
     /// share a broker.
     #[arg(long, env = "SCALEOUT_EVENT_BUS_PREFIX", default_value = "scaleout")]
     event_bus_prefix: String,
+    /// A PEM CA an `amqps://` broker's certificate may chain to, beside the
+    /// system's CAs.
+    #[arg(long, env = "SCALEOUT_EVENT_BUS_CA")]
+    event_bus_ca: Option<std::path::PathBuf>,
     #[command(flatten)]
     documents: DocumentStoreArgs,
     /// The service type: processes with the same one compete for events.
@@ -156,8 +160,12 @@ async fn main() -> anyhow::Result<ExitCode> {
         None => {}
     }
     let stopping = scaleout::shutdown::on_signal();
-    let bus = scaleout::bus::open(&args.event_bus, &args.event_bus_prefix)
-        .with_context(|| format!("event bus {}", redact(&args.event_bus)))?;
+    let bus = scaleout::bus::open(
+        &args.event_bus,
+        &args.event_bus_prefix,
+        args.event_bus_ca.as_deref(),
+    )
+    .with_context(|| format!("event bus {}", redact(&args.event_bus)))?;
     let documents = args
         .documents
         .open()

@@ -162,24 +162,30 @@ pub trait Subscriber: Send {
     async fn next(&mut self) -> Option<Delivery>;
 }
 
-/// Opens the bus an `--event-bus` value names: `memory` or an `amqp://` URL
-/// (connected on first use, so a process can start while the broker is
-/// away), its exchanges and queues named with `prefix`.
-pub fn open(spec: &str, prefix: &str) -> Result<Arc<dyn EventBus>, BusError> {
+/// Opens the bus an `--event-bus` value names: `memory` or an `amqp://` or
+/// `amqps://` URL (connected on first use, so a process can start while the
+/// broker is away), its exchanges and queues named with `prefix`; an
+/// `amqps://` broker's certificate may chain to the PEM CA at `ca` as well
+/// as to the system's.
+pub fn open(
+    spec: &str,
+    prefix: &str,
+    ca: Option<&std::path::Path>,
+) -> Result<Arc<dyn EventBus>, BusError> {
     if spec == "memory" {
         Ok(Arc::new(memory::MemoryBus::new()))
-    } else if spec.starts_with("amqps://") {
-        // lapin is built without a TLS stack (see Cargo.toml): refuse rather
-        // than fail obscurely at the first connection.
-        Err(BusError::backend(
-            "amqps:// is not supported by this build: use amqp:// (TLS to RabbitMQ is not built in yet)",
-        ))
-    } else if spec.starts_with("amqp://") {
-        let config = rabbitmq::RabbitConfig::new(spec).with_prefix(prefix);
+    } else if spec.starts_with("amqp://") || spec.starts_with("amqps://") {
+        let mut config = rabbitmq::RabbitConfig::new(spec).with_prefix(prefix);
+        if let Some(path) = ca {
+            let pem = std::fs::read_to_string(path).map_err(|e| {
+                BusError::backend(format!("reading the CA {}: {e}", path.display()))
+            })?;
+            config = config.with_ca(pem);
+        }
         Ok(Arc::new(rabbitmq::RabbitBus::new(config)))
     } else {
         Err(BusError::backend(format!(
-            "unknown event bus {spec:?}: expected memory or amqp://…"
+            "unknown event bus {spec:?}: expected memory, amqp://… or amqps://…"
         )))
     }
 }
@@ -190,10 +196,12 @@ mod tests {
 
     #[test]
     fn a_bus_this_build_cannot_reach_is_refused_when_opened() {
-        for spec in ["amqps://guest:guest@127.0.0.1:5671/%2f", "kafka://x"] {
-            let error = open(spec, "scaleout").unwrap_err();
-            assert!(matches!(error, BusError::Backend { .. }), "{spec}: {error}");
-        }
-        assert!(open("amqp://guest:guest@127.0.0.1:5672/%2f", "scaleout").is_ok());
+        let error = open("kafka://x", "scaleout", None).unwrap_err();
+        assert!(matches!(error, BusError::Backend { .. }), "{error}");
+        let missing = std::path::Path::new("/nonexistent/ca.crt");
+        let error = open("amqps://127.0.0.1:5671/%2f", "scaleout", Some(missing)).unwrap_err();
+        assert!(error.to_string().contains("/nonexistent/ca.crt"), "{error}");
+        assert!(open("amqp://guest:guest@127.0.0.1:5672/%2f", "scaleout", None).is_ok());
+        assert!(open("amqps://guest:guest@localhost:5671/%2f", "scaleout", None).is_ok());
     }
 }

@@ -34,6 +34,7 @@ use lapin::options::{
     BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
@@ -66,6 +67,9 @@ pub struct RabbitConfig {
     url: String,
     prefix: String,
     publish_timeout: Duration,
+    /// PEM certificates an `amqps://` broker's chain may end in, beside
+    /// the system's.
+    ca: Option<String>,
 }
 
 impl std::fmt::Debug for RabbitConfig {
@@ -74,6 +78,7 @@ impl std::fmt::Debug for RabbitConfig {
             .field("url", &crate::config::redact(&self.url))
             .field("prefix", &self.prefix)
             .field("publish_timeout", &self.publish_timeout)
+            .field("ca", &self.ca.is_some())
             .finish()
     }
 }
@@ -85,7 +90,15 @@ impl RabbitConfig {
             url: url.to_owned(),
             prefix: "scaleout".to_owned(),
             publish_timeout: PUBLISH_TIMEOUT,
+            ca: None,
         }
+    }
+
+    /// Trusts the CA certificates in `pem` (beside the system's) for an
+    /// `amqps://` URL; the broker's name is checked against the URL's host.
+    pub fn with_ca(mut self, pem: String) -> Self {
+        self.ca = Some(pem);
+        self
     }
 
     /// How long a batch of publishes may wait for the broker's confirms
@@ -174,9 +187,14 @@ impl Inner {
         }
         let name = format!("{}@{}", self.config.prefix, std::process::id());
         let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: self.config.ca.clone(),
+        };
+        let runtime = lapin::runtime::default_runtime().map_err(unavailable)?;
         let connection = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            Connection::connect(&self.config.url, properties),
+            Connection::connect_with_config(&self.config.url, properties, tls, runtime),
         )
         .await
         .map_err(|_| BusError::unavailable(format!("no connection within {CONNECT_TIMEOUT:?}")))?

@@ -219,6 +219,7 @@ async fn split(rate: u32, freeze: Option<Duration>) -> Sample {
             scope: "_default".into(),
             collection: "_default".into(),
             timeout: Duration::from_secs(5),
+            ca: None,
         };
         Arc::new(CouchbaseDocuments::connect(config).await.unwrap()) as Arc<dyn DocumentStore>
     };

@@ -203,6 +203,7 @@ async fn documents(
                 scope: "_default".into(),
                 collection: "_default".into(),
                 timeout: Duration::from_secs(5),
+                ca: None,
             };
             Arc::new(
                 scaleout::documents::couchbase::CouchbaseDocuments::connect(config)

@@ -147,6 +147,7 @@ async fn couchbase_documents(server: &couchbase_kv_server::TestServer) -> Arc<dy
         scope: "_default".into(),
         collection: "_default".into(),
         timeout: Duration::from_secs(5),
+        ca: None,
     };
     Arc::new(CouchbaseDocuments::connect(config).await.unwrap())
 }

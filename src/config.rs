@@ -147,7 +147,8 @@ impl Default for ServerArgs {
 /// Where read models live.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DocumentStoreArgs {
-    /// `redb:PATH` (embedded, a file) or a `couchbase://HOST[:PORT]` connection string.
+    /// `redb:PATH` (embedded, a file) or a `couchbase://HOST[:PORT]`
+    /// (`couchbases://` for TLS) connection string.
     #[arg(
         long,
         env = "SCALEOUT_DOCUMENT_STORE",
@@ -183,6 +184,10 @@ pub struct DocumentStoreArgs {
     /// Bound on every Couchbase call (the SDK itself retries forever).
     #[arg(long, env = "SCALEOUT_COUCHBASE_TIMEOUT", default_value = "2500ms", value_parser = parse_duration)]
     pub couchbase_timeout: Duration,
+    /// The PEM CA a `couchbases://` cluster's certificate must chain to
+    /// (required with `couchbases://`).
+    #[arg(long, env = "SCALEOUT_COUCHBASE_CA")]
+    pub couchbase_ca: Option<std::path::PathBuf>,
     /// When Couchbase acknowledges a read-model write. `none`: once the
     /// active node has it in memory — a failover can promote a replica that
     /// never saw it, and views silently go back in time. `majority`: once a

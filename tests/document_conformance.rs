@@ -155,6 +155,7 @@ mod couchbase_faults {
             scope: "_default".into(),
             collection: "_default".into(),
             timeout: TIMEOUT,
+            ca: None,
         };
         CouchbaseDocuments::connect(config)
             .await

@@ -10,6 +10,7 @@
 //! return is sorted by `classify`.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,7 +19,7 @@ use couchbase::cluster::Cluster;
 use couchbase::collection::Collection;
 use couchbase::durability_level::DurabilityLevel;
 use couchbase::error::{Error as CouchbaseError, ErrorKind};
-use couchbase::options::cluster_options::ClusterOptions;
+use couchbase::options::cluster_options::{ClusterOptions, TlsOptions};
 use couchbase::options::kv_options::{InsertOptions, RemoveOptions, ReplaceOptions};
 
 use super::{Cas, Document, DocumentError, DocumentStore};
@@ -36,6 +37,9 @@ pub struct CouchbaseConfig {
     pub collection: String,
     /// Bound on every operation; connecting may take a few of these.
     pub timeout: Duration,
+    /// The PEM CA a `couchbases://` cluster's certificate must chain to
+    /// (required with TLS: see [`CouchbaseDocuments::connect`]).
+    pub ca: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for CouchbaseConfig {
@@ -47,6 +51,7 @@ impl std::fmt::Debug for CouchbaseConfig {
             .field("scope", &self.scope)
             .field("collection", &self.collection)
             .field("timeout", &self.timeout)
+            .field("ca", &self.ca)
             .finish_non_exhaustive()
     }
 }
@@ -74,11 +79,35 @@ impl std::fmt::Debug for CouchbaseDocuments {
 const PING_KEY: &str = "_scaleout::ping";
 
 impl CouchbaseDocuments {
-    /// Connects and checks that the bucket answers.
+    /// Connects and checks that the bucket answers. Over `couchbases://`,
+    /// the cluster's certificate must chain to [`CouchbaseConfig::ca`] (or
+    /// a CA of the system's); its host name is not checked, since the SDK
+    /// checks it against `host:port`.
     pub async fn connect(config: CouchbaseConfig) -> Result<Self, DocumentError> {
-        let options = ClusterOptions::new(
+        let mut options = ClusterOptions::new(
             PasswordAuthenticator::new(&config.username, &config.password).into(),
         );
+        // The SDK (1.1, OpenSSL) checks a certificate's name against
+        // `host:port`, which no certificate names: over TLS, the chain to a
+        // CA named here is what is checked, and the name cannot be.
+        if config.connection_string.starts_with("couchbases://") && config.ca.is_none() {
+            return Err(DocumentError::backend(
+                "couchbases:// needs --couchbase-ca: the Couchbase SDK cannot check a \
+                 certificate's host name, so the cluster's CA must be named",
+            ));
+        }
+        if let Some(path) = &config.ca {
+            let refused = |e: &dyn std::fmt::Display| {
+                DocumentError::backend(format!("the Couchbase CA {}: {e}", path.display()))
+            };
+            let pem = std::fs::read(path).map_err(|e| refused(&e))?;
+            let ca = native_tls::Certificate::from_pem(&pem).map_err(|e| refused(&e))?;
+            options = options.tls_options(
+                TlsOptions::new()
+                    .add_ca_certificate(ca)
+                    .danger_accept_invalid_hostnames(true),
+            );
+        }
         let connecting = config.timeout.saturating_mul(4);
         let cluster = tokio::time::timeout(
             connecting,

@@ -183,6 +183,7 @@ impl crate::config::DocumentStoreArgs {
             scope: self.couchbase_scope.clone(),
             collection: self.couchbase_collection.clone(),
             timeout: self.couchbase_timeout,
+            ca: self.couchbase_ca.clone(),
         };
         let store = CouchbaseDocuments::connect(config).await?;
         Ok(std::sync::Arc::new(

@@ -40,6 +40,7 @@ pub async fn couchbase_store(
         scope: "_default".into(),
         collection: "_default".into(),
         timeout: std::time::Duration::from_secs(5),
+        ca: None,
     };
     scaleout::documents::couchbase::CouchbaseDocuments::connect(config)
         .await

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod bus;
+pub mod certificates;
 pub mod documents;
 pub mod naive;
 pub mod projection;

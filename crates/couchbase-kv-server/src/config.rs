@@ -7,9 +7,11 @@ use serde_json::{Value, json};
 /// vBuckets in the map, all on this one node.
 const VBUCKETS: usize = 64;
 
+/// The one port serves KV in plaintext or TLS, as the server was started;
+/// it is named for both, so that a `couchbases://` client finds it too.
 fn nodes_ext(port: u16) -> Value {
     json!([{
-        "services": { "mgmt": 8091, "kv": port },
+        "services": { "mgmt": 8091, "kv": port, "kvSSL": port },
         "thisNode": true,
         "hostname": "127.0.0.1",
     }])

@@ -34,7 +34,11 @@
 //! writes that asked for durability. A process-level freeze is
 //! SIGSTOP on the binary.
 //!
-//! It does not do: TLS, HTTP (management, N1QL, search), named collections,
+//! With [`ServerConfig::tls`], every connection is TLS (what a
+//! `couchbases://` client speaks), through OpenSSL as Couchbase Server's,
+//! with PLAIN SASL over it as the SDK uses.
+//!
+//! It does not do: HTTP (management, N1QL, search), named collections,
 //! expiry, replicas, subdocument operations, DCP or persistence. It is a
 //! protocol peer for tests, not a database.
 
@@ -49,19 +53,28 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use tokio_native_tls::TlsAcceptor;
 
 use connection::{Answer, Connection, Shared};
 pub use faults::{Fault, Faults};
 
-/// Who may log in and which buckets exist.
+/// Who may log in, which buckets exist, and whether connections are TLS.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub username: String,
     pub password: String,
     pub buckets: Vec<String>,
+    pub tls: Option<TlsIdentity>,
+}
+
+/// The certificate chain and private key (PEM) a TLS server presents.
+#[derive(Debug, Clone)]
+pub struct TlsIdentity {
+    pub certificate_pem: String,
+    pub key_pem: String,
 }
 
 impl Default for ServerConfig {
@@ -70,8 +83,20 @@ impl Default for ServerConfig {
             username: "Administrator".into(),
             password: "password".into(),
             buckets: vec!["scaleout".into()],
+            tls: None,
         }
     }
+}
+
+fn acceptor(identity: &TlsIdentity) -> std::io::Result<TlsAcceptor> {
+    let invalid = |e: native_tls::Error| std::io::Error::other(format!("TLS identity: {e}"));
+    let identity = native_tls::Identity::from_pkcs8(
+        identity.certificate_pem.as_bytes(),
+        identity.key_pem.as_bytes(),
+    )
+    .map_err(invalid)?;
+    let acceptor = native_tls::TlsAcceptor::new(identity).map_err(invalid)?;
+    Ok(TlsAcceptor::from(acceptor))
 }
 
 /// A running server; it stops (closing every connection) when dropped.
@@ -80,6 +105,7 @@ pub struct TestServer {
     addr: SocketAddr,
     faults: Faults,
     requests: Arc<Requests>,
+    tls: bool,
     _serving: JoinSet<()>,
 }
 
@@ -90,6 +116,7 @@ impl TestServer {
     }
 
     pub async fn start_on(addr: SocketAddr, config: ServerConfig) -> std::io::Result<Self> {
+        let tls = config.tls.as_ref().map(acceptor).transpose()?;
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Shared {
@@ -100,13 +127,26 @@ impl TestServer {
             bucket_uuid: format!("{:032x}", fastrand::u128(..)).into(),
         };
         let (faults, requests) = (shared.faults.clone(), Arc::new(Requests::default()));
+        let tls_served = tls.is_some();
         let mut serving = JoinSet::new();
         let counting = Arc::clone(&requests);
         serving.spawn(async move {
             let mut connections = JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
-                let (shared, counting) = (shared.clone(), Arc::clone(&counting));
-                connections.spawn(serve(stream, shared, counting));
+                let _ = stream.set_nodelay(true);
+                let (shared, counting, tls) = (shared.clone(), Arc::clone(&counting), tls.clone());
+                connections.spawn(async move {
+                    match tls {
+                        None => serve(stream, shared, counting).await,
+                        // A client that does not finish the handshake is
+                        // simply not served.
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                serve(stream, shared, counting).await;
+                            }
+                        }
+                    }
+                });
                 while connections.try_join_next().is_some() {}
             }
         });
@@ -114,6 +154,7 @@ impl TestServer {
             addr,
             faults,
             requests,
+            tls: tls_served,
             _serving: serving,
         })
     }
@@ -122,9 +163,11 @@ impl TestServer {
         self.addr
     }
 
-    /// What the SDK connects with: KV only, on this port.
+    /// What the SDK connects with: KV only, on this port
+    /// (`couchbases://` for a TLS server).
     pub fn connection_string(&self) -> String {
-        format!("couchbase://{}:{}", self.addr.ip(), self.addr.port())
+        let scheme = if self.tls { "couchbases" } else { "couchbase" };
+        format!("{scheme}://{}:{}", self.addr.ip(), self.addr.port())
     }
 
     /// Switches this server's failures on and off, also while clients are
@@ -174,11 +217,13 @@ impl Default for Requests {
 
 /// Answers requests in order until the client goes away, sends garbage or
 /// a fault hangs up.
-async fn serve(stream: TcpStream, shared: Shared, requests: Arc<Requests>) {
+async fn serve<S>(stream: S, shared: Shared, requests: Arc<Requests>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let faults = shared.faults.clone();
     let mut connection = Connection::new(shared);
-    let _ = stream.set_nodelay(true);
-    let (reader, writer) = stream.into_split();
+    let (reader, writer) = tokio::io::split(stream);
     let (mut reader, mut writer) = (BufReader::new(reader), BufWriter::new(writer));
     while let Ok(Some(request)) = protocol::read_request(&mut reader).await {
         requests.count(&request);

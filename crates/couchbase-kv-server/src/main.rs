@@ -27,6 +27,7 @@ async fn main() -> std::io::Result<()> {
         username: args.username,
         password: args.password,
         buckets: args.buckets,
+        tls: None,
     };
     let server = TestServer::start_on(args.listen, config).await?;
     println!("listening on {}", server.addr());

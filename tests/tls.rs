@@ -273,3 +273,27 @@ async fn a_projector_reads_the_log_over_mutual_tls() {
         "read without a client certificate: {refused:?}"
     );
 }
+
+/// A certificate that cannot be read ends a binary before it binds: it
+/// never says it serves, and the error names the file.
+#[test]
+fn a_binary_with_an_unreadable_certificate_refuses_to_start_before_it_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Authority::new("a CA").issue(false).key;
+    let key = write(dir.path(), "server.key", &key);
+    let output = std::process::Command::new(support::workspace_binary("command-svc"))
+        .args(["--listen", "127.0.0.1:0", "--event-store"])
+        .arg(format!("redb:{}", dir.path().join("events.redb").display()))
+        .args(["--tls-cert", "/nonexistent/server.crt", "--tls-key"])
+        .arg(&key)
+        .env("SCALEOUT_LOG_FORMAT", "text")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(!stdout.contains("address="), "it said it serves: {stdout}");
+    assert!(stderr.contains("/nonexistent/server.crt"), "{stderr}");
+}

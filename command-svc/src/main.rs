@@ -71,6 +71,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         return Ok(verdict);
     }
     let telemetry = scaleout::telemetry::init(&args.telemetry, "command-svc")?;
+    scaleout::app::check_files(&args.server)?;
     let stopping = scaleout::shutdown::on_signal();
     let store = scaleout::store::open(
         &args.event_store,

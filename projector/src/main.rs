@@ -149,6 +149,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         return Ok(verdict);
     }
     let telemetry = scaleout::telemetry::init(&args.telemetry, "projector")?;
+    scaleout::app::check_files(&args.server)?;
     // Refuse a wrong --projections before connecting to anything.
     let projections =
         scaleout::projection::choose(reference::Reference.projections(), &args.projections)?;

@@ -35,6 +35,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         return Ok(verdict);
     }
     let telemetry = scaleout::telemetry::init(&args.telemetry, "query-svc")?;
+    scaleout::app::check_files(&args.server)?;
     let stopping = scaleout::shutdown::on_signal();
     let documents = args
         .documents

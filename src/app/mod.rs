@@ -48,6 +48,18 @@ pub enum ServeError {
     Tls(#[from] crate::grpc::tls::TlsError),
 }
 
+/// Reads the files `args` name (the TLS certificate and key, the token
+/// keys), so that a binary refuses a bad one before it binds and says where
+/// it serves; the server reads them again as it starts, and on change.
+pub fn check_files(args: &ServerArgs) -> Result<(), ServeError> {
+    if let Some(files) = args.tls.files() {
+        ServerTls::load(files)?;
+    }
+    crate::grpc::auth::Authenticator::from_args(&args.auth)
+        .map_err(crate::grpc::server::RoutesError::Auth)?;
+    Ok(())
+}
+
 /// Serves until `stopping` is cancelled, then cancels and awaits the
 /// background `tasks` (dependency followers, relay, workers).
 async fn serve_then_drain(

@@ -39,6 +39,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     }
     let telemetry =
         scaleout::telemetry::init(&args.telemetry, "scaleout").map_err(|e| e.to_string())?;
+    scaleout::app::check_files(&args.server).map_err(|e| e.to_string())?;
     let stopping = scaleout::shutdown::on_signal();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -26,7 +26,6 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use serde::Deserialize;
 use tokio::time::Instant;
-use tracing::Instrument as _;
 
 use crate::documents::{DocumentError, DocumentStore};
 use crate::projection::Projection;
@@ -187,21 +186,8 @@ impl Queries {
     /// Reads `P`'s document at `key` once it has applied every `wanted`
     /// (stream, version), waiting until `deadline` at most. `kind` and `id`
     /// name it in errors (`NotFound`, `NotCaughtUp`).
+    #[tracing::instrument(level = "debug", name = "read view", skip_all, fields(projection = P::NAME, key))]
     pub async fn read<P: Projection>(
-        &self,
-        kind: &'static str,
-        id: &str,
-        key: &str,
-        wanted: &[(String, u64)],
-        deadline: Instant,
-    ) -> Result<P::View, QueryError> {
-        let span = tracing::debug_span!("read view", projection = P::NAME, key);
-        self.read_when_caught_up::<P>(kind, id, key, wanted, deadline)
-            .instrument(span)
-            .await
-    }
-
-    async fn read_when_caught_up<P: Projection>(
         &self,
         kind: &'static str,
         id: &str,

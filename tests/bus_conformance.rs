@@ -10,32 +10,11 @@ use std::time::Duration;
 use scaleout::bus::{
     BusError, BusMessage, DeadLetter, Delivery, EventBus, Subscriber, Subscription,
 };
-use scaleout::store::{EventMetadata, RecordedEvent};
+use support::bus::message;
 use tokio::time::timeout;
-use uuid::Uuid;
 
 /// Longest any single expected delivery may take.
 const PATIENCE: Duration = Duration::from_secs(20);
-
-fn message(stream_type: &str, event_type: &str, version: u64) -> BusMessage {
-    BusMessage::from_event(&RecordedEvent {
-        position: version,
-        stream_id: format!("{stream_type}-1"),
-        stream_type: stream_type.into(),
-        version,
-        event_id: Uuid::now_v7(),
-        event_type: event_type.into(),
-        payload: vec![1, 2, 3],
-        metadata: EventMetadata {
-            occurred_at: std::time::SystemTime::now(),
-            correlation_id: Uuid::now_v7(),
-            causation_id: Uuid::now_v7(),
-            actor: None,
-            trace: None,
-        },
-        request_id: None,
-    })
-}
 
 fn subscription(service_type: &str, bindings: &[&str]) -> Subscription {
     Subscription {

@@ -7,9 +7,7 @@ mod support;
 use std::time::Duration;
 
 use scaleout::bus::rabbitmq::{RabbitBus, RabbitConfig};
-use scaleout::bus::{BusMessage, EventBus, Subscription};
-use scaleout::store::{EventMetadata, RecordedEvent};
-use uuid::Uuid;
+use scaleout::bus::{EventBus, Subscription};
 
 const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -36,26 +34,6 @@ fn config(url: &str) -> (RabbitConfig, support::Cleanup) {
     (config, cleanup)
 }
 
-fn message() -> BusMessage {
-    BusMessage::from_event(&RecordedEvent {
-        position: 1,
-        stream_id: "counter-tls".into(),
-        stream_type: "counter".into(),
-        version: 1,
-        event_id: Uuid::now_v7(),
-        event_type: "scaleout.v1.CounterIncremented".into(),
-        payload: vec![8, 1],
-        metadata: EventMetadata {
-            occurred_at: std::time::SystemTime::now(),
-            correlation_id: Uuid::now_v7(),
-            causation_id: Uuid::now_v7(),
-            actor: None,
-            trace: None,
-        },
-        request_id: None,
-    })
-}
-
 #[tokio::test]
 async fn events_travel_over_tls_to_a_broker_whose_certificate_chains_to_the_configured_ca() {
     let (config, _cleanup) = config(&tls_url("localhost"));
@@ -71,7 +49,7 @@ async fn events_travel_over_tls_to_a_broker_whose_certificate_chains_to_the_conf
         })
         .await
         .unwrap();
-    let sent = message();
+    let sent = support::bus::message("counter", "scaleout.v1.CounterIncremented", 1);
     let published = bus.publish(std::slice::from_ref(&sent)).await;
     assert!(published.iter().all(Result::is_ok), "{published:?}");
     let delivery = tokio::time::timeout(PATIENCE, subscriber.next())

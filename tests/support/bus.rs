@@ -6,9 +6,11 @@ use std::sync::Arc;
 
 use futures_util::FutureExt;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use scaleout::bus::EventBus;
 use scaleout::bus::memory::MemoryBus;
 use scaleout::bus::rabbitmq::{RabbitBus, RabbitConfig};
+use scaleout::bus::{BusMessage, EventBus};
+use scaleout::store::{EventMetadata, RecordedEvent};
+use uuid::Uuid;
 
 /// Every service type the suites subscribe with, so cleanup finds their queues.
 pub const SERVICE_TYPES: &[&str] = &[
@@ -116,4 +118,25 @@ pub async fn queue_depth(config: &RabbitConfig, service_type: &str) -> u32 {
         .await
         .unwrap();
     queue.message_count()
+}
+
+/// A message carrying a `stream_type` event at `version` of `stream_type-1`.
+pub fn message(stream_type: &str, event_type: &str, version: u64) -> BusMessage {
+    BusMessage::from_event(&RecordedEvent {
+        position: version,
+        stream_id: format!("{stream_type}-1"),
+        stream_type: stream_type.into(),
+        version,
+        event_id: Uuid::now_v7(),
+        event_type: event_type.into(),
+        payload: vec![1, 2, 3],
+        metadata: EventMetadata {
+            occurred_at: std::time::SystemTime::now(),
+            correlation_id: Uuid::now_v7(),
+            causation_id: Uuid::now_v7(),
+            actor: None,
+            trace: None,
+        },
+        request_id: None,
+    })
 }

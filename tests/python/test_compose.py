@@ -3,7 +3,9 @@ be checked: it parses, every service is health-checked, every binary, flag,
 environment variable and port it names exists in the code, the stateful
 services keep their data in named volumes, and the Couchbase init job's script
 (run against stand-ins for curl and couchbase-cli) accepts a fresh or an
-already set-up cluster and fails on anything else."""
+already set-up cluster and fails on anything else; the certificates job's
+script (run with the real openssl CLI) issues a certificate the services'
+names verify against, once."""
 
 import re
 import shlex
@@ -22,9 +24,9 @@ def compose():
 
 def test_every_service_is_there_and_health_checked():
     services = compose()["services"]
-    assert set(services) >= {"rabbitmq", "postgres", "couchbase", "couchbase-init", *SCALEOUT}
+    assert set(services) >= {"rabbitmq", "postgres", "couchbase", "couchbase-init", "certificates", *SCALEOUT}
     for name, service in services.items():
-        if name != "couchbase-init":
+        if service.get("restart") != "no":  # one-shot jobs end; the rest are checked
             assert "healthcheck" in service, f"{name} has no health check"
     assert services["projector"]["deploy"]["replicas"] == 2
     init = services["couchbase-init"]["command"][0]
@@ -171,3 +173,62 @@ def test_couchbase_init_gives_up_when_couchbase_never_answers(tmp_path):
     done, called = run_init(tmp_path, (0, "SUCCESS: Cluster initialized"), (0, "SUCCESS: Bucket created"), curl_answers=False)
     assert done.returncode != 0 and "did not answer" in done.stderr
     assert called == []
+
+
+# --- TLS: the certificates job, and every scaleout service serving with it ------------
+
+
+def test_every_scaleout_service_serves_tls_and_reads_the_log_over_it():
+    services = compose()["services"]
+    for name in SCALEOUT:
+        service = services[name]
+        environment = service["environment"]
+        assert environment["SCALEOUT_TLS_CERT"] == "/certificates/server.crt", name
+        assert environment["SCALEOUT_TLS_KEY"] == "/certificates/server.key", name
+        assert "certificates:/certificates:ro" in service["volumes"], name
+        assert service["depends_on"]["certificates"]["condition"] == "service_completed_successfully", name
+    projector = services["projector"]["environment"]
+    assert projector["SCALEOUT_EVENT_LOG"].startswith("https://command-svc:")
+    assert projector["SCALEOUT_EVENT_LOG_CA"] == "/certificates/ca.crt"
+
+
+def certificates_script():
+    service = compose()["services"]["certificates"]
+    assert service["entrypoint"] == ["/bin/sh", "-c"]
+    script = service["command"][0]
+    assert "$" not in script.replace("$$", ""), "a `$` compose would interpolate: write `$$`"
+    return script.replace("$$", "$")
+
+
+def test_the_certificates_job_issues_a_certificate_for_every_service_once(tmp_path):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    chowned = tmp_path / "chowned"
+    # chown needs root: record what the job hands to uid 10001 instead.
+    (stubs / "chown").write_text(f'#!/bin/sh\necho "$@" >> {shlex.quote(str(chowned))}\n')
+    (stubs / "chown").chmod(0o755)
+    volume = tmp_path / "certificates"
+    volume.mkdir()
+
+    def run():
+        return subprocess.run(
+            ["/bin/sh", "-c", certificates_script()], capture_output=True, text=True, timeout=60,
+            env={"PATH": f"{stubs}:/usr/bin:/bin", "CERTIFICATES": str(volume)},
+        )  # fmt: skip
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in volume.iterdir()) == ["ca.crt", "server.crt", "server.key"]
+    assert (volume / "server.key").stat().st_mode & 0o777 == 0o600
+    assert chowned.read_text().split() == ["10001:10001", "server.key"]
+    for name in ["command-svc", "projector", "query-svc", "localhost"]:
+        verified = subprocess.run(
+            ["openssl", "verify", "-CAfile", "ca.crt", "-verify_hostname", name, "server.crt"],
+            cwd=volume, capture_output=True, text=True,
+        )  # fmt: skip
+        assert verified.returncode == 0, f"{name}: {verified.stdout}{verified.stderr}"
+    issued = (volume / "server.crt").read_bytes()
+    second = run()
+    assert second.returncode == 0 and "kept" in second.stdout, second.stderr
+    assert (volume / "server.crt").read_bytes() == issued
+

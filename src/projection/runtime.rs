@@ -220,8 +220,7 @@ impl Projector {
             for delivery in fresh {
                 match ProjectedEvent::decode(&delivery.message, &self.known) {
                     Ok(mut event) => {
-                        let span =
-                            projecting(&mut event, delivery.message.traceparent.parse().ok());
+                        let span = projecting(&mut event, Some(&delivery.message.traceparent));
                         work.push(Held {
                             delivery,
                             event,
@@ -544,10 +543,11 @@ impl Projector {
     }
 }
 
-/// The span of projecting `event`, continuing `parent` (what its delivery
-/// carries) or else the trace stored with it; `event` remembers the span
-/// for the writes it goes into.
-pub(super) fn projecting(event: &mut ProjectedEvent, parent: Option<TraceParent>) -> tracing::Span {
+/// The span of projecting `event`, continuing `carried` (the `traceparent`
+/// its delivery carries, read only where spans are recorded) or else the
+/// trace stored with it; `event` remembers the span for the writes it goes
+/// into.
+pub(super) fn projecting(event: &mut ProjectedEvent, carried: Option<&str>) -> tracing::Span {
     let span = tracing::debug_span!(
         "project",
         otel.kind = "consumer",
@@ -555,6 +555,7 @@ pub(super) fn projecting(event: &mut ProjectedEvent, parent: Option<TraceParent>
         version = event.version,
     );
     if !span.is_disabled() {
+        let parent = carried.and_then(|text| text.parse::<TraceParent>().ok());
         if let Some(parent) = parent.or(event.trace) {
             parent.adopt(&span);
         }

@@ -93,35 +93,6 @@ async fn install_telemetry() -> (Arc<AtomicU64>, opentelemetry_sdk::trace::SdkTr
     (spans, provider)
 }
 
-/// Runs `writers` closed-loop tasks for [`report::run_for`]; each calls `op(writer)`.
-async fn closed_loop<F, Fut>(writers: usize, op: F) -> Sample
-where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let op = Arc::new(op);
-    let run = report::run_for();
-    let start = Instant::now();
-    let mut tasks = JoinSet::new();
-    for writer in 0..writers {
-        let op = Arc::clone(&op);
-        tasks.spawn(async move {
-            let mut latencies = Vec::new();
-            while start.elapsed() < run {
-                let began = Instant::now();
-                op(writer).await;
-                latencies.push(began.elapsed());
-            }
-            latencies
-        });
-    }
-    let mut all = Vec::new();
-    while let Some(latencies) = tasks.join_next().await {
-        all.extend(latencies.unwrap());
-    }
-    Sample::latencies(all, start.elapsed())
-}
-
 fn one_event(stream_id: String) -> AppendRequest {
     let event = NewEvent {
         event_id: Uuid::now_v7(),
@@ -163,7 +134,7 @@ const SHAPES: [(usize, Streams); 3] =
 async fn store_appends(store: &Arc<dyn EventStore>, writers: usize, streams: Streams) -> Sample {
     let run = Uuid::now_v7().simple().to_string();
     let store = Arc::clone(store);
-    closed_loop(writers, move |writer| {
+    report::closed_loop(writers, move |writer| {
         let stream = match streams {
             Streams::Own => format!("{run}-{writer}"),
             Streams::Shared => format!("{run}-shared"),
@@ -253,7 +224,7 @@ impl RawPostgres {
     async fn run(&self, writers: usize) -> Sample {
         let (clients, schema) = (Arc::clone(&self.clients), self.schema.clone());
         let run = Uuid::now_v7().simple().to_string();
-        closed_loop(writers, move |writer| {
+        report::closed_loop(writers, move |writer| {
             let (clients, schema, stream) =
                 (Arc::clone(&clients), schema.clone(), format!("{run}-{writer}"));
             async move {
@@ -399,7 +370,7 @@ impl CommandServer {
     async fn increments(&self, clients: usize, streams: Streams) -> Sample {
         let (channel, run) = (self.channel.clone(), Uuid::now_v7().simple().to_string());
         let token = self.token.clone();
-        closed_loop(clients, move |client| {
+        report::closed_loop(clients, move |client| {
             let counter_id = match streams {
                 Streams::Own => format!("{run}-{client}"),
                 Streams::Shared => format!("{run}-shared"),

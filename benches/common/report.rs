@@ -8,7 +8,10 @@
 //! `BENCH_EVENTS` (count-bound scenarios, 50,000), `BENCH_REPS` (3), and
 //! `BENCH_FILTER` (run only the scenarios whose name contains it).
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
 
 fn knob(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
@@ -80,6 +83,35 @@ impl Sample {
         let rank = ((n as f64 * p).ceil() as usize).clamp(1, n.max(1));
         self.latencies.get(rank - 1).copied()
     }
+}
+
+/// Runs `writers` closed-loop tasks for [`run_for`]; each calls `op(writer)`.
+pub async fn closed_loop<F, Fut>(writers: usize, op: F) -> Sample
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let run = run_for();
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    for writer in 0..writers {
+        let op = Arc::clone(&op);
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            while start.elapsed() < run {
+                let began = Instant::now();
+                op(writer).await;
+                latencies.push(began.elapsed());
+            }
+            latencies
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(latencies) = tasks.join_next().await {
+        all.extend(latencies.unwrap());
+    }
+    Sample::latencies(all, start.elapsed())
 }
 
 /// The median and the extremes of some repetitions.

@@ -3,7 +3,8 @@
 //!
 //! Read models trail the event log. A caller that just wrote passes the
 //! stream versions its commands returned; a read waits, polling with
-//! backoff (1 ms doubling to `MAX_POLL`, on a grid every waiter shares),
+//! backoff (pauses of a quarter of the wait so far, from 1 ms to
+//! `MAX_POLL`, on grids every waiter shares),
 //! until the document has applied
 //! them (its `_applied` map), and
 //! gives up at the deadline with [`QueryError::NotCaughtUp`] rather than
@@ -31,16 +32,26 @@ use crate::documents::{DocumentError, DocumentStore};
 use crate::projection::Projection;
 use crate::projection::generation::{GenerationState, Generations, key_in, now_ms};
 
-/// The longest pause between two reads of a document a caller waits on:
-/// a waiter costs at most 10 reads a second once the view is slow to catch
-/// up, while one that is a few milliseconds behind is still read again
-/// within them (the pauses double from 1 ms).
-const MAX_POLL: Duration = Duration::from_millis(100);
+/// The longest pause between two reads of a document a caller waits on: a
+/// waiter costs at most 8 reads a second once the view is slow to catch up.
+const MAX_POLL: Duration = Duration::from_millis(128);
+
+/// The pause before a waiter's next read, `waited` after its first: a power
+/// of two milliseconds, at most a quarter of `waited`, so the view is seen
+/// at most a quarter later than it caught up (doubling pauses would see a
+/// view that caught up at 17 ms only at 31 ms), while a waiter still reads
+/// only about 4 times per doubling of its wait.
+fn pause_after(waited: Duration) -> Duration {
+    let quarter = (waited.as_millis() / 4).max(1);
+    let power_of_two = 1u64 << quarter.ilog2();
+    Duration::from_millis(power_of_two).min(MAX_POLL)
+}
 
 /// When a waiter reads next: the first point after now on a grid of
 /// `pause` steps counted from one origin for the process, so that waiters
 /// with the same pause wake together and share their reads (see
-/// `Queries::snapshot`) however far apart they started.
+/// `Queries::snapshot`) however far apart they started; pauses are powers
+/// of two, so a shorter pause's grid holds every point of a longer one's.
 fn next_poll(pause: Duration) -> Instant {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
     let origin = *ORIGIN.get_or_init(Instant::now);
@@ -195,7 +206,7 @@ impl Queries {
         wanted: &[(String, u64)],
         deadline: Instant,
     ) -> Result<P::View, QueryError> {
-        let mut pause = Duration::from_millis(1);
+        let started = Instant::now();
         loop {
             let state = self.generations.state(P::NAME).await?;
             let Some(serving) = state.serving else {
@@ -210,8 +221,8 @@ impl Queries {
                         progress,
                     });
                 }
+                let pause = pause_after(started.elapsed());
                 tokio::time::sleep_until(next_poll(pause).min(deadline)).await;
-                pause = (pause * 2).min(MAX_POLL);
                 continue;
             };
             let document = self.freshest(key, serving, &state).await?;
@@ -250,10 +261,34 @@ impl Queries {
                 (Some((stream, version)), _) => {
                     tracing::debug!(stream, version, "the view is behind; waiting");
                     // One last read at the deadline, not a pause early.
+                    let pause = pause_after(started.elapsed());
                     tokio::time::sleep_until(next_poll(pause).min(deadline)).await;
-                    pause = (pause * 2).min(MAX_POLL);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiter_pauses_a_power_of_two_at_most_a_quarter_of_its_wait() {
+        let ms = Duration::from_millis;
+        for (waited, pause) in [
+            (0, 1),
+            (7, 1),
+            (8, 2),
+            (17, 4),
+            (31, 4),
+            (32, 8),
+            (100, 16),
+            (511, 64),
+            (512, 128),
+            (60_000, 128),
+        ] {
+            assert_eq!(pause_after(ms(waited)), ms(pause), "after {waited} ms");
         }
     }
 }

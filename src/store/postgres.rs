@@ -318,7 +318,7 @@ impl EventStore for PostgresStore {
         let reader = self.reader().await?;
         reader
             .client
-            .execute("DELETE FROM outbox WHERE position = ANY($1)", &[&positions])
+            .execute(&reader.delete_outbox, &[&positions])
             .await
             .map_err(StoreError::from)?;
         Ok(())
@@ -536,6 +536,7 @@ struct Reader {
     read_all: Statement,
     find_request: Statement,
     read_outbox: Statement,
+    delete_outbox: Statement,
     save_snapshot: Statement,
     load_snapshot: Statement,
 }
@@ -544,6 +545,12 @@ impl Reader {
     async fn open(connector: &Connector) -> Result<Self, StoreError> {
         within_timeout(async {
             let client = connector.connect().await?;
+            // This connection writes only what a crash may lose with nothing
+            // lost: outbox rows of events the broker has confirmed (relayed
+            // again at worst, and consumers drop repeats) and snapshots (a
+            // cache of the stream). Its commits need not wait for their own
+            // WAL flush; the next durable append flushes them anyway.
+            client.batch_execute("SET synchronous_commit = off").await?;
             let read_stream = client
                 .prepare(&format!(
                     "SELECT {EVENT_COLUMNS} FROM events \
@@ -572,6 +579,9 @@ impl Reader {
                      WHERE position > $1 ORDER BY position LIMIT $2"
                 ))
                 .await?;
+            let delete_outbox = client
+                .prepare("DELETE FROM outbox WHERE position = ANY($1)")
+                .await?;
             // Only a later version replaces a kept snapshot.
             let save_snapshot = client
                 .prepare(
@@ -593,6 +603,7 @@ impl Reader {
                 read_all,
                 find_request,
                 read_outbox,
+                delete_outbox,
                 save_snapshot,
                 load_snapshot,
             })

@@ -9,6 +9,7 @@
 //! Several processes can share one store: the store's outbox lease lets one
 //! relay publish at a time, and the others stand by.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,9 +17,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::bus::{BusMessage, EventBus};
+use crate::bus::{BusMessage, Confirms, EventBus};
 use crate::store::{EventStore, RecordedEvent};
 use crate::telemetry::trace::TraceParent;
+
+/// Batches sent to the bus whose confirms may be outstanding at once.
+const WINDOW: usize = 2;
 
 /// How the relay paces itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,12 +152,14 @@ impl Relay {
     }
 
     /// Publishes the outbox until it is empty (or the relay stops), as a
-    /// pipeline: while one batch waits for the bus's confirms, the next is
-    /// read and the one before is deleted, so the store's round trips hide
-    /// behind the bus's. Batches go to the bus one after another, in order.
-    /// After a refusal the next round reads the outbox from its start again.
+    /// pipeline: the next batch is read while one awaits its confirms, and
+    /// sent behind it before they are in (up to [`WINDOW`] batches in
+    /// flight), so neither the store's round trips nor the bus's confirms
+    /// leave the other idle. Batches go to the bus one after another, in
+    /// order; each batch's confirmed rows are deleted once its confirms are
+    /// in. After a refusal the next round reads the outbox from its start
+    /// again (a batch sent behind the refused one is then sent again).
     async fn drain(&self, stopping: &CancellationToken) -> Result<Round, RelayState> {
-        let store_down = |e: crate::store::StoreError| RelayState::StoreDown(e.to_string());
         if !self.store.lease_outbox().await.map_err(store_down)? {
             return Ok(Round::Standby);
         }
@@ -162,36 +168,60 @@ impl Relay {
         if rows.is_empty() {
             return Ok(Round::Empty);
         }
-        let mut confirmed = Vec::new();
+        let mut in_flight = VecDeque::with_capacity(WINDOW);
         loop {
             let after = rows.last().map_or(0, |row| row.position);
-            // The spans end once the batch's confirms are in.
-            let (messages, _publishing): (Vec<BusMessage>, Vec<tracing::Span>) =
-                rows.iter().map(publishing).unzip();
-            let (results, next, deleted) = tokio::join!(
-                self.bus.publish(&messages),
-                self.store.read_outbox(after, batch),
-                self.delete(&confirmed),
-            );
-            deleted.map_err(store_down)?;
-            confirmed.clear();
-            let mut refused = None;
-            for (row, result) in rows.iter().zip(results) {
-                match result {
-                    Ok(()) => confirmed.push(row.position),
-                    Err(error) => refused = refused.or(Some(error)),
+            in_flight.push_back(self.send(&rows).await);
+            let oldest = if in_flight.len() == WINDOW {
+                in_flight.pop_front()
+            } else {
+                None
+            };
+            let (next, settled) = tokio::join!(self.store.read_outbox(after, batch), async {
+                match oldest {
+                    Some(sent) => self.settle(sent).await,
+                    None => Ok(()),
                 }
-            }
-            if let Some(error) = refused {
-                self.delete(&confirmed).await.map_err(store_down)?;
-                return Err(RelayState::BusDown(error.to_string()));
-            }
+            });
+            settled?;
             rows = next.map_err(store_down)?;
             if rows.is_empty() || stopping.is_cancelled() {
-                self.delete(&confirmed).await.map_err(store_down)?;
+                while let Some(sent) = in_flight.pop_front() {
+                    self.settle(sent).await?;
+                }
                 return Ok(Round::Published);
             }
             self.set(RelayState::Publishing);
+        }
+    }
+
+    /// Sends `rows` to the bus.
+    async fn send(&self, rows: &[RecordedEvent]) -> Sent {
+        let (messages, spans): (Vec<BusMessage>, Vec<tracing::Span>) =
+            rows.iter().map(publishing).unzip();
+        Sent {
+            positions: rows.iter().map(|row| row.position).collect(),
+            confirms: self.bus.send(&messages).await,
+            _publishing: spans,
+        }
+    }
+
+    /// Waits for a sent batch's confirms and forgets its confirmed rows; a
+    /// refusal is the bus being down.
+    async fn settle(&self, sent: Sent) -> Result<(), RelayState> {
+        let results = sent.confirms.await;
+        let mut refused = None;
+        let mut confirmed = Vec::with_capacity(results.len());
+        for (position, result) in sent.positions.into_iter().zip(results) {
+            match result {
+                Ok(()) => confirmed.push(position),
+                Err(error) => refused = refused.or(Some(error)),
+            }
+        }
+        self.delete(&confirmed).await.map_err(store_down)?;
+        match refused {
+            Some(error) => Err(RelayState::BusDown(error.to_string())),
+            None => Ok(()),
         }
     }
 
@@ -217,6 +247,18 @@ impl Relay {
     fn backoff(&self, failures: u32) -> Duration {
         Backoff::waiting(self.config.backoff_min, self.config.backoff_max).pause(failures)
     }
+}
+
+/// A batch sent to the bus, awaiting its confirms.
+struct Sent {
+    positions: Vec<u64>,
+    confirms: Confirms,
+    /// The batch's publish spans, which end once its confirms are in.
+    _publishing: Vec<tracing::Span>,
+}
+
+fn store_down(error: crate::store::StoreError) -> RelayState {
+    RelayState::StoreDown(error.to_string())
 }
 
 /// The message that carries `event`, and the span of its publish, which

@@ -113,6 +113,37 @@ async fn bindings_filter_what_a_service_type_gets(bus: Arc<dyn EventBus>) {
     assert_eq!(next(&mut files).await.message, after);
 }
 
+/// Messages sent behind others whose confirms are still outstanding (a
+/// window of confirms in flight) are confirmed and delivered after them, in
+/// the order they were sent.
+async fn messages_sent_before_earlier_confirms_arrive_keep_their_order(bus: Arc<dyn EventBus>) {
+    let mut counters = bus
+        .subscribe(&subscription("counters", &["counter.#"]))
+        .await
+        .unwrap();
+    let batches: Vec<Vec<BusMessage>> = (0..3)
+        .map(|b| {
+            (1..=100)
+                .map(|v| message("counter", "scaleout.v1.CounterIncremented", b * 100 + v))
+                .collect()
+        })
+        .collect();
+    let mut in_flight = Vec::new();
+    for batch in &batches {
+        in_flight.push(bus.send(batch).await);
+    }
+    for confirms in in_flight {
+        for (i, confirmed) in confirms.await.into_iter().enumerate() {
+            confirmed.unwrap_or_else(|e| panic!("message {i} not confirmed: {e}"));
+        }
+    }
+    for sent in batches.iter().flatten() {
+        let got = next(&mut counters).await;
+        assert_eq!(got.message.message_id, sent.message_id);
+        got.ack().await.unwrap();
+    }
+}
+
 async fn a_message_no_queue_wants_is_unroutable_not_dropped(bus: Arc<dyn EventBus>) {
     let _files = bus
         .subscribe(&subscription("files", &["file.#"]))
@@ -439,6 +470,7 @@ macro_rules! all_cases {
         conformance!($backend:
             service_types_each_get_everything_and_instances_compete,
             bindings_filter_what_a_service_type_gets,
+            messages_sent_before_earlier_confirms_arrive_keep_their_order,
             a_message_no_queue_wants_is_unroutable_not_dropped,
             a_retried_message_comes_back_with_its_attempt_count,
             poison_is_parked_with_its_reason_and_replay_brings_it_back,

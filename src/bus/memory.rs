@@ -20,8 +20,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::topic;
 use super::{
-    BusError, BusMessage, DeadLetter, DeadLetterPage, Delivery, EventBus, Settle, Subscriber,
-    Subscription,
+    BusError, BusMessage, Confirms, DeadLetter, DeadLetterPage, Delivery, EventBus, Settle,
+    Subscriber, Subscription,
 };
 
 /// Messages a queue holds at most, ready and parked together.
@@ -86,9 +86,10 @@ impl MemoryBus {
     }
 }
 
-#[async_trait]
-impl EventBus for MemoryBus {
-    async fn publish(&self, messages: &[BusMessage]) -> Vec<Result<(), BusError>> {
+impl MemoryBus {
+    /// Puts each message into every queue its routing key reaches, or
+    /// refuses it: unroutable, or a queue it reaches is full.
+    fn deliver(&self, messages: &[BusMessage]) -> Vec<Result<(), BusError>> {
         let mut queues = self.queues();
         let capacity = self.capacity;
         messages
@@ -119,6 +120,13 @@ impl EventBus for MemoryBus {
                 Ok(())
             })
             .collect()
+    }
+}
+
+#[async_trait]
+impl EventBus for MemoryBus {
+    async fn send(&self, messages: &[BusMessage]) -> Confirms {
+        Box::pin(std::future::ready(self.deliver(messages)))
     }
 
     async fn subscribe(

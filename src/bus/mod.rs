@@ -121,6 +121,9 @@ pub struct DeadLetterPage {
     pub parked: usize,
 }
 
+/// The confirms of messages sent, answered in the order they were sent.
+pub type Confirms = futures_util::future::BoxFuture<'static, Vec<Result<(), BusError>>>;
+
 /// Where events are published and consumed.
 #[async_trait]
 pub trait EventBus: Send + Sync + std::fmt::Debug + 'static {
@@ -128,7 +131,15 @@ pub trait EventBus: Send + Sync + std::fmt::Debug + 'static {
     /// answers line up with `messages`. A message that is not confirmed may
     /// or may not have been delivered: publish it again (consumers skip
     /// duplicates by version).
-    async fn publish(&self, messages: &[BusMessage]) -> Vec<Result<(), BusError>>;
+    async fn publish(&self, messages: &[BusMessage]) -> Vec<Result<(), BusError>> {
+        self.send(messages).await.await
+    }
+
+    /// Sends messages in order, returning once they are on their way with
+    /// what waits for their confirms (as [`EventBus::publish`] answers): a
+    /// publisher can send its next messages behind them before these are
+    /// confirmed, keeping a window of confirms in flight.
+    async fn send(&self, messages: &[BusMessage]) -> Confirms;
 
     /// Joins the competing consumers of `subscription.service_type`,
     /// declaring its queue and bindings first (idempotently).

@@ -40,8 +40,8 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use tokio::sync::Mutex;
 
 use super::{
-    BusError, BusMessage, CONTENT_TYPE, DeadLetter, DeadLetterPage, Delivery, EventBus, Settle,
-    Subscriber, Subscription,
+    BusError, BusMessage, CONTENT_TYPE, Confirms, DeadLetter, DeadLetterPage, Delivery, EventBus,
+    Settle, Subscriber, Subscription,
 };
 use crate::backoff::Backoff;
 use crate::telemetry::trace::TRACEPARENT;
@@ -324,13 +324,26 @@ impl Inner {
 
     /// Publishes on the confirm channel and waits for every confirm.
     async fn publish_confirmed(
-        &self,
+        self: &Arc<Self>,
         exchange: &str,
         publishes: Vec<(String, BasicProperties, &[u8])>,
     ) -> Vec<Result<(), BusError>> {
+        self.send_confirmed(exchange, publishes).await.await
+    }
+
+    /// Sends `publishes` in order on the publisher channel; what it returns
+    /// waits for their confirms.
+    async fn send_confirmed(
+        self: &Arc<Self>,
+        exchange: &str,
+        publishes: Vec<(String, BasicProperties, &[u8])>,
+    ) -> Confirms {
         let channel = match self.publisher().await {
             Ok(channel) => channel,
-            Err(error) => return publishes.iter().map(|_| Err(error.clone())).collect(),
+            Err(error) => {
+                let refused = publishes.iter().map(|_| Err(error.clone())).collect();
+                return Box::pin(std::future::ready(refused));
+            }
         };
         let mandatory = BasicPublishOptions {
             mandatory: true,
@@ -339,7 +352,8 @@ impl Inner {
         // Sends and confirms share one deadline.
         let timeout = self.config.publish_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
-        let late = || BusError::unavailable(format!("no confirm from RabbitMQ within {timeout:?}"));
+        let late =
+            move || BusError::unavailable(format!("no confirm from RabbitMQ within {timeout:?}"));
         let mut pending = Vec::with_capacity(publishes.len());
         for (routing_key, properties, body) in publishes {
             let sent = tokio::time::timeout_at(
@@ -357,47 +371,50 @@ impl Inner {
             .and_then(|sent| sent.map_err(unavailable));
             pending.push((routing_key, sent));
         }
-        let mut results = Vec::with_capacity(pending.len());
-        for (routing_key, sent) in pending {
-            let result = match sent {
-                Err(error) => Err(error),
-                Ok(confirm) => match tokio::time::timeout_at(deadline, confirm)
-                    .await
-                    .map_err(|_| late())
-                    .and_then(|confirmed| confirmed.map_err(unavailable))
-                {
+        let inner = Arc::clone(self);
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(pending.len());
+            for (routing_key, sent) in pending {
+                let result = match sent {
                     Err(error) => Err(error),
-                    Ok(confirmation) if confirmation.is_nack() => {
-                        Err(BusError::Nacked(routing_key))
-                    }
-                    Ok(confirmation) => match confirmation.take_message() {
-                        Some(_) => Err(BusError::Unroutable(routing_key)),
-                        None => Ok(()),
+                    Ok(confirm) => match tokio::time::timeout_at(deadline, confirm)
+                        .await
+                        .map_err(|_| late())
+                        .and_then(|confirmed| confirmed.map_err(unavailable))
+                    {
+                        Err(error) => Err(error),
+                        Ok(confirmation) if confirmation.is_nack() => {
+                            Err(BusError::Nacked(routing_key))
+                        }
+                        Ok(confirmation) => match confirmation.take_message() {
+                            Some(_) => Err(BusError::Unroutable(routing_key)),
+                            None => Ok(()),
+                        },
                     },
-                },
-            };
-            results.push(result);
-        }
-        if results
-            .iter()
-            .any(|r| matches!(r, Err(BusError::Unavailable { .. })))
-        {
-            // Start afresh next time rather than reuse a channel in doubt.
-            *self.publisher.lock().await = None;
-        }
-        results
+                };
+                results.push(result);
+            }
+            if results
+                .iter()
+                .any(|r| matches!(r, Err(BusError::Unavailable { .. })))
+            {
+                // Start afresh next time rather than reuse a channel in doubt.
+                *inner.publisher.lock().await = None;
+            }
+            results
+        })
     }
 }
 
 #[async_trait]
 impl EventBus for RabbitBus {
-    async fn publish(&self, messages: &[BusMessage]) -> Vec<Result<(), BusError>> {
+    async fn send(&self, messages: &[BusMessage]) -> Confirms {
         let publishes = messages
             .iter()
             .map(|m| (m.routing_key.clone(), properties(m), m.body.as_slice()))
             .collect();
         let exchange = self.inner.config.events_exchange();
-        self.inner.publish_confirmed(&exchange, publishes).await
+        self.inner.send_confirmed(&exchange, publishes).await
     }
 
     async fn subscribe(

@@ -717,8 +717,9 @@ impl Writer {
         }
     }
 
-    /// One transaction: lock and load, plan, write, commit. An error drops
-    /// the transaction, which rolls it back.
+    /// One transaction in two round trips (and PostgreSQL's flush): lock
+    /// and load, then plan, write and commit. A failed statement rolls the
+    /// transaction back.
     async fn try_commit(&mut self, batch: &[Pending]) -> Result<Vec<Planned>, StoreError> {
         let requests = || appends(batch);
         let statements = &self.statements;
@@ -728,25 +729,29 @@ impl Writer {
             .map(|key| key.id.0)
             .collect();
 
-        let txn = self.client.transaction().await?;
-        // Pipelined, and run in this order: the requests are read once the
-        // stream locks are held, so they include what their last holder wrote.
+        let client = &self.client;
+        // Pipelined, and run in this order: BEGIN goes out with the first
+        // statements, and the requests are read once the stream locks are
+        // held, so they include what their last holder wrote.
         let (lock_params, find_params): ([Param; 1], [Param; 1]) = ([&stream_ids], [&request_ids]);
-        let (streams, found) = tokio::join!(
+        let (begun, streams, found) = tokio::join!(
             biased;
-            txn.query(&statements.lock_streams, &lock_params),
-            txn.query(&statements.find_requests, &find_params),
+            client.batch_execute("BEGIN"),
+            client.query(&statements.lock_streams, &lock_params),
+            client.query(&statements.find_requests, &find_params),
         );
-        let mut state = BatchState::default();
-        for row in streams? {
-            state
-                .versions
-                .insert(row.try_get("stream_id")?, to_u64(row.try_get("version")?)?);
-        }
-        for row in found? {
-            let request_id = RequestId(row.try_get("request_id")?);
-            state.requests.insert(request_id, recorded_request(&row)?);
-        }
+        let loaded = (|| {
+            begun?;
+            batch_state(&streams?, &found?)
+        })();
+        let state = match loaded {
+            Ok(state) => state,
+            Err(error) => {
+                // Ends the transaction (if it began) for the next batch.
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(error);
+            }
+        };
         let planned = plan(batch.iter().map(|p| p.write.as_slice()), state);
 
         let mut events = EventColumns::default();
@@ -767,25 +772,48 @@ impl Writer {
                 (request.stream_type.as_str(), to_i64(result.version)?),
             );
         }
-        if !streams.is_empty() {
-            let (ids, (types, versions)): (Vec<&str>, (Vec<&str>, Vec<i64>)) =
-                streams.into_iter().unzip();
-            // Pipelined, and run in this order: a stream another writer has
-            // just created collides on the events' primary key, before the
-            // upsert could overwrite its version.
-            let event_params = events.params();
-            let stream_params: [Param; 3] = [&ids, &types, &versions];
-            let (inserted, upserted) = tokio::join!(
-                biased;
-                txn.execute(&statements.insert_events, &event_params),
-                txn.execute(&statements.upsert_streams, &stream_params),
-            );
-            inserted?;
-            upserted?;
+        if streams.is_empty() {
+            client.batch_execute("COMMIT").await?;
+            return Ok(planned);
         }
-        txn.commit().await?;
+        let (ids, (types, versions)): (Vec<&str>, (Vec<&str>, Vec<i64>)) =
+            streams.into_iter().unzip();
+        // Pipelined, and run in this order: a stream another writer has just
+        // created collides on the events' primary key, before the upsert
+        // could overwrite its version. COMMIT goes out with them: after a
+        // failed statement PostgreSQL rolls the transaction back instead.
+        let event_params = events.params();
+        let stream_params: [Param; 3] = [&ids, &types, &versions];
+        let (inserted, upserted, committed) = tokio::join!(
+            biased;
+            client.execute(&statements.insert_events, &event_params),
+            client.execute(&statements.upsert_streams, &stream_params),
+            client.batch_execute("COMMIT"),
+        );
+        inserted?;
+        upserted?;
+        committed?;
         Ok(planned)
     }
+}
+
+/// What a batch plans on: its streams' versions (rows of `lock_streams`)
+/// and the requests already answered (rows of `find_requests`).
+fn batch_state(
+    streams: &[tokio_postgres::Row],
+    found: &[tokio_postgres::Row],
+) -> Result<BatchState, StoreError> {
+    let mut state = BatchState::default();
+    for row in streams {
+        state
+            .versions
+            .insert(row.try_get("stream_id")?, to_u64(row.try_get("version")?)?);
+    }
+    for row in found {
+        let request_id = RequestId(row.try_get("request_id")?);
+        state.requests.insert(request_id, recorded_request(row)?);
+    }
+    Ok(state)
 }
 
 /// A statement parameter.

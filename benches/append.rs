@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use common::report::{self, Report, Sample};
 use reference::pb::{self, command_service_client::CommandServiceClient};
-use scaleout::command::RetryPolicy;
 use scaleout::config::ServerArgs;
 use scaleout::store::postgres::{PostgresConfig, PostgresStore};
 use scaleout::store::{AppendRequest, EventStore, ExpectedVersion, NewEvent, NewEvents};
@@ -334,18 +333,9 @@ impl CommandServer {
             None => format!("http://127.0.0.1:{port}"),
         };
         let stopping = CancellationToken::new();
-        let service = scaleout::app::CommandService {
-            app: Arc::new(reference::Reference),
-            store,
-            bus: None,
-            server: args,
-            retry: RetryPolicy::default(),
-            snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
-            relay: Default::default(),
-        };
         let served = tokio::spawn(scaleout::app::run_command_service(
             listener,
-            service,
+            common::command_service(store, args),
             stopping.clone(),
         ));
         let mut endpoint = Channel::from_shared(url).unwrap();

@@ -29,6 +29,23 @@ pub async fn open_redb(path: std::path::PathBuf) -> Arc<RedbStore> {
     Arc::new(store)
 }
 
+/// command-svc's reference application on `store` with `server`'s
+/// settings and no bus, as the benchmarks serve it.
+pub fn command_service(
+    store: Arc<dyn scaleout::store::EventStore>,
+    server: scaleout::config::ServerArgs,
+) -> scaleout::app::CommandService {
+    scaleout::app::CommandService {
+        app: Arc::new(reference::Reference),
+        store,
+        bus: None,
+        server,
+        retry: Default::default(),
+        snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
+        relay: Default::default(),
+    }
+}
+
 pub fn postgres_url() -> String {
     std::env::var("SCALEOUT_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://scaleout:scaleout@127.0.0.1:5432/scaleout".into())

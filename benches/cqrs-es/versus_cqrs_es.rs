@@ -179,18 +179,9 @@ impl Scaleout {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let stopping = CancellationToken::new();
-        let service = scaleout::app::CommandService {
-            app: Arc::new(reference::Reference),
-            store: Arc::clone(&store),
-            bus: None,
-            server: Default::default(),
-            retry: Default::default(),
-            snapshot_every: scaleout::command::DEFAULT_SNAPSHOT_EVERY,
-            relay: Default::default(),
-        };
         let served = tokio::spawn(scaleout::app::run_command_service(
             listener,
-            service,
+            common::command_service(Arc::clone(&store), Default::default()),
             stopping.clone(),
         ));
         let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();

@@ -746,32 +746,35 @@ impl Writer {
         })();
         let state = match loaded {
             Ok(state) => state,
-            Err(error) => {
-                // Ends the transaction (if it began) for the next batch.
-                let _ = client.batch_execute("ROLLBACK").await;
-                return Err(error);
-            }
+            Err(error) => return rolled_back(client, error).await,
         };
         let planned = plan(batch.iter().map(|p| p.write.as_slice()), state);
 
-        let mut events = EventColumns::default();
-        let mut streams = BTreeMap::new();
-        for (request, planned) in requests().zip(&planned) {
-            let Planned::Write {
-                first_version,
-                result,
-            } = planned
-            else {
-                continue;
-            };
-            for (version, event) in (*first_version..).zip(request.events.as_slice()) {
-                events.push(request, to_i64(version)?, event);
+        let columns = (|| {
+            let mut events = EventColumns::default();
+            let mut streams = BTreeMap::new();
+            for (request, planned) in requests().zip(&planned) {
+                let Planned::Write {
+                    first_version,
+                    result,
+                } = planned
+                else {
+                    continue;
+                };
+                for (version, event) in (*first_version..).zip(request.events.as_slice()) {
+                    events.push(request, to_i64(version)?, event);
+                }
+                streams.insert(
+                    request.stream_id.as_str(),
+                    (request.stream_type.as_str(), to_i64(result.version)?),
+                );
             }
-            streams.insert(
-                request.stream_id.as_str(),
-                (request.stream_type.as_str(), to_i64(result.version)?),
-            );
-        }
+            Ok((events, streams))
+        })();
+        let (events, streams) = match columns {
+            Ok(columns) => columns,
+            Err(error) => return rolled_back(client, error).await,
+        };
         if streams.is_empty() {
             client.batch_execute("COMMIT").await?;
             return Ok(planned);
@@ -795,6 +798,13 @@ impl Writer {
         committed?;
         Ok(planned)
     }
+}
+
+/// Ends the batch's open transaction (if it began) after `error`, so that
+/// the connection is ready for the next batch.
+async fn rolled_back<T>(client: &Client, error: StoreError) -> Result<T, StoreError> {
+    let _ = client.batch_execute("ROLLBACK").await;
+    Err(error)
 }
 
 /// What a batch plans on: its streams' versions (rows of `lock_streams`)

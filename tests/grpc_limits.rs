@@ -98,12 +98,40 @@ async fn platform(
 
 #[tokio::test]
 async fn a_call_past_the_request_timeout_is_deadline_exceeded() {
+    let (store, _dir) = redb_store();
+    let args = ServerArgs {
+        request_timeout: Duration::from_millis(300),
+        ..ServerArgs::default()
+    };
+    let service = CommandService::start_with(store, args).await;
+    let mut grpc = tonic::client::Grpc::new(service.channel().await);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/scaleout.v1.CommandService/CreateFile",
+    );
+    // A call whose message never comes: the handler waits for it until the
+    // server gives up on the call.
+    let call = grpc.client_streaming::<_, RawCreateFile, pb::CreateFileResponse, _>(
+        tonic::Request::new(futures_util::stream::pending()),
+        path,
+        tonic_prost::ProstCodec::default(),
+    );
+    let refused = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the server ends the call at its request timeout")
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::DeadlineExceeded, "{refused:?}");
+}
+
+#[tokio::test]
+async fn a_query_that_waits_past_the_request_timeout_answers_before_it() {
     let (channel, stopping, _data) = platform(ServerArgs {
         request_timeout: Duration::from_millis(300),
         ..ServerArgs::default()
     })
     .await;
-    // A version nobody wrote: the query would wait up to --max-wait (5 s).
+    // A version nobody wrote: the query waits, for at most --max-wait (5 s)
+    // and less than the request timeout, then says how far the view is.
     let mut queries = pb::query_service_client::QueryServiceClient::new(channel);
     let refused = queries
         .get_counter(pb::GetCounterRequest {
@@ -112,7 +140,10 @@ async fn a_call_past_the_request_timeout_is_deadline_exceeded() {
         })
         .await
         .unwrap_err();
-    assert_eq!(refused.code(), Code::DeadlineExceeded, "{refused:?}");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let info = refused.get_details_error_info().unwrap();
+    assert_eq!(info.reason, "VIEW_NOT_CAUGHT_UP");
+    assert_eq!(info.metadata.get("wanted").map(String::as_str), Some("9"));
     stopping.cancel();
 }
 

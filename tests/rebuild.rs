@@ -147,6 +147,9 @@ async fn a_new_read_model_is_built_from_history_before_it_serves() {
     );
 
     let mut query = QueryServiceClient::new(lazy(&query_url));
+    // No deadline of the caller's: the read waits out the service's
+    // `max_wait`, as long as the server's request timeout (both 10 s), and
+    // still answers with the service's status, not the server's timeout.
     let refused = query
         .get_file_history(pb::GetFileHistoryRequest {
             file_id: "f1".into(),

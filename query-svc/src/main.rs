@@ -19,7 +19,7 @@ struct Args {
     #[command(flatten)]
     documents: DocumentStoreArgs,
     /// The longest a query waits for its `min_version`, whatever the
-    /// caller's deadline.
+    /// caller's deadline (and a little less than `--request-timeout`).
     #[arg(long, env = "SCALEOUT_MAX_WAIT", default_value = "5s", value_parser = parse_duration)]
     max_wait: Duration,
     #[command(flatten)]

@@ -11,6 +11,7 @@ use crate::config::ServerArgs;
 use crate::documents::DocumentStore;
 use crate::grpc::auth::Capability;
 use crate::grpc::metrics::ExtraMetrics;
+use crate::grpc::query_request::max_wait_within;
 use crate::grpc::{AdminApi, ReadApi, ReadConfig, ReadModelApi, server};
 use crate::log::StoreLog;
 use crate::projection::FollowConfig;
@@ -85,7 +86,7 @@ pub async fn run_platform(
     services.requiring(Capability::Queries);
     app.query_services(
         Queries::new(Arc::clone(&documents)),
-        max_wait,
+        max_wait_within(max_wait, server_args.request_timeout),
         &mut services,
     );
     let queries = services.names()[commands.len()..].to_vec();

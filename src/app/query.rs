@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Application, Background, ServeError, Services, serve_then_drain};
 use crate::config::ServerArgs;
 use crate::documents::DocumentStore;
+use crate::grpc::query_request::max_wait_within;
 use crate::grpc::server;
 use crate::projection::rebuild::register_until;
 use crate::query::Queries;
@@ -39,7 +40,7 @@ pub async fn run_query_service(
     services.requiring(crate::grpc::auth::Capability::Queries);
     app.query_services(
         Queries::new(Arc::clone(&documents)),
-        max_wait,
+        max_wait_within(max_wait, server_args.request_timeout),
         &mut services,
     );
     let queries = services.names().to_vec();

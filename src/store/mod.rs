@@ -59,6 +59,23 @@ fn appends(batch: &[Pending]) -> impl Iterator<Item = &AppendRequest> {
     batch.iter().flat_map(|pending| pending.write.iter())
 }
 
+/// The appends of a planned batch that write events: each with the version
+/// of its first event and its result.
+fn writes<'a>(
+    batch: &'a [Pending],
+    planned: &'a [plan::Planned],
+) -> impl Iterator<Item = (&'a AppendRequest, u64, &'a AppendResult)> {
+    appends(batch)
+        .zip(planned)
+        .filter_map(|(request, planned)| match planned {
+            plan::Planned::Write {
+                first_version,
+                result,
+            } => Some((request, *first_version, result)),
+            plan::Planned::Replay(_) | plan::Planned::Reject(_) => None,
+        })
+}
+
 /// Answers each chain of a committed batch from the batch's plan.
 fn answer(batch: Vec<Pending>, planned: Vec<plan::Planned>) {
     let mut planned = planned.into_iter();

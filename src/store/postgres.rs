@@ -35,7 +35,7 @@ use super::{
     LogPage, NewEvent, RecordedEvent, RecordedRequest, RequestId, Snapshot, StoreError,
     page_window,
 };
-use super::{Batches, Pending, Submitter, answer, answer_all, appends, submit};
+use super::{Batches, Pending, Submitter, answer, answer_all, appends, submit, writes};
 use crate::backoff::Backoff;
 use crate::group_commit;
 
@@ -753,15 +753,8 @@ impl Writer {
         let columns = (|| {
             let mut events = EventColumns::default();
             let mut streams = BTreeMap::new();
-            for (request, planned) in requests().zip(&planned) {
-                let Planned::Write {
-                    first_version,
-                    result,
-                } = planned
-                else {
-                    continue;
-                };
-                for (version, event) in (*first_version..).zip(request.events.as_slice()) {
+            for (request, first_version, result) in writes(batch, &planned) {
+                for (version, event) in (first_version..).zip(request.events.as_slice()) {
                     events.push(request, to_i64(version)?, event);
                 }
                 streams.insert(

@@ -24,7 +24,7 @@ use super::{
     AppendOutcome, AppendRequest, AppendResult, EventStore, Fingerprint, LogFilter, LogPage,
     RecordedEvent, RecordedRequest, RequestId, Snapshot, StoreError, page_window,
 };
-use super::{Batches, Pending, Submitter, answer, answer_all, appends, submit};
+use super::{Batches, Pending, Submitter, answer, answer_all, appends, submit, writes};
 use crate::group_commit;
 use crate::pb;
 
@@ -384,16 +384,9 @@ fn commit(db: &Database, batch: &[Pending], outbox: Outbox) -> Result<Vec<Planne
         let planned = plan(batch.iter().map(|p| p.write.as_slice()), state);
 
         let mut position = meta.get(NEXT_POSITION)?.map_or(1, |v| v.value());
-        for (request, planned) in appends(batch).zip(&planned) {
-            let Planned::Write {
-                first_version,
-                result,
-            } = planned
-            else {
-                continue;
-            };
+        for (request, first_version, result) in writes(batch, &planned) {
             let stream = request.stream_id.as_str();
-            for (version, event) in (*first_version..).zip(request.events.as_slice()) {
+            for (version, event) in (first_version..).zip(request.events.as_slice()) {
                 let envelope = RecordedEvent {
                     position,
                     stream_id: request.stream_id.clone(),

@@ -21,8 +21,17 @@ pub fn wait_deadline<T>(request: &Request<T>, max_wait: Duration) -> Instant {
 /// The longest a read may wait on a server that ends every request after
 /// `request_timeout`: `max_wait`, or less, so that a read given up on still
 /// answers with the service's status before the server's timeout cuts it.
+/// Says so in the log when it cuts, as the operator asked for longer.
 pub fn max_wait_within(max_wait: Duration, request_timeout: Duration) -> Duration {
-    max_wait.min(answered_within(request_timeout))
+    let within = answered_within(request_timeout);
+    if max_wait > within {
+        tracing::warn!(
+            ?max_wait,
+            ?request_timeout,
+            "queries wait at most {within:?}, to answer before the request timeout"
+        );
+    }
+    max_wait.min(within)
 }
 
 /// How long a wait may last to leave time to answer before `timeout`.

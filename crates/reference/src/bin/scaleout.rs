@@ -22,7 +22,8 @@ struct Args {
     /// Where the event store and the read models live (kept across restarts).
     #[arg(long, env = "SCALEOUT_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
-    /// The longest a query waits for its `min_version`.
+    /// The longest a query waits for its `min_version` (and a little less
+    /// than `--request-timeout`).
     #[arg(long, env = "SCALEOUT_MAX_WAIT", default_value = "5s", value_parser = parse_duration)]
     max_wait: Duration,
     #[command(flatten)]

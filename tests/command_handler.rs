@@ -588,3 +588,82 @@ async fn leaders_that_end_as_the_next_command_arrives_lose_nothing() {
     }
     assert_eq!(versions, (1..=1200).collect());
 }
+
+/// A stream only this instance writes is read once, when its state is first
+/// loaded: every later command is decided on the cached state, which the
+/// expected version of its append proves current.
+#[tokio::test]
+async fn a_stream_only_this_instance_writes_is_read_once() {
+    let (store, _dir) = support::redb_store();
+    let recording = Arc::new(Recording::over(&store));
+    let handler = CommandHandler::new(recording.clone(), RetryPolicy::default());
+    for expected_version in 1..=10 {
+        let increment = CounterCommand::Increment {
+            amount: Amount::parse(1).unwrap(),
+        };
+        let outcome = handler
+            .execute::<Counter>(command("alone", increment, None))
+            .await
+            .unwrap();
+        assert_eq!(outcome.result().version, expected_version);
+    }
+    assert_eq!(*recording.reads_from.lock().unwrap(), [1]);
+}
+
+/// Another instance moved the stream past the state this one cached: what
+/// the cached state alone would answer (a refusal, a version conflict) is
+/// not answered before the stream is read, and a decision on it is refused
+/// by the store and decided again, even with no retries allowed.
+#[tokio::test]
+async fn a_cached_state_another_instance_moved_past_decides_nothing_alone() {
+    let (store, _dir) = support::redb_store();
+    let no_retry = RetryPolicy {
+        max_retries: 0,
+        ..RetryPolicy::default()
+    };
+    let [a, b] = instances(&store, no_retry);
+    let rename_on = async |handler: &CommandHandler, to: &str, expected: Option<u64>| {
+        let expected = expected.map(ExpectedVersion::Exact);
+        handler
+            .execute::<File>(command("f", rename(to), expected))
+            .await
+    };
+    created(&a).await;
+    rename_on(&a, "b", None).await.unwrap();
+    rename_on(&b, "c", None).await.unwrap();
+    // Cached, `a` sees "b" at version 2: renaming to "b" would change nothing.
+    let renamed = rename_on(&a, "b", None)
+        .await
+        .expect("decided on the stream");
+    assert_eq!(renamed.result().version, 4);
+
+    // Each time, `a` first reads nothing new, so it trusts its cache again.
+    rename_on(&a, "x", None).await.unwrap();
+    rename_on(&b, "d", None).await.unwrap();
+    // The version the client saw is the stream's, not the cached one.
+    let renamed = rename_on(&a, "e", Some(6))
+        .await
+        .expect("the stream is at the version the client expects");
+    assert_eq!(renamed.result().version, 7);
+
+    rename_on(&a, "y", None).await.unwrap();
+    rename_on(&b, "f", None).await.unwrap();
+    // Matching the cached version, not the stream's: refused with the stream's.
+    let stale = rename_on(&a, "g", Some(8)).await.unwrap_err();
+    assert!(
+        matches!(
+            stale,
+            CommandError::Store(StoreError::WrongExpectedVersion {
+                expected: ExpectedVersion::Exact(8),
+                actual: 9,
+                ..
+            })
+        ),
+        "{stale:?}"
+    );
+    let names = names_by_version(&store).await;
+    assert_eq!(
+        names.into_values().collect::<Vec<_>>(),
+        ["b", "c", "b", "x", "d", "e", "y", "f"]
+    );
+}

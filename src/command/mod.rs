@@ -15,7 +15,11 @@
 //! decided on top of it is decided again. The expected version check still
 //! guards against other instances. Between rounds the folded state is
 //! cached (see `cache`), so a round reads only the events appended since
-//! the previous one.
+//! the previous one; and while no other process writes the stream, it reads
+//! nothing: it decides on the cached state, and the expected version of its
+//! first append proves that state current. A decision no written append
+//! proves (a refusal, a command that changes nothing) is made again on the
+//! stream as read before it is answered.
 
 mod cache;
 mod queue;
@@ -28,6 +32,7 @@ use std::time::SystemTime;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use self::cache::Cached;
 pub use self::retry::RetryPolicy;
 use crate::contention::Contention;
 use crate::domain::values::Id;
@@ -148,6 +153,24 @@ enum Decided {
     },
     /// Its answer, which holds if the chain's appends before it were written.
     Answer(Result<AppendOutcome, CommandError>),
+}
+
+/// Whether a round read its stream before deciding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// It decided on a cached state at once: only a written append proves
+    /// that state was current.
+    Skipped,
+    /// It read this many events past the state it had (every event, when
+    /// it had none).
+    Found(usize),
+}
+
+impl Read {
+    /// Whether the read found events another writer appended.
+    fn found_others(self) -> bool {
+        matches!(self, Self::Found(events) if events > 0)
+    }
 }
 
 /// One round's decisions, made without I/O: the chain to append, and for
@@ -394,20 +417,38 @@ impl Inner {
         lead: queue::Lead,
         jobs: Vec<Job<A>>,
     ) -> Option<u32> {
-        let known = match self.states.take::<A>(stream_id) {
-            Some(cached) => Some(cached),
-            None => self.load_snapshot::<A>(stream_id).await,
-        };
-        let (state, start) = match self.catch_up(stream_id, known).await {
-            Ok(loaded) => loaded,
-            Err(error) => {
-                for job in jobs {
-                    job.answer(Err(error.clone()));
+        let (state, start, read) = match self.states.take::<A>(stream_id) {
+            Some(cached) if !cached.others_write => (cached.state, cached.version, Read::Skipped),
+            cached => {
+                let known = match cached {
+                    Some(cached) => Some((cached.version, cached.state)),
+                    None => self.load_snapshot::<A>(stream_id).await,
+                };
+                match self.catch_up(stream_id, known).await {
+                    Ok((state, version, events)) => (state, version, Read::Found(events)),
+                    Err(error) => {
+                        for job in jobs {
+                            job.answer(Err(error.clone()));
+                        }
+                        return None;
+                    }
                 }
-                return None;
             }
         };
         let round = Round::decide(stream_id, state, start, jobs);
+        if read == Read::Skipped && round.chain.is_empty() {
+            // No append will prove the cached state current: read first,
+            // then decide again (deciding changed nothing).
+            let cached = Cached {
+                version: start,
+                state: round.state,
+                others_write: true,
+            };
+            self.states.put(stream_id.to_owned(), cached);
+            let jobs = round.decided.into_iter().map(|(job, ..)| job).collect();
+            self.queues.requeue(stream_id, lead, jobs);
+            return None;
+        }
         let outcomes = if round.chain.is_empty() {
             Vec::new()
         } else {
@@ -419,16 +460,21 @@ impl Inner {
             .count();
         if written == outcomes.len() {
             self.take_snapshot(stream_id, start, round.version, &round.state);
-            self.states
-                .put(stream_id.to_owned(), round.version, round.state);
+            let cached = Cached {
+                version: round.version,
+                state: round.state,
+                others_write: read.found_others(),
+            };
+            self.states.put(stream_id.to_owned(), cached);
         }
-        self.settle(stream_id, lead, round.decided, outcomes, written)
+        self.settle(stream_id, lead, round.decided, outcomes, written, read)
     }
 
     /// Answers each command of a round from its chain's `outcomes` (the
     /// first `written` were written), or queues it again: decided on a state
-    /// that was not written, or lost to another writer and retryable.
-    /// Returns the attempt to back off for after a lost race.
+    /// that was not written or not proven current, or lost to another
+    /// writer and retryable. Returns the attempt to back off for after a
+    /// lost race.
     fn settle<A: Aggregate>(
         &self,
         stream_id: &str,
@@ -436,13 +482,18 @@ impl Inner {
         decided: Vec<(Job<A>, usize, Decided)>,
         outcomes: Vec<Result<AppendOutcome, StoreError>>,
         written: usize,
+        read: Read,
     ) -> Option<u32> {
+        // The state after `prior` appends was current when the append
+        // decided on it was written, or the last was, or the round read it.
+        let all_written = written == outcomes.len();
+        let proven = |prior: usize| prior < written || all_written || read != Read::Skipped;
         let mut outcomes: Vec<Option<_>> = outcomes.into_iter().map(Some).collect();
         let mut lost = None;
         let mut requeued = Vec::new();
         for (mut job, prior, decision) in decided {
             let (index, decided_at, appending) = match decision {
-                Decided::Answer(answer) if prior <= written => {
+                Decided::Answer(answer) if prior <= written && proven(prior) => {
                     if let Err(CommandError::Store(StoreError::WrongExpectedVersion { .. })) =
                         &answer
                     {
@@ -474,6 +525,13 @@ impl Inner {
                 // not written: decide it again, on what was.
                 Err(StoreError::WrongExpectedVersion { .. }) if index > written => {
                     tracing::debug!(parent: &appending, "an append before it was not written");
+                    requeued.push(job);
+                }
+                // Decided on a cached state another writer had moved past:
+                // not a retry, as nothing was decided on the stream as it is.
+                Err(StoreError::WrongExpectedVersion { .. }) if read == Read::Skipped => {
+                    tracing::debug!(parent: &appending, "the cached state was behind the stream");
+                    self.contention.lost_command_race(stream_id);
                     requeued.push(job);
                 }
                 Err(StoreError::WrongExpectedVersion { .. } | StoreError::Contended { .. })
@@ -555,18 +613,19 @@ impl Inner {
     }
 
     /// Folds the events after `known` (or the whole stream) into the state;
-    /// returns it with the stream's version.
+    /// returns it with the stream's version and how many events it read.
     async fn catch_up<A: Aggregate>(
         &self,
         stream_id: &str,
         known: Option<(u64, A)>,
-    ) -> Result<(A, u64), CommandError> {
+    ) -> Result<(A, u64, usize), CommandError> {
         let (mut version, mut state) = known.unwrap_or_default();
-        for recorded in self
+        let recorded = self
             .store
             .read_stream(stream_id, version + 1, usize::MAX)
-            .await?
-        {
+            .await?;
+        let read = recorded.len();
+        for recorded in recorded {
             let unreadable = |source| CommandError::Unreadable {
                 stream: stream_id.to_owned(),
                 version: recorded.version,
@@ -584,7 +643,7 @@ impl Inner {
             }
             version = recorded.version;
         }
-        Ok((state, version))
+        Ok((state, version, read))
     }
 }
 

@@ -667,3 +667,39 @@ async fn a_cached_state_another_instance_moved_past_decides_nothing_alone() {
         ["b", "c", "b", "x", "d", "e", "y", "f"]
     );
 }
+
+/// Two commands queued together on a cached state another instance moved
+/// past: the first is refused on that state and the second's append is
+/// refused by the store. The refusal is not answered (nothing proves the
+/// state it was decided on), and both are decided again on the stream.
+#[tokio::test]
+async fn commands_queued_together_on_a_stale_cached_state_are_decided_again() {
+    let (store, _dir) = support::redb_store();
+    let no_retry = RetryPolicy {
+        max_retries: 0,
+        ..RetryPolicy::default()
+    };
+    let [a, b] = instances(&store, no_retry);
+    created(&a).await;
+    a.execute::<File>(command("f", rename("b"), None))
+        .await
+        .unwrap();
+    b.execute::<File>(command("f", rename("c"), None))
+        .await
+        .unwrap();
+    // On this single-threaded runtime both queue before the round starts.
+    let (back, on) = tokio::join!(
+        a.execute::<File>(command("f", rename("b"), None)),
+        a.execute::<File>(command("f", rename("x"), None)),
+    );
+    assert_eq!(
+        back.expect("\"c\" renamed back to \"b\"").result().version,
+        4
+    );
+    assert_eq!(on.unwrap().result().version, 5);
+    let names = names_by_version(&store).await;
+    assert_eq!(
+        names.into_values().collect::<Vec<_>>(),
+        ["b", "c", "b", "x"]
+    );
+}

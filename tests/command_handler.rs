@@ -589,8 +589,8 @@ async fn leaders_that_end_as_the_next_command_arrives_lose_nothing() {
     assert_eq!(versions, (1..=1200).collect());
 }
 
-/// A stream only this instance writes is read once, when its state is first
-/// loaded: every later command is decided on the cached state, which the
+/// A stream only this instance writes, new when first loaded, is read once
+/// then: every later command is decided on the cached state, which the
 /// expected version of its append proves current.
 #[tokio::test]
 async fn a_stream_only_this_instance_writes_is_read_once() {

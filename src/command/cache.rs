@@ -1,11 +1,12 @@
 //! Aggregate states kept between commands, so a command reads only the
 //! events appended since the last one instead of the whole stream.
 //!
-//! A state is taken out while its stream's turn lasts and put back only after
-//! a successful append, so a failed or abandoned command can never leave a
-//! state that the log does not hold. Entries from other processes' appends
-//! are caught up by reading from the cached version on; a stream that only
-//! this process writes is not even read (see [`Cached::others_write`]).
+//! A state is taken out while its stream's turn lasts and put back only when
+//! the log holds it (its round's appends all written, or none made), so a
+//! failed or abandoned command can never leave a state the log does not
+//! hold. Entries from other processes' appends are caught up by reading from
+//! the cached version on; a stream that only this process writes is not even
+//! read (see [`Cached::others_write`]).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -19,10 +20,11 @@ type Entries = HashMap<String, Box<dyn Any + Send>>;
 pub(super) struct Cached<A> {
     pub(super) version: u64,
     pub(super) state: A,
-    /// Whether another writer appended to the stream lately (the last read
-    /// found events this process had not seen). Only then does a round read
-    /// before deciding; otherwise it decides on this state at once, and the
-    /// expected version of its first append proves the state current.
+    /// Whether another writer appended to the stream lately: the last read
+    /// found events this process had not folded (or loaded it anew). Only
+    /// then does a round read before deciding; otherwise it decides on this
+    /// state at once, and the expected version of its first append proves
+    /// the state current.
     pub(super) others_write: bool,
 }
 

@@ -167,7 +167,8 @@ enum Read {
 }
 
 impl Read {
-    /// Whether the read found events another writer appended.
+    /// Whether the read found events this process had not folded: another
+    /// writer's, or a whole stream loaded anew (its own, after a restart).
     fn found_others(self) -> bool {
         matches!(self, Self::Found(events) if events > 0)
     }
@@ -528,10 +529,10 @@ impl Inner {
                     requeued.push(job);
                 }
                 // Decided on a cached state another writer had moved past:
-                // not a retry, as nothing was decided on the stream as it is.
+                // not a retry, nor a lost race (a read would have seen that
+                // write), as nothing was decided on the stream as it is.
                 Err(StoreError::WrongExpectedVersion { .. }) if read == Read::Skipped => {
                     tracing::debug!(parent: &appending, "the cached state was behind the stream");
-                    self.contention.lost_command_race(stream_id);
                     requeued.push(job);
                 }
                 Err(StoreError::WrongExpectedVersion { .. } | StoreError::Contended { .. })

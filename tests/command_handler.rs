@@ -28,6 +28,15 @@ fn rename(to: &str) -> FileCommand {
     }
 }
 
+/// Never decides a command again after a lost race: a stale decision then
+/// surfaces as a version conflict.
+fn no_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_retries: 0,
+        ..RetryPolicy::default()
+    }
+}
+
 fn instances(store: &Arc<dyn EventStore>, retry: RetryPolicy) -> [Arc<CommandHandler>; 2] {
     [0, 1].map(|_| Arc::new(CommandHandler::new(Arc::clone(store), retry)))
 }
@@ -92,12 +101,7 @@ async fn an_exact_expected_version_is_never_retried_across_instances() {
 #[tokio::test]
 async fn a_cached_state_catches_up_with_what_another_instance_wrote() {
     let (store, _dir) = support::redb_store();
-    // No retries: a stale decision would surface as a version conflict.
-    let no_retry = RetryPolicy {
-        max_retries: 0,
-        ..RetryPolicy::default()
-    };
-    let [a, b] = instances(&store, no_retry);
+    let [a, b] = instances(&store, no_retry());
     let create = FileCommand::Create {
         name: FileName::parse("a.txt").unwrap(),
         folder_id: Id::parse("docs").unwrap(),
@@ -617,11 +621,7 @@ async fn a_stream_only_this_instance_writes_is_read_once() {
 #[tokio::test]
 async fn a_cached_state_another_instance_moved_past_decides_nothing_alone() {
     let (store, _dir) = support::redb_store();
-    let no_retry = RetryPolicy {
-        max_retries: 0,
-        ..RetryPolicy::default()
-    };
-    let [a, b] = instances(&store, no_retry);
+    let [a, b] = instances(&store, no_retry());
     let rename_on = async |handler: &CommandHandler, to: &str, expected: Option<u64>| {
         let expected = expected.map(ExpectedVersion::Exact);
         handler
@@ -675,11 +675,7 @@ async fn a_cached_state_another_instance_moved_past_decides_nothing_alone() {
 #[tokio::test]
 async fn commands_queued_together_on_a_stale_cached_state_are_decided_again() {
     let (store, _dir) = support::redb_store();
-    let no_retry = RetryPolicy {
-        max_retries: 0,
-        ..RetryPolicy::default()
-    };
-    let [a, b] = instances(&store, no_retry);
+    let [a, b] = instances(&store, no_retry());
     created(&a).await;
     a.execute::<File>(command("f", rename("b"), None))
         .await

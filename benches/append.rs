@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use uuid::Uuid;
 
 /// Whether the trace exporter sees spans: off, this process runs as a
@@ -374,6 +375,22 @@ impl CommandServer {
         .await
     }
 
+    /// `clients` calling the health check in a closed loop: what the gRPC
+    /// client and server cost alone, through the same layers, without a store.
+    async fn health_checks(&self, clients: usize) -> Sample {
+        let channel = self.channel.clone();
+        report::closed_loop(clients, move |_| {
+            let mut client = HealthClient::new(channel.clone());
+            async move {
+                client
+                    .check(HealthCheckRequest::default())
+                    .await
+                    .expect("health check");
+            }
+        })
+        .await
+    }
+
     /// `rate` commands a second over 100 counters for a run, each latency
     /// taken from the moment the command was due, so queueing counts.
     async fn open_loop(&self, rate: u32) -> Sample {
@@ -472,6 +489,15 @@ async fn main() {
                 )
                 .await;
         }
+        // What one stream shared by all costs, beside streams of their own.
+        report
+            .compare(
+                &format!("{name} gRPC commands, 16 clients: one counter"),
+                &format!("{name} gRPC commands, 16 clients: a counter each"),
+                async || server.increments(16, Streams::Own).await,
+                async || server.increments(16, Streams::Shared).await,
+            )
+            .await;
         report
             .alone(
                 &format!("{name} gRPC commands: open loop, 1,000/s over 100 counters"),
@@ -483,6 +509,13 @@ async fn main() {
 
     // What TLS and a token check on every call cost, beside plaintext.
     let plain = CommandServer::start(Arc::clone(&redb)).await;
+    // The most calls the gRPC client and server pass on this machine.
+    report
+        .alone(
+            "gRPC health checks: 16 clients, through the command service's layers, no store",
+            async || plain.health_checks(16).await,
+        )
+        .await;
     let secured = CommandServer::secured(Arc::clone(&redb), dir.path()).await;
     report
         .compare(

@@ -124,6 +124,17 @@ async fn invalid_input_is_invalid_argument_naming_each_field() {
         ["request_id", "file_id", "name", "folder_id"]
     );
 
+    let status = client
+        .increment_counter(pb::IncrementCounterRequest {
+            request_id: "00000000-0000-0000-0000-000000000000".into(),
+            counter_id: "c1".into(),
+            amount: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(status), ["request_id"], "the nil UUID");
+
     for name in ["", "..", &"x".repeat(256), "tab\tname"] {
         let status = client
             .create_file(pb::CreateFileRequest {

@@ -51,6 +51,11 @@ pub fn request_key<M: prost::Name>(
         return Ok(None);
     }
     let id = Uuid::parse_str(request_id).map_err(|e| format!("must be a UUID: {e}"))?;
+    if id.is_nil() {
+        // An id left at its type's zero value: every such client would
+        // share it, and all but the first be refused or answered as a repeat.
+        return Err("must not be the nil UUID: each request needs an id of its own".into());
+    }
     Ok(Some(RequestKey {
         id: RequestId(id),
         fingerprint: Fingerprint::of(&M::full_name(), &body.encode_to_vec()),

@@ -55,7 +55,8 @@ pub enum RebuildError {
     #[error("{projection} has no generation being built")]
     NotBuilding { projection: String },
     #[error(
-        "{projection} generation {generation} has not caught up with the log (at position {next_position}, head {head})"
+        "{projection} generation {generation} has not caught up with the log ({})",
+        progress(*next_position, *head)
     )]
     NotCaughtUp {
         projection: String,
@@ -73,6 +74,16 @@ pub enum RebuildError {
     Document(#[from] DocumentError),
     #[error(transparent)]
     Log(#[from] StoreError),
+}
+
+/// How far a build is, for an operator; a build no builder has recorded
+/// progress of yet has no head to name.
+fn progress(next_position: u64, head: u64) -> String {
+    if head == 0 {
+        "no builder has taken it up yet".to_owned()
+    } else {
+        format!("at position {next_position}, head {head}")
+    }
 }
 
 /// Records a rebuild of `projection` into a new generation, run by whichever
@@ -624,4 +635,30 @@ fn registry_body(projections: &[String]) -> Vec<u8> {
         projections: projections.to_vec(),
     })
     .expect("a registry serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_switch_says_how_far_the_build_is() {
+        let refused = |next_position, head| {
+            RebuildError::NotCaughtUp {
+                projection: "counter".into(),
+                generation: 2,
+                next_position,
+                head,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            refused(1, 0),
+            "counter generation 2 has not caught up with the log (no builder has taken it up yet)"
+        );
+        assert_eq!(
+            refused(6, 9000),
+            "counter generation 2 has not caught up with the log (at position 6, head 9000)"
+        );
+    }
 }

@@ -320,3 +320,46 @@ async fn a_message_cut_short_or_missing_is_an_invalid_argument() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_refusal_quoting_a_long_input_fits_the_headers_clients_accept() {
+    use scaleout::pb::read_model_service_client::ReadModelServiceClient;
+    use scaleout::pb::read_service_client::ReadServiceClient;
+
+    let (channel, stopping, _data) = platform(ServerArgs::default()).await;
+    // Under 8 KiB, the smallest limit on a response's headers among the
+    // common gRPC clients; the status and its details both travel there.
+    let fits = |refused: &tonic::Status| {
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        let description = &refused
+            .get_details_bad_request()
+            .expect("BadRequest")
+            .field_violations[0]
+            .description;
+        assert!(description.ends_with('…'), "{description:?}");
+        assert!(refused.message().len() + description.len() < 4096);
+    };
+
+    let unknown_types = (0..500).map(|i| format!("{i}{}", "t".repeat(1000)));
+    let refused = ReadServiceClient::new(channel.clone())
+        .read_all(scaleout::pb::ReadAllRequest {
+            filter: Some(scaleout::pb::LogFilter {
+                stream_types: unknown_types.collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    fits(&refused);
+
+    let refused = ReadModelServiceClient::new(channel)
+        .rebuild(scaleout::pb::RebuildRequest {
+            projection: "p".repeat(500_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    fits(&refused);
+    stopping.cancel();
+}

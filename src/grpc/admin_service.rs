@@ -8,7 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as TOKEN;
 use tonic::{Request, Response, Status};
 
 use super::page::{MAX_PAGE_BYTES, within_bytes};
-use super::status::Violations;
+use super::status::{Violations, clip};
 use crate::bus::DeadLetter;
 use crate::bus::EventBus;
 use crate::contention::{Contention, Hot, WINDOW};
@@ -41,18 +41,6 @@ fn page_start(token: &str) -> Result<usize, &'static str> {
         .and_then(|text| text.parse::<usize>().ok())
         .filter(|start| *start < MAX_REACH)
         .ok_or("is not a token this service returned")
-}
-
-/// `text` cut to [`MAX_TEXT_BYTES`] at a character boundary.
-fn clip(mut text: String) -> String {
-    if text.len() > MAX_TEXT_BYTES {
-        let end = (0..=MAX_TEXT_BYTES)
-            .rev()
-            .find(|&i| text.is_char_boundary(i))
-            .unwrap_or(0);
-        text.truncate(end);
-    }
-    text
 }
 
 /// The admin service: dead letters over a server's [`EventBus`] (if it has
@@ -112,10 +100,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 let mut body = dead.message.body;
                 body.truncate(MAX_PAGE_BYTES);
                 pb::DeadLetter {
-                    message_id: clip(dead.message.message_id),
-                    event_type: clip(dead.message.event_type),
-                    routing_key: clip(dead.message.routing_key),
-                    reason: clip(dead.reason),
+                    message_id: clip(dead.message.message_id, MAX_TEXT_BYTES),
+                    event_type: clip(dead.message.event_type, MAX_TEXT_BYTES),
+                    routing_key: clip(dead.message.routing_key, MAX_TEXT_BYTES),
+                    reason: clip(dead.reason, MAX_TEXT_BYTES),
                     attempts: dead.attempts,
                     body,
                     body_bytes,

@@ -31,6 +31,34 @@ use crate::store::StoreError;
 /// The `ErrorInfo.domain` of every error this platform reports.
 pub const ERROR_DOMAIN: &str = "scaleout";
 
+/// Longest description of one invalid field. A description may quote the
+/// input, and a status travels in HTTP/2 headers, which clients cap (at 8
+/// KiB in several gRPC implementations): a longer one would reach the
+/// caller as a transport error instead of the reason.
+const MAX_DESCRIPTION_BYTES: usize = 512;
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+pub(super) fn clip(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let end = (0..=max)
+            .rev()
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        text.truncate(end);
+    }
+    text
+}
+
+/// `text` as one field's description: clipped, with a mark where it was.
+pub(super) fn description(text: String) -> String {
+    if text.len() <= MAX_DESCRIPTION_BYTES {
+        return text;
+    }
+    let mut clipped = clip(text, MAX_DESCRIPTION_BYTES - '…'.len_utf8());
+    clipped.push('…');
+    clipped
+}
+
 /// Collects every invalid field of a request, so one answer names them all.
 #[derive(Debug, Default)]
 pub struct Violations(Vec<FieldViolation>);
@@ -43,7 +71,10 @@ impl Violations {
         parsed: Result<T, E>,
     ) -> Option<T> {
         parsed
-            .map_err(|error| self.0.push(FieldViolation::new(field, error.to_string())))
+            .map_err(|error| {
+                let violation = FieldViolation::new(field, description(error.to_string()));
+                self.0.push(violation)
+            })
             .ok()
     }
 

@@ -357,6 +357,47 @@ async fn request_id_reused_on_another_stream(store: Arc<dyn EventStore>) {
     );
 }
 
+/// One id sent at once on streams that different writers commit (PostgreSQL
+/// spreads streams over its writers): one append is written, the others
+/// are refused as a reuse, and write nothing.
+async fn one_request_id_on_many_streams_at_once_appends_once(store: Arc<dyn EventStore>) {
+    const STREAMS: usize = 8;
+    let request_id = RequestId(Uuid::new_v4());
+    let start = Arc::new(Barrier::new(STREAMS));
+    let senders: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let (store, start) = (Arc::clone(&store), Arc::clone(&start));
+            let request = with_request_id(append(&format!("s{i}"), Any, 1), request_id);
+            tokio::spawn(async move {
+                start.wait().await;
+                store.append(request).await
+            })
+        })
+        .collect();
+    let mut written = Vec::new();
+    for (i, sender) in senders.into_iter().enumerate() {
+        match sender.await.expect("sender task") {
+            Ok(AppendOutcome::Appended(result)) => written.push((i, result)),
+            Err(StoreError::RequestIdReused { request_id: id, .. }) => {
+                assert_eq!(id, request_id);
+            }
+            other => panic!("expected one append and reuses, got {other:?}"),
+        }
+    }
+    let [(first, result)] = written.as_slice() else {
+        panic!("expected exactly one append, got {written:?}");
+    };
+    for i in 0..STREAMS {
+        let events = read(&*store, &format!("s{i}")).await;
+        assert_eq!(events.len(), usize::from(i == *first), "stream s{i}");
+    }
+    assert_eq!(store.read_outbox(0, 100).await.unwrap().len(), 1);
+    assert_eq!(
+        store.find_request(request_id).await.unwrap(),
+        Some(recorded(result.clone()))
+    );
+}
+
 async fn request_id_reused_for_a_different_request(store: Arc<dyn EventStore>) {
     let store = &*store;
     let request_id = RequestId(Uuid::new_v4());
@@ -799,6 +840,7 @@ conformance!(
     request_id_replays,
     concurrent_duplicates_append_once,
     request_id_reused_on_another_stream,
+    one_request_id_on_many_streams_at_once_appends_once,
     request_id_reused_for_a_different_request,
     outbox_matches_events,
     read_stream_from_a_version,

@@ -87,6 +87,30 @@ fn event_ids(request: &AppendRequest) -> Vec<Uuid> {
         .collect()
 }
 
+/// Sends `requests` at once, each from its own task, all released together;
+/// their outcomes, in order.
+async fn all_at_once(
+    store: &Arc<dyn EventStore>,
+    requests: Vec<AppendRequest>,
+) -> Vec<Result<AppendOutcome, StoreError>> {
+    let start = Arc::new(Barrier::new(requests.len()));
+    let senders: Vec<_> = requests
+        .into_iter()
+        .map(|request| {
+            let (store, start) = (Arc::clone(store), Arc::clone(&start));
+            tokio::spawn(async move {
+                start.wait().await;
+                store.append(request).await
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for sender in senders {
+        outcomes.push(sender.await.expect("sender task"));
+    }
+    outcomes
+}
+
 async fn appended(store: &dyn EventStore, request: AppendRequest) -> AppendResult {
     match store.append(request).await {
         Ok(AppendOutcome::Appended(result)) => result,
@@ -250,19 +274,10 @@ async fn concurrent_any_appends_leave_no_gap(store: Arc<dyn EventStore>) {
 async fn exact_race_has_one_winner(store: Arc<dyn EventStore>) {
     const WRITERS: usize = 16;
     appended(&*store, append("s", NoStream, 1)).await;
-    let start = Arc::new(Barrier::new(WRITERS));
-    let racers: Vec<_> = (0..WRITERS)
-        .map(|_| {
-            let (store, start) = (Arc::clone(&store), Arc::clone(&start));
-            tokio::spawn(async move {
-                start.wait().await;
-                store.append(append("s", Exact(1), 1)).await
-            })
-        })
-        .collect();
+    let racers = (0..WRITERS).map(|_| append("s", Exact(1), 1)).collect();
     let mut winners = 0;
-    for racer in racers {
-        match racer.await.expect("racer task") {
+    for outcome in all_at_once(&store, racers).await {
+        match outcome {
             Ok(AppendOutcome::Appended(result)) => {
                 assert_eq!(result.version, 2);
                 winners += 1;
@@ -303,21 +318,14 @@ async fn request_id_replays(store: Arc<dyn EventStore>) {
 async fn concurrent_duplicates_append_once(store: Arc<dyn EventStore>) {
     const DUPLICATES: usize = 8;
     let request_id = RequestId(Uuid::new_v4());
-    let start = Arc::new(Barrier::new(DUPLICATES));
-    let senders: Vec<_> = (0..DUPLICATES)
-        .map(|_| {
-            let (store, start) = (Arc::clone(&store), Arc::clone(&start));
-            let request = with_request_id(append("s", Any, 1), request_id);
-            tokio::spawn(async move {
-                start.wait().await;
-                store.append(request).await
-            })
-        })
+    let duplicates = (0..DUPLICATES)
+        .map(|_| with_request_id(append("s", Any, 1), request_id))
         .collect();
-    let mut outcomes = Vec::new();
-    for sender in senders {
-        outcomes.push(sender.await.expect("sender task").expect("append"));
-    }
+    let outcomes: Vec<_> = all_at_once(&store, duplicates)
+        .await
+        .into_iter()
+        .map(|outcome| outcome.expect("append"))
+        .collect();
     let written: Vec<_> = outcomes
         .iter()
         .filter(|o| matches!(o, AppendOutcome::Appended(_)))
@@ -363,20 +371,12 @@ async fn request_id_reused_on_another_stream(store: Arc<dyn EventStore>) {
 async fn one_request_id_on_many_streams_at_once_appends_once(store: Arc<dyn EventStore>) {
     const STREAMS: usize = 8;
     let request_id = RequestId(Uuid::new_v4());
-    let start = Arc::new(Barrier::new(STREAMS));
-    let senders: Vec<_> = (0..STREAMS)
-        .map(|i| {
-            let (store, start) = (Arc::clone(&store), Arc::clone(&start));
-            let request = with_request_id(append(&format!("s{i}"), Any, 1), request_id);
-            tokio::spawn(async move {
-                start.wait().await;
-                store.append(request).await
-            })
-        })
+    let requests = (0..STREAMS)
+        .map(|i| with_request_id(append(&format!("s{i}"), Any, 1), request_id))
         .collect();
     let mut written = Vec::new();
-    for (i, sender) in senders.into_iter().enumerate() {
-        match sender.await.expect("sender task") {
+    for (i, outcome) in all_at_once(&store, requests).await.into_iter().enumerate() {
+        match outcome {
             Ok(AppendOutcome::Appended(result)) => written.push((i, result)),
             Err(StoreError::RequestIdReused { request_id: id, .. }) => {
                 assert_eq!(id, request_id);

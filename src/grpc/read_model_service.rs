@@ -7,7 +7,7 @@ use tokio::sync::Semaphore;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, PreconditionViolation, StatusExt};
 
-use super::status::{ERROR_DOMAIN, Violations, description, internal};
+use super::status::{ERROR_DOMAIN, Violations, clip_marked, internal};
 use crate::app::Application;
 use crate::documents::DocumentStore;
 use crate::log::EventLog;
@@ -211,8 +211,9 @@ fn busy() -> Status {
 
 impl From<RebuildError> for Status {
     fn from(error: RebuildError) -> Self {
-        // An unknown projection's name is the caller's, of any length.
-        let message = description(error.to_string());
+        // Every call checks the name first, so an unknown one is not
+        // expected here; if one comes, it is the caller's, of any length.
+        let message = clip_marked(error.to_string());
         let refused = |kind: &str, subject: &str| {
             Status::with_error_details(
                 Code::FailedPrecondition,

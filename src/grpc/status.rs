@@ -49,8 +49,9 @@ pub(super) fn clip(mut text: String, max: usize) -> String {
     text
 }
 
-/// `text` as one field's description: clipped, with a mark where it was.
-pub(super) fn description(text: String) -> String {
+/// `text` cut to [`MAX_DESCRIPTION_BYTES`], with a mark where it was cut:
+/// how a refusal quotes what the caller sent.
+pub(crate) fn clip_marked(text: String) -> String {
     if text.len() <= MAX_DESCRIPTION_BYTES {
         return text;
     }
@@ -72,7 +73,7 @@ impl Violations {
     ) -> Option<T> {
         parsed
             .map_err(|error| {
-                let violation = FieldViolation::new(field, description(error.to_string()));
+                let violation = FieldViolation::new(field, clip_marked(error.to_string()));
                 self.0.push(violation)
             })
             .ok()
@@ -347,6 +348,19 @@ pub(super) fn internal(error: &dyn std::error::Error) -> Status {
 mod tests {
     use super::*;
     use crate::store::ExpectedVersion;
+
+    #[test]
+    fn a_quoted_input_is_cut_at_a_character_boundary_and_marked() {
+        let fits = "x".repeat(MAX_DESCRIPTION_BYTES);
+        assert_eq!(clip_marked(fits.clone()), fits);
+        let cut = clip_marked("x".repeat(MAX_DESCRIPTION_BYTES + 1));
+        assert_eq!(cut.len(), MAX_DESCRIPTION_BYTES);
+        assert!(cut.ends_with('…'));
+        // A two-byte character across the cut is left out whole.
+        let straddling = format!("{}é{}", "x".repeat(508), "x".repeat(10));
+        let cut = clip_marked(straddling);
+        assert_eq!(cut, format!("{}…", "x".repeat(508)));
+    }
 
     #[test]
     fn wrong_expected_version_is_aborted_with_error_info() {

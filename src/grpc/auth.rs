@@ -21,7 +21,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use super::Health;
-use super::status::ERROR_DOMAIN;
+use super::status::{ERROR_DOMAIN, clip_marked};
 use super::wire_status::METRICS_PATH;
 use crate::config::{AuthArgs, Unprotected};
 use crate::tls::file_stamp;
@@ -335,7 +335,9 @@ impl Authenticator {
                 ErrorKind::InvalidIssuer => "TOKEN_WRONG_ISSUER",
                 _ => "TOKEN_INVALID",
             };
-            Refusal::unauthenticated(reason, format!("the bearer token is refused: {e}"))
+            // The error may quote the token's header, which is the caller's.
+            let message = clip_marked(format!("the bearer token is refused: {e}"));
+            Refusal::unauthenticated(reason, message)
         };
         let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
         let keys = Arc::clone(&self.keys.read().unwrap_or_else(|p| p.into_inner()));
@@ -347,10 +349,10 @@ impl Authenticator {
         });
         let mut refusal = Refusal::unauthenticated(
             "TOKEN_INVALID",
-            format!(
+            clip_marked(format!(
                 "no key of this server verifies {:?} tokens with key id {:?}",
                 header.alg, header.kid
-            ),
+            )),
         );
         for key in candidates {
             let mut validation = Validation::new(key.algorithm);

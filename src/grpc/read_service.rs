@@ -191,8 +191,10 @@ fn refuse_unknown(
     if unknown.is_empty() {
         Ok(())
     } else {
+        // The known ones first: the unknown are the caller's, of any length,
+        // and what a long refusal loses when it is cut.
         Err(format!(
-            "unknown {what} {unknown:?}; known: {}",
+            "unknown {what} (known: {}): {unknown:?}",
             listed.join(", ")
         ))
     }

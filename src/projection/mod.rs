@@ -103,7 +103,8 @@ pub struct Refused(pub String);
 
 /// A projection name the application has no projection for.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown projection {name:?}: expected some of {}", known.join(", "))]
+// The known ones first: the name is the caller's, of any length.
+#[error("unknown projection (expected some of {}): {name:?}", known.join(", "))]
 pub struct UnknownProjection {
     pub name: String,
     pub known: Vec<&'static str>,
@@ -118,7 +119,7 @@ pub struct UnknownProjection {
 /// let all: Vec<Box<dyn AnyProjection>> = Vec::new(); // an application's projections
 /// assert!(choose(all, &[]).unwrap().is_empty());
 /// let refused = choose(Vec::new(), &["balance".to_owned()]).err().unwrap();
-/// assert_eq!(refused.to_string(), "unknown projection \"balance\": expected some of ");
+/// assert_eq!(refused.to_string(), "unknown projection (expected some of ): \"balance\"");
 /// ```
 pub fn choose(
     mut all: Vec<Box<dyn AnyProjection>>,

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use crate::documents::{DocumentError, DocumentStore};
 use crate::projection::Projection;
-use crate::projection::generation::{GenerationState, Generations, key_in, now_ms};
+use crate::projection::generation::{GenerationState, Generations, key_in, now_ms, progress};
 
 /// The longest pause between two reads of a document a caller waits on: a
 /// waiter costs at most 8 reads a second once the view is slow to catch up.
@@ -82,7 +82,7 @@ pub enum QueryError {
     #[error("the {projection} read model is being built from the event log{progress}")]
     Building {
         projection: &'static str,
-        /// How far the build is, when known (", at position N of M").
+        /// How far the build is, when known (", at position N, head M").
         progress: String,
     },
     /// A stored document that does not parse: a bug, not the caller's.
@@ -214,7 +214,7 @@ impl Queries {
                     let progress = state
                         .building
                         .as_ref()
-                        .map(|b| format!(", at position {} of {}", b.next_position, b.head))
+                        .map(|b| format!(", {}", progress(b.next_position, b.head)))
                         .unwrap_or_default();
                     return Err(QueryError::Building {
                         projection: P::NAME,

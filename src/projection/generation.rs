@@ -61,6 +61,17 @@ pub struct Build {
     pub switch_when_ready: bool,
 }
 
+/// How far a build is, for an operator.
+pub(crate) fn progress(next_position: u64, head: u64) -> String {
+    // The head is recorded with the first progress (an empty log is caught
+    // up at once, so a build still waiting on it has recorded none).
+    if head == 0 {
+        "no progress recorded yet".to_owned()
+    } else {
+        format!("at position {next_position}, head {head}")
+    }
+}
+
 /// One projection's generations.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GenerationState {

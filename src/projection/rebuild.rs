@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::follow;
 use super::generation::{
-    Build, Generation, GenerationState, HANDOVER, key_in, load, now_ms, store,
+    Build, Generation, GenerationState, HANDOVER, key_in, load, now_ms, progress, store,
 };
 use super::metrics::ProjectorMetrics;
 use super::runtime::{Projector, ProjectorConfig};
@@ -74,16 +74,6 @@ pub enum RebuildError {
     Document(#[from] DocumentError),
     #[error(transparent)]
     Log(#[from] StoreError),
-}
-
-/// How far a build is, for an operator; a build no builder has recorded
-/// progress of yet has no head to name.
-fn progress(next_position: u64, head: u64) -> String {
-    if head == 0 {
-        "no builder has taken it up yet".to_owned()
-    } else {
-        format!("at position {next_position}, head {head}")
-    }
 }
 
 /// Records a rebuild of `projection` into a new generation, run by whichever
@@ -654,7 +644,7 @@ mod tests {
         };
         assert_eq!(
             refused(1, 0),
-            "counter generation 2 has not caught up with the log (no builder has taken it up yet)"
+            "counter generation 2 has not caught up with the log (no progress recorded yet)"
         );
         assert_eq!(
             refused(6, 9000),

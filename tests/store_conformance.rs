@@ -365,9 +365,9 @@ async fn request_id_reused_on_another_stream(store: Arc<dyn EventStore>) {
     );
 }
 
-/// One id sent at once on streams that different writers commit (PostgreSQL
-/// spreads streams over its writers): one append is written, the others
-/// are refused as a reuse, and write nothing.
+/// One id sent at once on many streams: one append is written, the others
+/// are refused as a reuse, and write nothing (also where the streams commit
+/// in different transactions: `postgres_one_request_id_across_writers_appends_once`).
 async fn one_request_id_on_many_streams_at_once_appends_once(store: Arc<dyn EventStore>) {
     const STREAMS: usize = 8;
     let request_id = RequestId(Uuid::new_v4());
@@ -851,6 +851,20 @@ conformance!(
 );
 
 // ---------------------------------------------------------------- backend specifics
+
+/// With several writers, the streams' appends commit in transactions of
+/// their own, which may insert the one request id at the same moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_one_request_id_across_writers_appends_once() {
+    in_postgres_schema(|schema| async move {
+        let config = PostgresConfig::new(&postgres_url())
+            .with_schema(schema)
+            .with_writers(4);
+        let store = PostgresStore::connect(config).await.expect("connect");
+        one_request_id_on_many_streams_at_once_appends_once(Arc::new(store)).await;
+    })
+    .await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redb_reopened_store_has_everything() {

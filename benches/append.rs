@@ -492,8 +492,8 @@ async fn main() {
         // What one stream shared by all costs, beside streams of their own.
         report
             .compare(
-                &format!("{name} gRPC commands, 16 clients: one counter"),
-                &format!("{name} gRPC commands, 16 clients: a counter each"),
+                &format!("{name} gRPC commands: 16 clients on one counter, against a counter each"),
+                &format!("{name} gRPC commands: 16 clients, a counter each"),
                 async || server.increments(16, Streams::Own).await,
                 async || server.increments(16, Streams::Shared).await,
             )
@@ -507,7 +507,6 @@ async fn main() {
         server.stop().await;
     }
 
-    // What TLS and a token check on every call cost, beside plaintext.
     let plain = CommandServer::start(Arc::clone(&redb)).await;
     // The most calls the gRPC client and server pass on this machine.
     report
@@ -516,6 +515,7 @@ async fn main() {
             async || plain.health_checks(16).await,
         )
         .await;
+    // What TLS and a token check on every call cost, beside plaintext.
     let secured = CommandServer::secured(Arc::clone(&redb), dir.path()).await;
     report
         .compare(

@@ -246,25 +246,28 @@ async fn each_bad_token_is_refused_with_its_reason_and_nothing_is_written() {
         assert_eq!(refused.code(), code, "{case}: {refused:?}");
         assert_eq!(reason(&refused), wanted, "{case}: {refused:?}");
     }
-    // A 5 KiB key id, which the refusal names: cut to fit the headers
-    // every client accepts.
-    let long_kid = format!(
-        "{}.{}.c2ln",
-        URL_SAFE_NO_PAD.encode(format!(
-            r#"{{"alg":"ES256","kid":"{}"}}"#,
-            "k".repeat(5 << 10)
-        )),
-        URL_SAFE_NO_PAD.encode(claims("alice", "scaleout.commands").to_string())
-    );
-    let refused = increment(&channel, Some(&bearer(long_kid)))
-        .await
-        .expect_err("a long key id");
-    assert_eq!(reason(&refused), "TOKEN_INVALID", "{refused:?}");
-    assert!(
-        refused.message().len() <= 512,
-        "{}",
-        refused.message().len()
-    );
+    // A 5 KiB key id or algorithm, which the refusal names: cut to fit the
+    // headers every client accepts.
+    let long = "k".repeat(5 << 10);
+    for header in [
+        format!(r#"{{"alg":"ES256","kid":"{long}"}}"#),
+        format!(r#"{{"alg":"{long}"}}"#),
+    ] {
+        let token = format!(
+            "{}.{}.c2ln",
+            URL_SAFE_NO_PAD.encode(&header),
+            URL_SAFE_NO_PAD.encode(claims("alice", "scaleout.commands").to_string())
+        );
+        let refused = increment(&channel, Some(&bearer(token)))
+            .await
+            .expect_err("a long header field");
+        assert_eq!(reason(&refused), "TOKEN_INVALID", "{refused:?}");
+        assert!(
+            refused.message().len() <= 512,
+            "{}",
+            refused.message().len()
+        );
+    }
     // Past what HTTP/2 headers carry: refused by the transport, and the
     // server goes on. That connection may be closing after the error (a
     // call sent on it meanwhile is cancelled), so the rest use a new one.
